@@ -1,0 +1,165 @@
+"""The `[diffusion_blocks]` config section.
+
+torchtitan 0.2.2 extends its JobConfig through `[job] custom_config_module`: the module
+must expose a dataclass named `JobConfig` whose fields are merged into torchtitan's.
+Our config loader always merges this one, so users need not name it in their TOML.
+"""
+
+
+from dataclasses import dataclass, field
+
+from .diffusion import NoiseSchedule, PARTITIONS
+
+BLOCK_SCHEDULES = ("random", "round_robin", "sequential")
+
+
+@dataclass
+class DiffusionBlocks:
+    enable: bool = True
+    """False trains the same model end to end (plain next-token / CE / L2 loss)."""
+
+    num_blocks: int = 4
+    """B: number of blocks the layers are cut into."""
+
+    layers_per_block: list[int] = field(default_factory=list)
+    """Explicit layer counts per block (block 0 first); empty = equal split."""
+
+    partition: str = "equiprobable"
+    """How [sigma_min, sigma_max] is cut: 'equiprobable' or 'uniform_log'."""
+
+    overlap: float = 0.1
+    """gamma: each block's interval is widened by gamma times its log-width per side."""
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_data: float = 0.5
+
+    block_schedule: str = "random"
+    """Which block a step trains: 'random' (uniform), 'round_robin' or 'sequential'."""
+
+    seed: int = 0
+    """Seed of the block-choice and sigma generators (identical on every rank)."""
+
+    max_grad_norm: float = 1.0
+    """Global grad-norm clip; w(sigma) spans five orders of magnitude."""
+
+    sampling_steps_per_block: int = 1
+    """Euler steps each block takes at inference (LM and ViT)."""
+
+    def noise_schedule(self) -> NoiseSchedule:
+        return NoiseSchedule(
+            sigma_min=self.sigma_min,
+            sigma_max=self.sigma_max,
+            p_mean=self.p_mean,
+            p_std=self.p_std,
+            sigma_data=self.sigma_data,
+        )
+
+
+@dataclass
+class Data:
+    tokenizer: str = "byte"
+    """'byte' (UTF-8 bytes, no files needed) or 'hf' (tokenizer at [model] hf_assets_path)."""
+
+
+@dataclass
+class JobConfig:
+    diffusion_blocks: DiffusionBlocks = field(default_factory=DiffusionBlocks)
+    data: Data = field(default_factory=Data)
+
+
+def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
+    """Model-independent checks. Returns (key, problem) pairs; empty when valid."""
+    problems: list[tuple[str, str]] = []
+    if section.num_blocks < 1:
+        problems.append(("num_blocks", f"must be >= 1, got {section.num_blocks}"))
+    if not 0.0 <= section.overlap <= 0.5:
+        problems.append(("overlap", f"must lie in [0, 0.5], got {section.overlap}"))
+    if not 0.0 < section.sigma_min < section.sigma_max:
+        problems.append(
+            (
+                "sigma_min",
+                f"need 0 < sigma_min < sigma_max, got sigma_min={section.sigma_min}, "
+                f"sigma_max={section.sigma_max}",
+            )
+        )
+    if section.p_std <= 0:
+        problems.append(("p_std", f"must be > 0, got {section.p_std}"))
+    if section.sigma_data <= 0:
+        problems.append(("sigma_data", f"must be > 0, got {section.sigma_data}"))
+    if section.partition not in PARTITIONS:
+        problems.append(
+            ("partition", f"{section.partition!r} is not one of {sorted(PARTITIONS)}")
+        )
+    if section.block_schedule not in BLOCK_SCHEDULES:
+        problems.append(
+            (
+                "block_schedule",
+                f"{section.block_schedule!r} is not one of {list(BLOCK_SCHEDULES)}",
+            )
+        )
+    if section.max_grad_norm <= 0:
+        problems.append(("max_grad_norm", f"must be > 0, got {section.max_grad_norm}"))
+    if section.sampling_steps_per_block < 1:
+        problems.append(
+            (
+                "sampling_steps_per_block",
+                f"must be >= 1, got {section.sampling_steps_per_block}",
+            )
+        )
+    if section.layers_per_block and len(section.layers_per_block) != section.num_blocks:
+        problems.append(
+            (
+                "layers_per_block",
+                f"has {len(section.layers_per_block)} entries but num_blocks is "
+                f"{section.num_blocks}",
+            )
+        )
+    if any(n < 1 for n in section.layers_per_block):
+        problems.append(
+            ("layers_per_block", f"every entry must be >= 1, got {section.layers_per_block}")
+        )
+    return problems
+
+
+def check_data(section: Data) -> list[tuple[str, str]]:
+    from .data.text import TOKENIZERS  # late: data imports torchtitan's dataset stack
+
+    allowed = ["hf", *TOKENIZERS]
+    if section.tokenizer not in allowed:
+        return [("tokenizer", f"{section.tokenizer!r} is not one of {allowed}")]
+    return []
+
+
+SECTION_CHECKS = {"diffusion_blocks": check_diffusion_blocks, "data": check_data}
+
+
+def layers_per_block(section: DiffusionBlocks, n_layers: int) -> list[int]:
+    """Layer counts per block for a model of n_layers; raises ValueError if they don't fit."""
+    if section.layers_per_block:
+        counts = list(section.layers_per_block)
+        if sum(counts) != n_layers:
+            raise ValueError(
+                f"[diffusion_blocks] layers_per_block = {counts} sums to {sum(counts)} "
+                f"but the model has {n_layers} layers"
+            )
+        return counts
+    if section.num_blocks > n_layers or n_layers % section.num_blocks:
+        divisors = [b for b in range(1, n_layers + 1) if n_layers % b == 0]
+        raise ValueError(
+            f"[diffusion_blocks] num_blocks = {section.num_blocks} does not split the "
+            f"model's {n_layers} layers equally; use one of {divisors} or give "
+            f"layers_per_block explicitly"
+        )
+    return [n_layers // section.num_blocks] * section.num_blocks
+
+
+def block_layer_ranges(counts: list[int]) -> list[range]:
+    """Contiguous layer index ranges, block 0 first."""
+    ranges, start = [], 0
+    for count in counts:
+        ranges.append(range(start, start + count))
+        start += count
+    return ranges

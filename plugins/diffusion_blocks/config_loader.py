@@ -1,0 +1,284 @@
+"""Composable TOML job configs on top of torchtitan's ConfigManager.
+
+What this adds to torchtitan 0.2.2 (which loads exactly one TOML file):
+- `extends = "base.toml"` or `extends = ["a.toml", "b.toml"]` at the top of a file:
+  parents (paths relative to the file) are loaded first, in order, chains allowed,
+  cycles reported; tables merge key by key, the child winning;
+- every key is checked against the JobConfig dataclasses before torchtitan sees it:
+  unknown sections/keys name the file and the closest valid names, wrong types name
+  the expected type;
+- the `[diffusion_blocks]` section is always available (no custom_config_module needed);
+- torchtitan-style `--section.key value` CLI overrides apply last (tyro, as upstream).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - python < 3.11
+    import tomli as tomllib
+
+from torchtitan.config import ConfigManager
+from torchtitan.config import JobConfig as TitanJobConfig
+
+from . import config as dblocks_config
+
+EXTENDS_KEY = "extends"
+CUSTOM_CONFIG_MODULE = "diffusion_blocks.config"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a job config; the message says what and where."""
+
+
+# ---------------------------------------------------------------------------
+# Loading and merging files
+
+
+def load_composed_toml(path: str | os.PathLike) -> tuple[dict, dict[tuple[str, ...], str]]:
+    """Load `path` with its `extends` parents merged in.
+
+    Returns the merged table and, for every leaf key path, the file that set it.
+    """
+    return _load_with_parents(Path(path).resolve(), stack=[])
+
+
+def _load_with_parents(path: Path, stack: list[Path]):
+    if path in stack:
+        chain = " -> ".join(str(p) for p in [*stack, path])
+        raise ConfigError(f"{stack[-1]}: cyclic 'extends' chain: {chain}")
+    if not path.is_file():
+        if stack:
+            raise ConfigError(f"{stack[-1]}: 'extends' names {path}, which does not exist")
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+    parents = table.pop(EXTENDS_KEY, [])
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(
+            f"{path}: '{EXTENDS_KEY}' must be a path or a list of paths, got {parents!r}"
+        )
+
+    merged: dict = {}
+    origins: dict[tuple[str, ...], str] = {}
+    for parent in parents:
+        parent_table, parent_origins = _load_with_parents(
+            (path.parent / parent).resolve(), [*stack, path]
+        )
+        _deep_merge(merged, parent_table)
+        origins.update(parent_origins)
+    _deep_merge(merged, table)
+    origins.update({key: str(path) for key in _leaf_keys(table)})
+    return merged, origins
+
+
+def _deep_merge(into: dict, new: dict) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _leaf_keys(table: dict, prefix: tuple[str, ...] = ()):
+    for key, value in table.items():
+        if isinstance(value, dict):
+            yield from _leaf_keys(value, (*prefix, key))
+        else:
+            yield (*prefix, key)
+
+
+# ---------------------------------------------------------------------------
+# Checking keys and types against the dataclasses
+
+
+def check_against_dataclass(
+    cls: type, table: dict, origins: dict[tuple[str, ...], str], prefix=()
+) -> None:
+    """Raise ConfigError for the first unknown key or wrongly typed value in `table`."""
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key, value in table.items():
+        key_path = (*prefix, key)
+        where = _origin_of(key_path, origins)
+        if key not in valid:
+            kind = "section" if not prefix else "key"
+            owner = f"[{'.'.join(prefix)}]" if prefix else "the job config"
+            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"{where}: unknown {kind} '{'.'.join(key_path)}' in {owner}{hint} "
+                f"Valid names: {', '.join(valid)}."
+            )
+        expected = hints[key]
+        if dataclasses.is_dataclass(expected):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{where}: '{'.'.join(key_path)}' must be a table [{key}], "
+                    f"got {type(value).__name__} {value!r}"
+                )
+            check_against_dataclass(expected, value, origins, key_path)
+        elif not _value_matches(value, expected):
+            raise ConfigError(
+                f"{where}: '{'.'.join(key_path)}' = {value!r} has type "
+                f"{type(value).__name__}, expected {_type_name(expected)}"
+            )
+
+
+def _origin_of(key_path, origins) -> str:
+    """The file that set key_path, else the file of its nearest enclosing table."""
+    for n in range(len(key_path), 0, -1):
+        if key_path[:n] in origins:
+            return origins[key_path[:n]]
+        for path, origin in origins.items():
+            if path[:n] == key_path[:n]:
+                return origin
+    return next(iter(origins.values()), "<defaults>")
+
+
+def _value_matches(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_value_matches(value, arm) for arm in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple):
+        return isinstance(value, list) and (
+            not args or all(_value_matches(v, args[0]) for v in value)
+        )
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        (arg,) = typing.get_args(tp)[:1] or (Any,)
+        return f"a list of {_type_name(arg)}"
+    return {bool: "bool", int: "int", float: "float (or int)", str: "string"}.get(
+        tp, "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+    )
+
+
+# ---------------------------------------------------------------------------
+# The ConfigManager
+
+
+def job_config_class() -> type:
+    """torchtitan's JobConfig merged with our `[diffusion_blocks]` section."""
+    return ConfigManager._merge_configs(TitanJobConfig, dblocks_config.JobConfig)
+
+
+class DiffusionBlocksConfigManager(ConfigManager):
+    """torchtitan's ConfigManager with composable, checked TOML files."""
+
+    def __init__(self):
+        super().__init__(config_cls=job_config_class())
+        self.origins: dict[tuple[str, ...], str] = {}
+
+    def _maybe_load_toml(self, args: list[str]) -> dict[str, Any] | None:
+        file_path = _config_file_from_args(args)
+        if file_path is None:
+            return None
+        table, self.origins = load_composed_toml(file_path)
+        check_against_dataclass(self.config_cls, table, self.origins)
+        return table
+
+
+def _config_file_from_args(args: list[str]) -> str | None:
+    names = {"--job.config-file", "--job.config_file"}
+    for i, arg in enumerate(args):
+        key, _, value = arg.partition("=")
+        if key in names:
+            if value:
+                return value
+            if i + 1 < len(args):
+                return args[i + 1]
+    return None
+
+
+def _cli_origin(args: list[str], section: str, key: str) -> str | None:
+    for arg in args:
+        name = arg.split("=", 1)[0].replace("-", "_")
+        if name == f"__{section}.{key}":
+            return f"command line ({arg.split('=', 1)[0]})"
+    return None
+
+
+def parse_job_config(args: list[str] | None = None):
+    """Parse CLI args (with --job.config_file) into a validated JobConfig.
+
+    Raises ConfigError with a one-paragraph message for any user mistake.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    manager = DiffusionBlocksConfigManager()
+    job_config = manager.parse_args(args)
+    origins = dict(manager.origins)
+    for section_name, check in dblocks_config.SECTION_CHECKS.items():
+        section = getattr(job_config, section_name)
+        for key in (f.name for f in dataclasses.fields(section)):
+            cli = _cli_origin(args, section_name, key)
+            if cli:
+                origins[(section_name, key)] = cli
+        problems = check(section)
+        if problems:
+            key, problem = problems[0]
+            where = _origin_of((section_name, key), origins)
+            raise ConfigError(f"{where}: [{section_name}] {key} {problem}")
+    # kept for later checks that need the model (e.g. num_blocks vs n_layers)
+    job_config.config_origins = origins
+    return job_config
+
+
+def origin_of(job_config, section: str, key: str) -> str:
+    """The file (or CLI flag) that set `[section] key`, for error messages."""
+    origins = getattr(job_config, "config_origins", {})
+    return _origin_of((section, key), origins)
+
+
+def exit_on_config_error(fn):
+    """Decorator for entry points: a ConfigError becomes one message and exit code 2."""
+
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper

@@ -1,0 +1,102 @@
+"""Text data for the LM: a byte-level tokenizer, a generated corpus that needs no
+network, and local text/JSONL files, all served by torchtitan's own HF text dataset
+and dataloader (we only add entries to its DATASETS registry)."""
+
+import os
+import random
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+from torchtitan.components.tokenizer import BaseTokenizer, build_hf_tokenizer
+from torchtitan.hf_datasets import DatasetConfig
+from torchtitan.hf_datasets.text_datasets import DATASETS
+
+
+class ByteTokenizer(BaseTokenizer):
+    """UTF-8 bytes 0..255, BOS = 256, EOS = 257."""
+
+    bos_id = 256
+    eos_id = 257
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", "replace")
+
+    def get_vocab_size(self) -> int:
+        return 258
+
+
+TOKENIZERS = {"byte": lambda job_config: ByteTokenizer()}
+
+
+def build_tokenizer(job_config) -> BaseTokenizer:
+    """`[data] tokenizer`: 'byte', or 'hf' for torchtitan's tokenizer at model.hf_assets_path."""
+    name = job_config.data.tokenizer
+    if name == "hf":
+        path = job_config.model.hf_assets_path
+        if not os.path.isdir(path):
+            raise ValueError(
+                f"[data] tokenizer = 'hf' needs a tokenizer directory at "
+                f"[model] hf_assets_path, but {path!r} does not exist"
+            )
+        return build_hf_tokenizer(job_config)
+    return TOKENIZERS[name](job_config)
+
+
+# ---------------------------------------------------------------------------
+# A generated corpus: simple English-like sentences from a small grammar, so the
+# default job trains on real structure without downloads.
+
+_SUBJECTS = ["the cat", "a dog", "the old king", "my friend", "the small bird",
+             "a young girl", "the farmer", "the tired horse", "our teacher", "the fox"]
+_VERBS = ["sees", "finds", "likes", "follows", "watches", "helps", "calls", "meets"]
+_OBJECTS = ["the red ball", "a green tree", "the river", "an old house", "the moon",
+            "a quiet garden", "the bright star", "a long road", "the market"]
+_ENDINGS = ["in the morning", "at night", "near the hill", "every day", "with joy",
+            "after the rain", "before dinner"]
+
+
+def synthetic_sentences(num_lines: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(num_lines):
+        sentence = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
+        if rng.random() < 0.5:
+            sentence += " " + rng.choice(_ENDINGS)
+        lines.append(sentence + ".")
+    return lines
+
+
+def _load_synthetic(path: str):
+    return Dataset.from_dict({"text": synthetic_sentences(20_000)})
+
+
+def _load_text_file(path: str):
+    if not path:
+        raise ValueError(
+            "[training] dataset = 'text_file' needs [training] dataset_path: a .txt "
+            "file (split into paragraphs) or a .jsonl file with a 'text' field"
+        )
+    if not Path(path).is_file():
+        raise ValueError(f"[training] dataset_path {path!r} is not a file")
+    if path.endswith((".jsonl", ".json")):
+        return load_dataset("json", data_files=path, split="train")
+    return load_dataset("text", data_files=path, sample_by="paragraph", split="train")
+
+
+def _text_field(sample) -> str:
+    return sample["text"]
+
+
+def register_text_datasets() -> None:
+    DATASETS.setdefault(
+        "synthetic_text",
+        DatasetConfig(path="generated", loader=_load_synthetic, sample_processor=_text_field),
+    )
+    DATASETS.setdefault(
+        "text_file",
+        DatasetConfig(path="", loader=_load_text_file, sample_processor=_text_field),
+    )

@@ -1,0 +1,261 @@
+"""Block-partitioned autoregressive Llama denoiser (DESIGN.md section 5).
+
+The denoiser IS a stock torchtitan llama3 `Transformer`, converted in place by
+`convert_to_denoiser`: every layer gets AdaLN-Zero modulation, the model gets a sigma
+embedder and a final AdaLN; every stock weight is kept, so a stock checkpoint can
+initialise it. `DiffusionBlocksLlama(args)` builds a Transformer and converts it, so
+the `dblocks_llama3` train spec and the `diffusion_blocks` converter share one path.
+
+A block sees the 2T sequence [clean_0..clean_{T-1} ; noisy_0..noisy_{T-1}] where the
+clean rows are the input tokens x_0..x_{T-1} and noisy row j is the noised embedding of
+the label x_{j+1}. Clean row i attends clean columns <= i; noisy row j attends clean
+columns <= j (i.e. the tokens before the one it denoises) and itself. Clean x_i and the
+noisy row of x_i share RoPE position i, so noisy row j sits at position j + 1.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+from torchtitan.models.attention import FlexAttentionWrapper
+from torchtitan.models.llama3 import llama3_args, Transformer, TransformerModelArgs
+from torchtitan.models.llama3.model.model import (
+    apply_rotary_emb,
+    Attention,
+    precompute_freqs_cis,
+    TransformerBlock,
+)
+
+from .. import diffusion
+from ..partition import BlockPartition
+from .conditioning import AdaLNModulation, FinalAdaLN, modulate, SigmaEmbedder
+
+
+# ---------------------------------------------------------------------------
+# The 2T attention pattern
+
+
+def denoiser_mask_mod(seq_len: int):
+    """FlexAttention mask_mod of the [clean ; noisy] sequence (True = may attend)."""
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        q_position = torch.where(q_idx < seq_len, q_idx, q_idx - seq_len)
+        sees_clean_prefix = (kv_idx < seq_len) & (kv_idx <= q_position)
+        return sees_clean_prefix | (q_idx == kv_idx)
+
+    return mask_mod
+
+
+def denoiser_dense_mask(seq_len: int, device: torch.device) -> torch.Tensor:
+    """The same pattern as a (2T, 2T) boolean tensor, for SDPA."""
+    idx = torch.arange(2 * seq_len, device=device)
+    return denoiser_mask_mod(seq_len)(None, None, idx[:, None], idx[None, :])
+
+
+def denoiser_positions(seq_len: int, device: torch.device) -> torch.Tensor:
+    """RoPE positions (1, 2T): clean rows 0..T-1, noisy rows 1..T."""
+    clean = torch.arange(seq_len, device=device)
+    return torch.cat([clean, clean + 1])[None]
+
+
+def masked_attention(
+    attention: Attention,
+    x_BSD: torch.Tensor,
+    freqs_cis: torch.Tensor,
+    mask: torch.Tensor | BlockMask,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """The stock llama3 attention with an arbitrary mask (bool tensor or BlockMask)."""
+    bs, seq_len, _ = x_BSD.shape
+    xq = attention.wq(x_BSD).view(bs, seq_len, -1, attention.head_dim)
+    xk = attention.wk(x_BSD).view(bs, seq_len, -1, attention.head_dim)
+    xv = attention.wv(x_BSD).view(bs, seq_len, -1, attention.head_dim)
+    xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis, positions=positions)
+    xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))  # (bs, heads, S, head_dim)
+    if isinstance(mask, BlockMask):
+        out = FlexAttentionWrapper()(
+            xq, xk, xv, block_mask=mask, enable_gqa=attention.enable_gqa
+        )
+    else:
+        out = F.scaled_dot_product_attention(
+            xq, xk, xv, attn_mask=mask, enable_gqa=attention.enable_gqa
+        )
+    return attention.wo(out.transpose(1, 2).reshape(bs, seq_len, -1))
+
+
+# ---------------------------------------------------------------------------
+# Layers and model
+
+
+class DenoiserLayer(TransformerBlock):
+    """A stock llama3 TransformerBlock plus AdaLN-Zero (made by class swap)."""
+
+    adaln: AdaLNModulation
+
+    def forward(self, x_BSD, cond_BD, freqs_cis, mask, positions):
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(cond_BD)
+        attn_in = modulate(self.attention_norm(x_BSD), shift_a, scale_a)
+        attn_out = masked_attention(self.attention, attn_in, freqs_cis, mask, positions)
+        h_BSD = x_BSD + gate_a.unsqueeze(1) * attn_out
+        ffn_out = self.feed_forward(modulate(self.ffn_norm(h_BSD), shift_m, scale_m))
+        return h_BSD + gate_m.unsqueeze(1) * ffn_out
+
+
+@dataclass
+class DiffusionBlocksLlamaArgs(TransformerModelArgs):
+    partition: BlockPartition | None = None
+    """Filled from `[diffusion_blocks]` by update_from_config."""
+
+    def update_from_config(self, job_config, **kwargs) -> None:
+        super().update_from_config(job_config, **kwargs)
+        self.partition = BlockPartition.from_job_config(job_config, self.n_layers)
+
+
+class Denoised(NamedTuple):
+    denoised_BTD: torch.Tensor
+    logits_BTV: torch.Tensor
+
+
+class DiffusionBlocksLlama(Transformer):
+    """The autoregressive denoiser; only the requested block's layers run."""
+
+    partition: BlockPartition
+    sigma_embedder: SigmaEmbedder
+    final_adaln: FinalAdaLN
+
+    def __init__(self, model_args: DiffusionBlocksLlamaArgs):
+        assert model_args.partition is not None, "call update_from_config first"
+        super().__init__(model_args)
+        convert_to_denoiser(self, model_args.partition)
+
+    def _precompute_freqs_cis(self) -> torch.Tensor:
+        # noisy rows use positions up to T (one past the stock table)
+        return precompute_freqs_cis(
+            self.model_args.dim // self.model_args.n_heads,
+            self.model_args.max_seq_len + 1,
+            self.model_args.rope_theta,
+            self.model_args.rope_scaling_args,
+        )
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | None = None):
+        super().init_weights(buffer_device)
+        init_denoiser_modules(self)
+
+    @property
+    def uses_flex_attention(self) -> bool:
+        return self.model_args.attn_type == "flex"
+
+    def clean_embedding(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """L2-normalised token embeddings: the clean targets y and the clean rows."""
+        return F.normalize(self.tok_embeddings(tokens_BT), dim=-1)
+
+    def attention_mask(self, seq_len: int, device: torch.device):
+        if self.uses_flex_attention:
+            return create_block_mask(
+                denoiser_mask_mod(seq_len), None, None, 2 * seq_len, 2 * seq_len,
+                device=device,
+            )
+        return denoiser_dense_mask(seq_len, device)
+
+    def denoise(
+        self, tokens_BT: torch.Tensor, z_BTD: torch.Tensor, sigma_B: torch.Tensor,
+        block: int,
+    ) -> Denoised:
+        """Run block `block` on (clean tokens, noisy z) at noise levels sigma."""
+        seq_len = tokens_BT.shape[1]
+        sigma_data = self.partition.schedule.sigma_data
+        sigma_B = sigma_B.to(z_BTD.dtype)
+        sigma_B11 = sigma_B[:, None, None]
+        x_BSD = torch.cat(
+            [self.clean_embedding(tokens_BT), diffusion.c_in(sigma_B11, sigma_data) * z_BTD],
+            dim=1,
+        )
+        cond_BD = self.sigma_embedder(diffusion.c_noise(sigma_B))
+        mask = self.attention_mask(seq_len, x_BSD.device)
+        positions = denoiser_positions(seq_len, x_BSD.device)
+        for layer_id in self.partition.layer_ranges[block]:
+            x_BSD = self.layers[str(layer_id)](
+                x_BSD, cond_BD, self.freqs_cis, mask, positions
+            )
+        h_BTD = self.norm(x_BSD[:, seq_len:])
+        denoised_BTD = diffusion.denoised_estimate(z_BTD, h_BTD, sigma_B, sigma_data)
+        logits_BTV = self.output(self.final_adaln(denoised_BTD, cond_BD))
+        return Denoised(denoised_BTD, logits_BTV)
+
+    def forward(
+        self, tokens_BT: torch.Tensor, labels_BT: torch.Tensor, *, block: int,
+        sigma_B: torch.Tensor, noise_BTD: torch.Tensor,
+    ) -> torch.Tensor:
+        """Training forward: noise the labels' embeddings, denoise with one block,
+        return the logits at the noisy rows (B, T, vocab)."""
+        y_BTD = self.clean_embedding(labels_BT)
+        z_BTD = y_BTD + sigma_B.to(y_BTD.dtype)[:, None, None] * noise_BTD
+        return self.denoise(tokens_BT, z_BTD, sigma_B, block).logits_BTV
+
+
+# ---------------------------------------------------------------------------
+# Conversion of a stock Transformer
+
+
+def convert_to_denoiser(model: Transformer, partition: BlockPartition) -> None:
+    """Turn a stock llama3 Transformer into DiffusionBlocksLlama, in place.
+
+    Works on meta (before parallelisation, as torchtitan calls converters) and on
+    real devices; existing weights are untouched, new modules are initialised when
+    the model has real storage (on meta, init_weights does it later).
+    """
+    n_layers = len(model.layers)
+    if partition.layer_ranges[-1].stop != n_layers:
+        raise ValueError(
+            f"the block partition covers {partition.layer_ranges[-1].stop} layers but "
+            f"the model has {n_layers}"
+        )
+    reference = model.tok_embeddings.weight
+    dim = reference.shape[1]
+    with torch.device(reference.device):
+        model.sigma_embedder = SigmaEmbedder(dim).to(reference.dtype)
+        model.final_adaln = FinalAdaLN(dim).to(reference.dtype)
+        for layer in model.layers.values():
+            layer.adaln = AdaLNModulation(dim, dim, num_chunks=6).to(reference.dtype)
+            layer.__class__ = DenoiserLayer
+    model.partition = partition
+    model.__class__ = DiffusionBlocksLlama
+    if reference.device.type != "meta":
+        init_denoiser_modules(model)
+        # the noisy rows need RoPE position T
+        model.freqs_cis = model._precompute_freqs_cis().to(model.freqs_cis.device)
+
+
+@torch.no_grad()
+def init_denoiser_modules(model: DiffusionBlocksLlama) -> None:
+    """Initialise only the modules the conversion added (AdaLN-Zero starts at zero)."""
+    model.sigma_embedder.init_weights()
+    model.final_adaln.init_weights()
+    for layer in model.layers.values():
+        layer.adaln.init_weights()
+
+
+# ---------------------------------------------------------------------------
+# Flavors
+
+
+def _as_dblocks_args(args: TransformerModelArgs, **overrides) -> DiffusionBlocksLlamaArgs:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
+    values.update(overrides)
+    return DiffusionBlocksLlamaArgs(**values)
+
+
+def dblocks_llama3_flavors() -> dict[str, DiffusionBlocksLlamaArgs]:
+    """torchtitan's llama3 shapes; the debug models get 8 layers so B = 2, 4, 8 split evenly."""
+    flavors = {name: _as_dblocks_args(args) for name, args in llama3_args.items()}
+    for name in ("debugmodel", "debugmodel_flex_attn"):
+        flavors[name] = _as_dblocks_args(llama3_args[name], n_layers=8, n_heads=8)
+    flavors.pop("debugmodel_varlen_attn", None)
+    flavors.pop("8B_varlen", None)
+    return flavors

@@ -1,0 +1,170 @@
+import math
+
+import pytest
+import torch
+
+from diffusion_blocks import diffusion as dd
+from diffusion_blocks.config import DiffusionBlocks
+from diffusion_blocks.partition import BlockPartition
+
+SCHEDULE = dd.NoiseSchedule()
+
+REFERENCE_BOUNDARIES = {
+    2: [0.002, 0.3012, 80],
+    3: [0.002, 0.1796, 0.5050, 80],
+    4: [0.002, 0.1341, 0.3012, 0.6766, 80],
+}
+
+
+def significant(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+@pytest.mark.parametrize("num_blocks", [2, 3, 4])
+def test_equiprobable_boundaries_match_reference(num_blocks):
+    got = dd.equiprobable_boundaries(num_blocks, SCHEDULE)
+    assert [significant(b) for b in got] == pytest.approx(REFERENCE_BOUNDARIES[num_blocks])
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2, 3, 5, 8])
+def test_every_equiprobable_interval_holds_one_over_b(num_blocks):
+    bounds = dd.equiprobable_boundaries(num_blocks, SCHEDULE)
+    masses = [dd.truncated_mass(lo, hi, SCHEDULE) for lo, hi in zip(bounds, bounds[1:])]
+    assert masses == pytest.approx([1 / num_blocks] * num_blocks, abs=1e-12)
+
+
+def test_uniform_log_boundaries_have_equal_log_widths_and_unequal_mass():
+    bounds = dd.uniform_log_boundaries(4, SCHEDULE)
+    widths = [math.log(hi / lo) for lo, hi in zip(bounds, bounds[1:])]
+    assert widths == pytest.approx([widths[0]] * 4)
+    masses = [dd.truncated_mass(lo, hi, SCHEDULE) for lo, hi in zip(bounds, bounds[1:])]
+    assert max(masses) - min(masses) > 0.1
+
+
+def test_block_order_is_reversed_and_owner_map_agrees():
+    bounds = dd.equiprobable_boundaries(3, SCHEDULE)
+    assert dd.block_interval(0, bounds) == (bounds[2], bounds[3])  # highest noise
+    assert dd.block_interval(2, bounds) == (bounds[0], bounds[1])
+    sigma = torch.tensor(
+        [80.0, 1.0, bounds[2], 0.3, bounds[1], 0.01, 0.002], dtype=torch.float64
+    )
+    assert dd.block_of_sigma(sigma, bounds).tolist() == [0, 0, 1, 1, 2, 2, 2]
+
+
+def ks_statistic(samples: torch.Tensor, cdf) -> float:
+    x, _ = torch.sort(samples.double())
+    n = x.numel()
+    f = cdf(x)
+    upper = torch.arange(1, n + 1, dtype=torch.float64) / n - f
+    lower = f - torch.arange(0, n, dtype=torch.float64) / n
+    return float(torch.maximum(upper, lower).max())
+
+
+def global_truncated_cdf(sigma: torch.Tensor) -> torch.Tensor:
+    q = torch.special.ndtr((torch.log(sigma) - SCHEDULE.p_mean) / SCHEDULE.p_std)
+    q_min = dd.lognormal_cdf(SCHEDULE.sigma_min, SCHEDULE)
+    q_max = dd.lognormal_cdf(SCHEDULE.sigma_max, SCHEDULE)
+    return (q - q_min) / (q_max - q_min)
+
+
+def draw_via_blocks(partition_name: str, num_blocks: int, n: int) -> torch.Tensor:
+    section = DiffusionBlocks(num_blocks=num_blocks, overlap=0.0, partition=partition_name)
+    partition = BlockPartition.from_config(section, num_blocks)
+    gen = torch.Generator().manual_seed(1234)
+    blocks = torch.randint(0, num_blocks, (n,), generator=gen)
+    counts = torch.bincount(blocks, minlength=num_blocks)
+    return torch.cat(
+        [partition.sample_training_sigmas(b, int(counts[b]), gen) for b in range(num_blocks)]
+    )
+
+
+N_DRAWS = 40_000
+KS_CRITICAL_0_001 = 1.95 / math.sqrt(N_DRAWS)
+
+
+@pytest.mark.parametrize("num_blocks", [2, 3, 4])
+def test_uniform_block_choice_reproduces_global_lognormal(num_blocks):
+    samples = draw_via_blocks("equiprobable", num_blocks, N_DRAWS)
+    assert ks_statistic(samples, global_truncated_cdf) < KS_CRITICAL_0_001
+
+
+def test_ks_check_rejects_the_uniform_log_partition():
+    # negative control: the same procedure on unequal-mass intervals is detected
+    samples = draw_via_blocks("uniform_log", 4, N_DRAWS)
+    assert ks_statistic(samples, global_truncated_cdf) > 10 * KS_CRITICAL_0_001
+
+
+def test_block_sampling_stays_inside_widened_interval():
+    gen = torch.Generator().manual_seed(0)
+    bounds = dd.equiprobable_boundaries(4, SCHEDULE)
+    for block in range(4):
+        lo, hi = dd.block_training_interval(block, bounds, 0.1, SCHEDULE)
+        sigma = dd.sample_sigma(5000, lo, hi, SCHEDULE, gen)
+        assert float(sigma.min()) >= lo and float(sigma.max()) <= hi
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2, 3, 4, 7, 16])
+@pytest.mark.parametrize("overlap", [0.0, 0.05, 0.1, 0.25, 0.5])
+@pytest.mark.parametrize("partition", ["equiprobable", "uniform_log"])
+def test_overlap_never_leaves_global_range(num_blocks, overlap, partition):
+    bounds = dd.block_sigma_boundaries(num_blocks, SCHEDULE, partition)
+    for block in range(num_blocks):
+        lo, hi = dd.block_interval(block, bounds)
+        wlo, whi = dd.block_training_interval(block, bounds, overlap, SCHEDULE)
+        assert SCHEDULE.sigma_min <= wlo <= lo and hi <= whi <= SCHEDULE.sigma_max
+
+
+def test_overlap_widens_by_gamma_log_width():
+    lo, hi = 0.1, 1.0
+    wlo, whi = dd.widen_interval(lo, hi, 0.1, SCHEDULE)
+    r = math.log(hi / lo)
+    assert math.log(lo / wlo) == pytest.approx(0.1 * r)
+    assert math.log(whi / hi) == pytest.approx(0.1 * r)
+
+
+def test_preconditioning_identities():
+    sigma = torch.logspace(-2.7, 1.9, 50, dtype=torch.float64)
+    sd = SCHEDULE.sigma_data
+    # EDM: c_skip + c_out^2 / sd^2 = 1 and w = 1 / c_out^2
+    assert torch.allclose(dd.c_skip(sigma, sd) + dd.c_out(sigma, sd) ** 2 / sd**2,
+                          torch.ones_like(sigma))
+    assert torch.allclose(dd.loss_weight(sigma, sd), 1 / dd.c_out(sigma, sd) ** 2)
+    assert torch.allclose(dd.c_in(sigma, sd), 1 / torch.sqrt(sigma**2 + sd**2))
+    assert torch.allclose(dd.c_noise(sigma), torch.log(sigma) / 4)
+    # w spans about five orders of magnitude over the range
+    w = dd.loss_weight(torch.tensor([0.002, 80.0], dtype=torch.float64), sd)
+    assert float(w[0]) == pytest.approx(2.5e5, rel=1e-3)
+
+
+def test_euler_step_moves_toward_the_denoised_estimate():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(16, 8, generator=gen)
+    eps = torch.randn(16, 8, generator=gen)
+    sigma, sigma_next = 2.0, 0.5
+    z = y + sigma * eps
+    z_next = dd.euler_step(z, y, sigma, sigma_next)
+    # with a perfect denoiser the ODE step is exact: the noise shrinks to sigma_next
+    assert torch.allclose(z_next, y + sigma_next * eps, atol=1e-6)
+    assert (z_next - y).norm() < (z - y).norm()
+
+
+def test_sampling_grid_descends_with_both_ends_and_equal_mass():
+    grid = dd.sampling_sigmas(6, SCHEDULE)
+    assert grid[0] == SCHEDULE.sigma_max and grid[-1] == SCHEDULE.sigma_min
+    assert all(a > b for a, b in zip(grid, grid[1:]))
+    masses = [dd.truncated_mass(b, a, SCHEDULE) for a, b in zip(grid, grid[1:])]
+    assert masses == pytest.approx([1 / 6] * 6)
+
+
+@pytest.mark.parametrize("num_blocks,num_steps", [(3, 3), (3, 6), (4, 4), (3, 50), (4, 10)])
+def test_sampling_plan_runs_blocks_in_order_owning_their_sigma(num_blocks, num_steps):
+    bounds = dd.equiprobable_boundaries(num_blocks, SCHEDULE)
+    plan = dd.sampling_plan(num_steps, bounds, SCHEDULE)
+    assert [s.block for s in plan] == sorted(s.block for s in plan)
+    assert plan[0].block == 0 and plan[-1].block == num_blocks - 1
+    for step in plan:
+        lo, hi = dd.block_interval(step.block, bounds)
+        assert lo < step.sigma <= hi
+    if num_steps % num_blocks == 0:
+        per_block = [sum(s.block == b for s in plan) for b in range(num_blocks)]
+        assert per_block == [num_steps // num_blocks] * num_blocks
