@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from .diffusion import NoiseSchedule, PARTITIONS
 
-BLOCK_SCHEDULES = ("random", "round_robin", "sequential")
+BLOCK_SCHEDULES = ("random", "round_robin", "sequential")  # see schedules.py
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -65,9 +66,18 @@ class Data:
 
 
 @dataclass
+class Training:
+    """Merged into torchtitan's [training] section."""
+
+    device: str = "auto"
+    """'auto' (cuda when available, else cpu with gloo), 'cpu' or 'cuda'."""
+
+
+@dataclass
 class JobConfig:
     diffusion_blocks: DiffusionBlocks = field(default_factory=DiffusionBlocks)
     data: Data = field(default_factory=Data)
+    training: Training = field(default_factory=Training)
 
 
 def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
@@ -133,7 +143,17 @@ def check_data(section: Data) -> list[tuple[str, str]]:
     return []
 
 
-SECTION_CHECKS = {"diffusion_blocks": check_diffusion_blocks, "data": check_data}
+def check_training(section) -> list[tuple[str, str]]:
+    if section.device not in DEVICES:
+        return [("device", f"{section.device!r} is not one of {list(DEVICES)}")]
+    return []
+
+
+SECTION_CHECKS = {
+    "diffusion_blocks": check_diffusion_blocks,
+    "data": check_data,
+    "training": check_training,
+}
 
 
 def layers_per_block(section: DiffusionBlocks, n_layers: int) -> list[int]:

@@ -11,11 +11,17 @@ from torchtitan.protocols.model_converter import (
 )
 from torchtitan.protocols.train_spec import _extra_train_specs, register_train_spec, TrainSpec
 
+from dataclasses import dataclass
+from typing import Callable
+
+from torchtitan.models.llama3 import Transformer
+
 from .converter import DiffusionBlocksConverter
 from .data.text import build_tokenizer, register_text_datasets
 from .models.llama import DiffusionBlocksLlama, dblocks_llama3_flavors
 from .objectives import build_weighted_cross_entropy
 from .parallelize import parallelize_dblocks_llama
+from .tasks import LanguageModelTask, Task
 
 CONVERTER_NAME = "diffusion_blocks"
 
@@ -34,13 +40,33 @@ def dblocks_llama3_train_spec() -> TrainSpec:
     )
 
 
-TRAIN_SPECS = {"dblocks_llama3": dblocks_llama3_train_spec}
+@dataclass(frozen=True)
+class ModelFamily:
+    """A block-partitioned train spec and what the train loop needs beside it."""
+
+    build_train_spec: Callable[[], TrainSpec]
+    end_to_end_model_cls: type      # the same architecture without DiffusionBlocks
+    task: Task
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    "dblocks_llama3": ModelFamily(dblocks_llama3_train_spec, Transformer, LanguageModelTask()),
+}
+
+
+def model_family(name: str) -> ModelFamily:
+    if name not in FAMILIES:
+        raise ValueError(
+            f"[model] name = {name!r} is not a DiffusionBlocks model; "
+            f"available: {sorted(FAMILIES)}"
+        )
+    return FAMILIES[name]
 
 
 def register_all() -> None:
-    for name, build_spec in TRAIN_SPECS.items():
+    for name, family in FAMILIES.items():
         if name not in _extra_train_specs:
-            register_train_spec(name, build_spec())
+            register_train_spec(name, family.build_train_spec())
     if CONVERTER_NAME not in _registry_model_converter_cls:
         register_model_converter(DiffusionBlocksConverter, CONVERTER_NAME)
     register_text_datasets()

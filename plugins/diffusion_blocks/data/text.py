@@ -15,8 +15,9 @@ from torchtitan.hf_datasets.text_datasets import DATASETS
 class ByteTokenizer(BaseTokenizer):
     """UTF-8 bytes 0..255, BOS = 256, EOS = 257."""
 
-    bos_id = 256
-    eos_id = 257
+    def __init__(self):
+        super().__init__()
+        self.bos_id, self.eos_id = 256, 257
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         ids = list(text.encode("utf-8"))
