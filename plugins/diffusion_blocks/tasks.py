@@ -28,7 +28,7 @@ class Task(Protocol):
 
     def end_to_end_loss(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
-        extra_kwargs: dict[str, Any],
+        extra_kwargs: dict[str, Any], generator: torch.Generator,
     ) -> StepLoss: ...
 
 
@@ -47,7 +47,7 @@ class LanguageModelTask:
         )
         return StepLoss(loss, ce, labels.numel())
 
-    def end_to_end_loss(self, model, inputs, labels, extra_kwargs):
+    def end_to_end_loss(self, model, inputs, labels, extra_kwargs, generator):
         logits = model(inputs["input"], **extra_kwargs)
         ce = per_sample_cross_entropy(logits, labels).mean()
         return StepLoss(ce, ce.detach(), labels.numel())

@@ -435,7 +435,8 @@ class BlockwiseTrainer(Stateful):
                 )
             else:
                 out = task.end_to_end_loss(
-                    self.model, inputs, labels, self.extra_model_kwargs(inputs["input"])
+                    self.model, inputs, labels, self.extra_model_kwargs(inputs["input"]),
+                    self.noise_generator,
                 )
             (out.loss / self.grad_accumulation_steps).backward()
             total_loss += out.loss.detach() / self.grad_accumulation_steps
