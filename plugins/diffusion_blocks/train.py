@@ -36,6 +36,7 @@ from torchtitan.components.dataloader import DataloaderExhaustedError
 from torchtitan.components.metrics import _build_metric_logger
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
+from torchtitan.distributed import parallel_dims as titan_parallel_dims
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.protocols.model_converter import build_model_converters
 from torchtitan.protocols.train_spec import get_train_spec
@@ -77,10 +78,15 @@ def init_process_group(device: torch.device, job_config) -> int:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    if device.type == "cpu" and not dist.is_initialized():
-        dist.init_process_group(
-            "gloo", timeout=timedelta(seconds=job_config.comm.init_timeout_seconds)
-        )
+    if device.type == "cpu":
+        # ParallelDims builds its device meshes on torchtitan's module-level
+        # `device_type`, which says "cuda" on a machine without CUDA: with more than
+        # one process the mesh then calls torch.cuda.set_device and fails.
+        titan_parallel_dims.device_type = "cpu"
+        if not dist.is_initialized():
+            dist.init_process_group(
+                "gloo", timeout=timedelta(seconds=job_config.comm.init_timeout_seconds)
+            )
     return dist_utils.init_distributed(job_config.comm, base_folder=job_config.job.dump_folder)
 
 
@@ -98,7 +104,7 @@ def build_parallel_dims(job_config, world_size: int) -> ParallelDims:
             world_size=world_size,
         )
     except AssertionError as e:
-        raise ValueError(
+        raise ConfigError(
             f"[parallelism] does not fit {world_size} processes: {e}. The product of "
             "data_parallel_replicate_degree, data_parallel_shard_degree and the other "
             "degrees must equal the number of processes (-1 for dp_shard fills the rest)"
@@ -237,6 +243,41 @@ def trainable_parameter_groups(model) -> dict[str, int]:
     return counts
 
 
+@torch.no_grad()
+def init_empty_optimizer_state(optimizers) -> None:
+    """Give every parameter that has no optimizer state Adam's fresh state (step 0,
+    zero moments), exactly what Adam would create lazily on its first update.
+
+    Blocks that have not been trained yet otherwise have no state, so a checkpoint
+    lacks their keys, and DCP cannot resume from it ("Missing key in checkpoint
+    state_dict: optimizer.state.layers.N...": the loading side initialises state for
+    every parameter). A parameter without a gradient is still skipped by Adam, so an
+    inactive block is neither moved nor decayed and its step count stays 0.
+    """
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    for optimizer in optimizers:
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in optimizer.param_groups:
+            on_device = group.get("capturable") or group.get("fused")
+            for p in group["params"]:
+                if len(optimizer.state[p]) > 0:
+                    continue
+                state = optimizer.state[p]
+                state["step"] = (
+                    torch.zeros((), dtype=_get_scalar_dtype(is_fused=group.get("fused")),
+                                device=p.device)
+                    if on_device else torch.tensor(0.0, dtype=_get_scalar_dtype())
+                )
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group.get("amsgrad"):
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+
+
 # ---------------------------------------------------------------------------
 # The trainer
 
@@ -272,6 +313,7 @@ class BlockwiseTrainer(Stateful):
         self.optimizers = spec.build_optimizers_fn(
             [self.model], job_config.optimizer, parallel_dims
         )
+        init_empty_optimizer_state(self.optimizers)  # complete checkpoints from step 1
         self.lr_schedulers = spec.build_lr_schedulers_fn(
             self.optimizers, job_config.lr_scheduler, job_config.training.steps
         )
