@@ -145,6 +145,36 @@ def _instrument(trainer, record: dict) -> None:
 
         schedule.block_for_step = block_for_step
 
+    def local_checksum(tensors) -> float:
+        return float(sum(
+            (t.to_local() if isinstance(t, DTensor) else t).detach().double().sum()
+            for t in tensors
+        ))
+
+    def checksums() -> dict:
+        """Sums of this rank's local shards: shared modules and each block's layers."""
+        if not trainer.enabled:
+            return {}
+        layer_ids = {id(p) for p in model.layers.parameters()}
+        blocks = [
+            local_checksum(p for i in r for p in model.layers[str(i)].parameters())
+            for r in model.partition.layer_ranges
+        ]
+        shared = local_checksum(p for p in model.parameters() if id(p) not in layer_ids)
+        return {"shared_checksum": shared, "block_checksums": blocks}
+
+    record["initial"] = checksums()
+    if trainer.layout is not None:
+        record["group"] = trainer.layout.group
+        record["group_size"] = trainer.layout.group_size
+        original_save = trainer.checkpointer.save
+
+        def save(step, last_step=False):
+            original_save(step, last_step=last_step)
+            record["steps"][-1]["after_save"] = checksums()
+
+        trainer.checkpointer.save = save
+
     original_train_step = trainer.train_step
 
     def train_step(data_iterator):
@@ -170,6 +200,8 @@ def _instrument(trainer, record: dict) -> None:
                 "grads_are_dtensors": all(
                     isinstance(p.grad, DTensor) for p in params.values() if p.grad is not None
                 ),
+                "grad_norm": metrics["grad_norm"],
+                **checksums(),
             }
         )
         return metrics

@@ -49,6 +49,10 @@ class DiffusionBlocks:
     sampling_steps_per_block: int = 1
     """Euler steps each block takes at inference (LM and ViT)."""
 
+    block_parallel: bool = False
+    """Split the processes into num_blocks groups; group g trains block g every step,
+    all groups at once; only the shared modules are synchronised across groups."""
+
     adaln_cond_dim: int = 256
     """Width of the noise-condition vector c feeding every layer's AdaLN-Zero
     Linear(SiLU(c)); 0 = the model width (the DiT form, 6 * width^2 per layer)."""
@@ -116,6 +120,10 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
         )
     if section.max_grad_norm <= 0:
         problems.append(("max_grad_norm", f"must be > 0, got {section.max_grad_norm}"))
+    if section.block_parallel and section.block_schedule != "random":
+        problems.append(
+            ("block_parallel", "trains every block every step; leave block_schedule at 'random'")
+        )
     if section.adaln_cond_dim < 0:
         problems.append(("adaln_cond_dim", f"must be >= 0, got {section.adaln_cond_dim}"))
     if section.sampling_steps_per_block < 1:

@@ -43,7 +43,7 @@ from torchtitan.protocols.train_spec import get_train_spec
 from torchtitan.tools import utils as titan_utils
 from torchtitan.tools.logging import init_logger, logger
 
-from . import registry  # noqa: F401  (registers specs on `python -m`)
+from . import block_parallel, registry  # registry: registers specs on `python -m`
 from .config_loader import ConfigError, exit_on_config_error, origin_of, parse_job_config
 from .schedules import build_block_schedule
 
@@ -205,9 +205,10 @@ class StepMetrics:
 # Model construction (shared with tools/generate.py)
 
 
-def build_model(job_config, device: torch.device, parallel_dims: ParallelDims):
+def build_model(job_config, device: torch.device, parallel_dims: ParallelDims, parallelize=None):
     """Meta-init the family's model (denoiser or its end-to-end twin), apply converters
-    and parallelisation, materialise on `device`. Returns (model, model_args, spec, family)."""
+    and parallelisation (the train spec's, or `parallelize(model)`), materialise on
+    `device`. Returns (model, model_args, spec, family)."""
     family = registry.model_family(job_config.model.name)
     spec = get_train_spec(job_config.model.name)
     if job_config.model.flavor not in spec.model_args:
@@ -225,7 +226,10 @@ def build_model(job_config, device: torch.device, parallel_dims: ParallelDims):
     ):
         model = model_cls(model_args)
     build_model_converters(job_config, parallel_dims).convert(model)
-    model = spec.parallelize_fn(model, parallel_dims, job_config)
+    if parallelize is None:
+        model = spec.parallelize_fn(model, parallel_dims, job_config)
+    else:
+        model = parallelize(model)
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights(buffer_device=None)
@@ -306,8 +310,17 @@ class BlockwiseTrainer(Stateful):
             dp_world_size=dp_degree, dp_rank=dp_rank, tokenizer=self.tokenizer,
             job_config=job_config,
         )
+        section = job_config.diffusion_blocks
+        self.layout = None
+        parallelize = None
+        if self.enabled and section.block_parallel:
+            num_blocks = len(section.layers_per_block) or section.num_blocks
+            self.layout = block_parallel.build_layout(job_config, num_blocks, self.device)
+            parallelize = lambda model: block_parallel.parallelize_block_parallel(  # noqa: E731
+                model, self.layout, job_config
+            )
         self.model, self.model_args, self.train_spec, self.family = build_model(
-            job_config, self.device, parallel_dims
+            job_config, self.device, parallel_dims, parallelize
         )
         self.model.train()
         self.optimizers = spec.build_optimizers_fn(
@@ -431,6 +444,8 @@ class BlockwiseTrainer(Stateful):
     # -- one step ------------------------------------------------------------
 
     def choose_block(self) -> int:
+        if self.layout is not None:
+            return self.layout.group  # block-parallel: each group always trains its block
         block = self.block_schedule.block_for_step(self.step)
         if dist.get_world_size() > 1:
             # all ranks hold the same generator; rank 0's choice is authoritative
@@ -487,19 +502,38 @@ class BlockwiseTrainer(Stateful):
             self.items_seen += out.num_items * self.dp_degree
 
         params_with_grad = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = dist_utils.clip_grad_norm_(params_with_grad, self.max_norm, foreach=True)
+        if self.layout is not None:
+            grad_norm = block_parallel.clip_grad_norm_block_parallel(
+                self.model, self.layout, self.max_norm
+            )
+        else:
+            grad_norm = dist_utils.clip_grad_norm_(params_with_grad, self.max_norm, foreach=True)
         self.checkpointer.maybe_wait_for_staging()
         self.optimizers.step()
         self.lr_schedulers.step()
 
         loss, ce = self.mean_over_ranks(total_loss), self.mean_over_ranks(total_unweighted)
         if self.enabled:
-            self.block_stats.update(block, ce)
+            per_block = {block: ce} if self.layout is None else self.per_group_ce(total_unweighted)
+            for trained_block, block_ce in per_block.items():
+                self.block_stats.update(trained_block, block_ce)
         metrics = {"loss": loss, "ce": ce, "grad_norm": float(grad_norm), "lr": lr}
         if self.enabled:
-            metrics["block"] = block
+            if self.layout is None:
+                metrics["block"] = block
             metrics["sigma_mean"] = sigma_sum / max(sigma_count, 1)
         return metrics
+
+    def per_group_ce(self, ce: torch.Tensor) -> dict[int, float]:
+        """Block-parallel: every block trained this step, with its group's mean CE."""
+        per_block = torch.zeros(self.num_blocks, device=self.device)
+        per_block[self.layout.group] = ce / self.layout.group_size
+        dist.all_reduce(per_block, op=dist.ReduceOp.SUM)
+        return {b: float(v) for b, v in enumerate(per_block)}
+
+    def checkpoint_due(self, last_step: bool) -> bool:
+        checkpoint = self.job_config.checkpoint
+        return checkpoint.enable and (last_step or self.step % checkpoint.interval == 0)
 
     def mean_over_ranks(self, value: torch.Tensor) -> float:
         # SUM then divide: gloo has no AVG
@@ -531,7 +565,10 @@ class BlockwiseTrainer(Stateful):
                 )
             if self.metrics.should_log(self.step):
                 self.metrics.log(self.step, metrics, self.block_stats)
-            self.checkpointer.save(self.step, last_step=(self.step == config.training.steps))
+            last_step = self.step == config.training.steps
+            if self.layout is not None and self.checkpoint_due(last_step):
+                block_parallel.synchronize_blocks(self.model, self.optimizers, self.layout)
+            self.checkpointer.save(self.step, last_step=last_step)
         if self.enabled:
             logger.info(f"Training done: steps per block {self.block_stats.steps}")
         else:
