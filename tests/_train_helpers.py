@@ -94,6 +94,16 @@ def read_records(record_dir: Path, world_size: int) -> list[dict]:
 # The instrumented launcher (runs inside each torchrun worker)
 
 
+def _offloaded(module) -> bool:
+    """True when FSDP2 keeps this unit's sharded state in host memory."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        return False
+    group = module._get_fsdp_state()._fsdp_param_group
+    return group is not None and isinstance(group.offload_policy, CPUOffloadPolicy)
+
+
 def _instrument(trainer, record: dict) -> None:
     import torch
     from torch.distributed.fsdp import FSDPModule
@@ -115,6 +125,11 @@ def _instrument(trainer, record: dict) -> None:
         compiled_layers=sum(
             isinstance(layer, torch._dynamo.eval_frame.OptimizedModule)
             for layer in model.layers.values()
+        ),
+        offloaded_layers=sum(_offloaded(layer) for layer in model.layers.values()),
+        root_offloaded=_offloaded(model),
+        layer_param_devices=sorted(
+            {str(p.device) for p in model.layers.parameters()}
         ),
         layer_ranges=(
             [[r.start, r.stop] for r in model.partition.layer_ranges] if trainer.enabled else []
@@ -227,6 +242,12 @@ def launch(argv: list[str]) -> None:
         _instrument(trainer, record)
         trainer.train()
         record["finished_step"] = trainer.step
+        layer_params = {id(p) for p in trainer.model.layers.parameters()}
+        record["layer_state_devices"] = sorted({
+            str(v.device) for opt in trainer.optimizers.optimizers
+            for p, state in opt.state.items() if id(p) in layer_params
+            for v in state.values() if hasattr(v, "device") and v.dim() > 0
+        })
         if trainer.enabled:
             record["block_steps"] = list(trainer.block_stats.steps)
         (record_dir / f"rank{trainer.rank}.json").write_text(json.dumps(record))

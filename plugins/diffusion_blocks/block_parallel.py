@@ -27,7 +27,7 @@ from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.llama3.infra.parallelize import apply_compile
 
 from .config_loader import ConfigError, origin_of
-from .parallelize import use_sum_reductions_on_gloo
+from .parallelize import configure_gradient_reduction
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def parallelize_block_parallel(model: nn.Module, layout: BlockParallelLayout, jo
     for layer in model.layers.values():
         fully_shard(layer, mesh=layout.mesh["group_shard"], mp_policy=mp_policy)
     fully_shard(model, mesh=layout.mesh, mp_policy=mp_policy)
-    use_sum_reductions_on_gloo(model)
+    configure_gradient_reduction(model)
     return model
 
 
