@@ -26,7 +26,12 @@ import torch.distributed as dist
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
-from diffusion_blocks.memory import count_saved_activations, peak_device_bytes, resident_bytes
+from diffusion_blocks.memory import (
+    count_saved_activations,
+    estimate_step,
+    peak_device_bytes,
+    resident_bytes,
+)
 from diffusion_blocks.train import BlockwiseTrainer
 
 MiB = 2**20
@@ -44,6 +49,7 @@ def parse_args(argv):
 
 def measure(config_args: list[str], steps: int) -> dict:
     job_config = parse_job_config(config_args)
+    estimate = estimate_step(job_config, dist.get_world_size() if dist.is_initialized() else 1)
     job_config.checkpoint.enable = False
     job_config.metrics.enable_tensorboard = False
     job_config.training.global_batch_size = -1
@@ -64,7 +70,12 @@ def measure(config_args: list[str], steps: int) -> dict:
         peak = peak_device_bytes(trainer.device)
     finally:
         trainer.close()
-    return {"activation_bytes": activation, "resident_bytes": resident, "peak_bytes": peak}
+    return {
+        "activation_bytes": activation, "resident_bytes": resident, "peak_bytes": peak,
+        "estimated_activation_bytes": estimate.activation_bytes,
+        "estimated_resident_bytes": estimate.resident.total,
+        "estimated_peak_bytes": estimate.peak_bytes,
+    }
 
 
 def benchmark_rows(argv_config: list[str], blocks: list[int], ac_modes: list[str], steps: int):
@@ -92,15 +103,17 @@ def benchmark_rows(argv_config: list[str], blocks: list[int], ac_modes: list[str
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| mode | B | AC | offload | activations MiB | resident MiB | peak MiB | (act+res) / e2e |",
+        "| mode | B | AC | offload | activations MiB (est.) | params+grads+AdamW MiB (est.) "
+        "| peak MiB (est.) | (act+res) / e2e |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / MiB:.0f}"
         lines.append(
             f"| {r['mode']} | {r['num_blocks']} | {r['ac']} | {r['offload']} | "
-            f"{r['activation_bytes'] / MiB:.1f} | {r['resident_bytes'] / MiB:.1f} | {peak} | "
-            f"{r['ratio_to_e2e']:.3f} |"
+            f"{r['activation_bytes'] / MiB:.1f} ({r['estimated_activation_bytes'] / MiB:.1f}) | "
+            f"{r['resident_bytes'] / MiB:.1f} ({r['estimated_resident_bytes'] / MiB:.1f}) | "
+            f"{peak} ({r['estimated_peak_bytes'] / MiB:.0f}) | {r['ratio_to_e2e']:.3f} |"
         )
     return "\n".join(lines)
 

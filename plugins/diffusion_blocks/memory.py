@@ -173,8 +173,12 @@ def estimate_step(job_config, nproc: int, block: int | None = None) -> StepEstim
     sharded 1/nproc) and AdamW (two fp32-sized moments per trained parameter).
     DiffusionBlocks without offload keeps every block's optimizer state resident
     once each block has trained; the gradient is that of one block plus the shared
-    modules (the largest block is used unless `block` is given).
+    modules (the largest block is used unless `block` is given). With offload, only
+    the shared modules' parameters, gradients and state are resident; a layer is
+    all-gathered onto the device (parameters, then its gradient) while it computes.
     """
+    from .parallelize import offloads_inactive_blocks
+
     import copy
 
     from torchtitan.config import TORCH_DTYPE_MAP
@@ -226,14 +230,23 @@ def estimate_step(job_config, nproc: int, block: int | None = None) -> StepEstim
         shared + sum(layer_params[str(i)] for i in model.partition.layer_ranges[block])
         if enabled else total
     )
-    resident = ResidentBytes(
-        params=total * element // nproc,
-        grads=trained * element // nproc,
-        optimizer_state=2 * total * 4 // nproc,
-    )
-    # FSDP2 all-gathers about two layers at a time (current + prefetch)
     biggest_layer = max(layer_params.values())
     logits = batch * seq_len * getattr(model_args, "vocab_size", 0) * 4
-    transient = (2 * biggest_layer * element if nproc > 1 else 0) + logits
+    if offloads_inactive_blocks(job_config):
+        resident = ResidentBytes(
+            params=shared * element // nproc,
+            grads=shared * element // nproc,
+            optimizer_state=2 * shared * 4 // nproc,
+        )
+        # the computing layer and the next (prefetch), unsharded, plus one gradient
+        transient = 3 * biggest_layer * element + logits
+    else:
+        resident = ResidentBytes(
+            params=total * element // nproc,
+            grads=trained * element // nproc,
+            optimizer_state=2 * total * 4 // nproc,
+        )
+        # FSDP2 all-gathers about two layers at a time (current + prefetch)
+        transient = (2 * biggest_layer * element if nproc > 1 else 0) + logits
     del out
     return StepEstimate(counter.bytes, resident, transient)

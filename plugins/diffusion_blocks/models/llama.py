@@ -263,6 +263,14 @@ def dblocks_llama3_flavors() -> dict[str, DiffusionBlocksLlamaArgs]:
     flavors = {name: _as_dblocks_args(args) for name, args in llama3_args.items()}
     for name in ("debugmodel", "debugmodel_flex_attn"):
         flavors[name] = _as_dblocks_args(llama3_args[name], n_layers=8, n_heads=8)
+    # DESIGN.md's measured anchor shape, and Llama 3.2 1B: the memory benchmarks' sizes
+    flavors["250M"] = DiffusionBlocksLlamaArgs(
+        dim=1024, n_layers=16, n_heads=16, vocab_size=32000, rope_theta=500000
+    )
+    flavors["1B"] = DiffusionBlocksLlamaArgs(
+        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5,
+        multiple_of=256, vocab_size=128256, rope_theta=500000,
+    )
     flavors.pop("debugmodel_varlen_attn", None)
     flavors.pop("8B_varlen", None)
     return flavors
