@@ -12,6 +12,7 @@ from .diffusion import NoiseSchedule, PARTITIONS
 
 BLOCK_SCHEDULES = ("random", "round_robin", "sequential")  # see schedules.py
 DEVICES = ("auto", "cpu", "cuda")
+OFFLOAD_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -48,6 +49,20 @@ class DiffusionBlocks:
 
     sampling_steps_per_block: int = 1
     """Euler steps each block takes at inference (LM and ViT)."""
+
+    offload_inactive_blocks: str = "auto"
+    """'on': layers (parameters, gradients, optimizer state) live in host memory and are
+    streamed to the device only while their block computes; shared modules stay on
+    the device. 'auto' = on with the sequential schedule. 'off' keeps all resident."""
+
+    block_parallel: bool = False
+    """Split the processes into num_blocks groups; group g trains block g every step,
+    all groups at once; only the shared modules are synchronised across groups."""
+
+    adaln_cond_dim: int = 256
+    """Width of the noise-condition vector c feeding every layer's AdaLN-Zero
+    Linear(SiLU(c)); 0 = the model width (the DiT form, 6 * width^2 per layer).
+    Read by the LM; the ViT and DiT always use the DiT form (c as wide as the model)."""
 
     sampling_steps: int = 50
     """Euler steps of the image sampler (DiT), laid on the equi-probability sigma grid;
@@ -132,6 +147,17 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
         )
     if section.max_grad_norm <= 0:
         problems.append(("max_grad_norm", f"must be > 0, got {section.max_grad_norm}"))
+    if section.offload_inactive_blocks not in OFFLOAD_MODES:
+        problems.append((
+            "offload_inactive_blocks",
+            f"{section.offload_inactive_blocks!r} is not one of {list(OFFLOAD_MODES)}",
+        ))
+    if section.block_parallel and section.block_schedule != "random":
+        problems.append(
+            ("block_parallel", "trains every block every step; leave block_schedule at 'random'")
+        )
+    if section.adaln_cond_dim < 0:
+        problems.append(("adaln_cond_dim", f"must be >= 0, got {section.adaln_cond_dim}"))
     if section.sampling_steps_per_block < 1:
         problems.append(
             (

@@ -25,7 +25,9 @@ class DiffusionBlocksConverter:
                 f"Transformer models, got {type(model).__name__}"
             )
         partition = BlockPartition.from_job_config(self.job_config, len(model.layers))
-        convert_to_denoiser(model, partition)
+        convert_to_denoiser(
+            model, partition, self.job_config.diffusion_blocks.adaln_cond_dim
+        )
 
     def post_optimizer_hook(self, model) -> None:
         pass

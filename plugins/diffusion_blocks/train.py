@@ -36,13 +36,14 @@ from torchtitan.components.dataloader import DataloaderExhaustedError
 from torchtitan.components.metrics import _build_metric_logger
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
+from torchtitan.distributed import parallel_dims as titan_parallel_dims
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.protocols.model_converter import build_model_converters
 from torchtitan.protocols.train_spec import get_train_spec
 from torchtitan.tools import utils as titan_utils
 from torchtitan.tools.logging import init_logger, logger
 
-from . import registry  # noqa: F401  (registers specs on `python -m`)
+from . import block_parallel, registry  # registry: registers specs on `python -m`
 from .config_loader import ConfigError, exit_on_config_error, origin_of, parse_job_config
 from .schedules import build_block_schedule
 from .tasks import EvalContext
@@ -78,10 +79,15 @@ def init_process_group(device: torch.device, job_config) -> int:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    if device.type == "cpu" and not dist.is_initialized():
-        dist.init_process_group(
-            "gloo", timeout=timedelta(seconds=job_config.comm.init_timeout_seconds)
-        )
+    if device.type == "cpu":
+        # ParallelDims builds its device meshes on torchtitan's module-level
+        # `device_type`, which says "cuda" on a machine without CUDA: with more than
+        # one process the mesh then calls torch.cuda.set_device and fails.
+        titan_parallel_dims.device_type = "cpu"
+        if not dist.is_initialized():
+            dist.init_process_group(
+                "gloo", timeout=timedelta(seconds=job_config.comm.init_timeout_seconds)
+            )
     return dist_utils.init_distributed(job_config.comm, base_folder=job_config.job.dump_folder)
 
 
@@ -99,7 +105,7 @@ def build_parallel_dims(job_config, world_size: int) -> ParallelDims:
             world_size=world_size,
         )
     except AssertionError as e:
-        raise ValueError(
+        raise ConfigError(
             f"[parallelism] does not fit {world_size} processes: {e}. The product of "
             "data_parallel_replicate_degree, data_parallel_shard_degree and the other "
             "degrees must equal the number of processes (-1 for dp_shard fills the rest)"
@@ -207,9 +213,10 @@ class StepMetrics:
 # Model construction (shared with tools/generate.py)
 
 
-def build_model(job_config, device: torch.device, parallel_dims: ParallelDims):
+def build_model(job_config, device: torch.device, parallel_dims: ParallelDims, parallelize=None):
     """Meta-init the family's model (denoiser or its end-to-end twin), apply converters
-    and parallelisation, materialise on `device`. Returns (model, model_args, spec, family)."""
+    and parallelisation (the train spec's, or `parallelize(model)`), materialise on
+    `device`. Returns (model, model_args, spec, family)."""
     family = registry.model_family(job_config.model.name)
     spec = get_train_spec(job_config.model.name)
     if job_config.model.flavor not in spec.model_args:
@@ -227,7 +234,10 @@ def build_model(job_config, device: torch.device, parallel_dims: ParallelDims):
     ):
         model = model_cls(model_args)
     build_model_converters(job_config, parallel_dims).convert(model)
-    model = spec.parallelize_fn(model, parallel_dims, job_config)
+    if parallelize is None:
+        model = spec.parallelize_fn(model, parallel_dims, job_config)
+    else:
+        model = parallelize(model)
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights(buffer_device=None)
@@ -243,6 +253,41 @@ def trainable_parameter_groups(model) -> dict[str, int]:
                 p.numel() for i in layers for p in model.layers[str(i)].parameters()
             )
     return counts
+
+
+@torch.no_grad()
+def init_empty_optimizer_state(optimizers) -> None:
+    """Give every parameter that has no optimizer state Adam's fresh state (step 0,
+    zero moments), exactly what Adam would create lazily on its first update.
+
+    Blocks that have not been trained yet otherwise have no state, so a checkpoint
+    lacks their keys, and DCP cannot resume from it ("Missing key in checkpoint
+    state_dict: optimizer.state.layers.N...": the loading side initialises state for
+    every parameter). A parameter without a gradient is still skipped by Adam, so an
+    inactive block is neither moved nor decayed and its step count stays 0.
+    """
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    for optimizer in optimizers:
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in optimizer.param_groups:
+            on_device = group.get("capturable") or group.get("fused")
+            for p in group["params"]:
+                if len(optimizer.state[p]) > 0:
+                    continue
+                state = optimizer.state[p]
+                state["step"] = (
+                    torch.zeros((), dtype=_get_scalar_dtype(is_fused=group.get("fused")),
+                                device=p.device)
+                    if on_device else torch.tensor(0.0, dtype=_get_scalar_dtype())
+                )
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group.get("amsgrad"):
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
 
 
 # ---------------------------------------------------------------------------
@@ -273,13 +318,23 @@ class BlockwiseTrainer(Stateful):
             dp_world_size=dp_degree, dp_rank=dp_rank, tokenizer=self.tokenizer,
             job_config=job_config,
         )
+        section = job_config.diffusion_blocks
+        self.layout = None
+        parallelize = None
+        if self.enabled and section.block_parallel:
+            num_blocks = len(section.layers_per_block) or section.num_blocks
+            self.layout = block_parallel.build_layout(job_config, num_blocks, self.device)
+            parallelize = lambda model: block_parallel.parallelize_block_parallel(  # noqa: E731
+                model, self.layout, job_config
+            )
         self.model, self.model_args, self.train_spec, self.family = build_model(
-            job_config, self.device, parallel_dims
+            job_config, self.device, parallel_dims, parallelize
         )
         self.model.train()
         self.optimizers = spec.build_optimizers_fn(
             [self.model], job_config.optimizer, parallel_dims
         )
+        init_empty_optimizer_state(self.optimizers)  # complete checkpoints from step 1
         self.lr_schedulers = spec.build_lr_schedulers_fn(
             self.optimizers, job_config.lr_scheduler, job_config.training.steps
         )
@@ -397,6 +452,8 @@ class BlockwiseTrainer(Stateful):
     # -- one step ------------------------------------------------------------
 
     def choose_block(self) -> int:
+        if self.layout is not None:
+            return self.layout.group  # block-parallel: each group always trains its block
         block = self.block_schedule.block_for_step(self.step)
         if dist.get_world_size() > 1:
             # all ranks hold the same generator; rank 0's choice is authoritative
@@ -453,19 +510,38 @@ class BlockwiseTrainer(Stateful):
             self.items_seen += out.num_items * self.dp_degree
 
         params_with_grad = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = dist_utils.clip_grad_norm_(params_with_grad, self.max_norm, foreach=True)
+        if self.layout is not None:
+            grad_norm = block_parallel.clip_grad_norm_block_parallel(
+                self.model, self.layout, self.max_norm
+            )
+        else:
+            grad_norm = dist_utils.clip_grad_norm_(params_with_grad, self.max_norm, foreach=True)
         self.checkpointer.maybe_wait_for_staging()
         self.optimizers.step()
         self.lr_schedulers.step()
 
         loss, ce = self.mean_over_ranks(total_loss), self.mean_over_ranks(total_unweighted)
         if self.enabled:
-            self.block_stats.update(block, ce)
+            per_block = {block: ce} if self.layout is None else self.per_group_ce(total_unweighted)
+            for trained_block, block_ce in per_block.items():
+                self.block_stats.update(trained_block, block_ce)
         metrics = {"loss": loss, "ce": ce, "grad_norm": float(grad_norm), "lr": lr}
         if self.enabled:
-            metrics["block"] = block
+            if self.layout is None:
+                metrics["block"] = block
             metrics["sigma_mean"] = sigma_sum / max(sigma_count, 1)
         return metrics
+
+    def per_group_ce(self, ce: torch.Tensor) -> dict[int, float]:
+        """Block-parallel: every block trained this step, with its group's mean CE."""
+        per_block = torch.zeros(self.num_blocks, device=self.device)
+        per_block[self.layout.group] = ce / self.layout.group_size
+        dist.all_reduce(per_block, op=dist.ReduceOp.SUM)
+        return {b: float(v) for b, v in enumerate(per_block)}
+
+    def checkpoint_due(self, last_step: bool) -> bool:
+        checkpoint = self.job_config.checkpoint
+        return checkpoint.enable and (last_step or self.step % checkpoint.interval == 0)
 
     def mean_over_ranks(self, value: torch.Tensor) -> float:
         # SUM then divide: gloo has no AVG
@@ -497,7 +573,10 @@ class BlockwiseTrainer(Stateful):
                 )
             if self.metrics.should_log(self.step):
                 self.metrics.log(self.step, metrics, self.block_stats)
-            self.checkpointer.save(self.step, last_step=(self.step == config.training.steps))
+            last_step = self.step == config.training.steps
+            if self.layout is not None and self.checkpoint_due(last_step):
+                block_parallel.synchronize_blocks(self.model, self.optimizers, self.layout)
+            self.checkpointer.save(self.step, last_step=last_step)
             self.maybe_evaluate()
         if self.enabled:
             logger.info(f"Training done: steps per block {self.block_stats.steps}")
@@ -512,6 +591,9 @@ class BlockwiseTrainer(Stateful):
         last = self.step == self.job_config.training.steps
         if evaluate is None or not validation.enable or not (last or self.step % validation.freq == 0):
             return
+        if self.layout is not None and not self.checkpoint_due(last):
+            # block-parallel: every rank needs every block's current weights
+            block_parallel.synchronize_blocks(self.model, self.optimizers, self.layout)
         context = EvalContext(
             self.job_config, self.step, self.device, self.dp_rank, self.dp_degree,
             self.metrics.logger,

@@ -36,7 +36,8 @@ def sinusoidal_embedding(
 
 
 class SigmaEmbedder(nn.Module):
-    """c_noise (B,) -> condition vector c (B, dim)."""
+    """c_noise (B,) -> condition vector c (B, dim); dim may be narrower than the model
+    (each layer's Linear(SiLU(c)) then costs 6 * dim * width instead of 6 * width^2)."""
 
     def __init__(self, dim: int, frequency_dim: int = 256):
         super().__init__()
@@ -74,10 +75,10 @@ class AdaLNModulation(nn.Module):
 class FinalAdaLN(nn.Module):
     """norm (no affine) then shift/scale from c: the last step before the shared head."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, cond_dim: int | None = None):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
-        self.modulation = AdaLNModulation(dim, dim, num_chunks=2)
+        self.modulation = AdaLNModulation(cond_dim or dim, dim, num_chunks=2)
 
     def forward(self, x_BTD: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         shift, scale = self.modulation(cond_BD)

@@ -110,10 +110,12 @@ class DenoiserLayer(TransformerBlock):
 class DiffusionBlocksLlamaArgs(TransformerModelArgs):
     partition: BlockPartition | None = None
     """Filled from `[diffusion_blocks]` by update_from_config."""
+    adaln_cond_dim: int = 256
 
     def update_from_config(self, job_config, **kwargs) -> None:
         super().update_from_config(job_config, **kwargs)
         self.partition = BlockPartition.from_job_config(job_config, self.n_layers)
+        self.adaln_cond_dim = job_config.diffusion_blocks.adaln_cond_dim
 
 
 class Denoised(NamedTuple):
@@ -131,7 +133,7 @@ class DiffusionBlocksLlama(Transformer):
     def __init__(self, model_args: DiffusionBlocksLlamaArgs):
         assert model_args.partition is not None, "call update_from_config first"
         super().__init__(model_args)
-        convert_to_denoiser(self, model_args.partition)
+        convert_to_denoiser(self, model_args.partition, model_args.adaln_cond_dim)
 
     def _precompute_freqs_cis(self) -> torch.Tensor:
         # noisy rows use positions up to T (one past the stock table)
@@ -147,16 +149,18 @@ class DiffusionBlocksLlama(Transformer):
         super().init_weights(buffer_device)
         init_denoiser_modules(self)
 
-    @property
-    def uses_flex_attention(self) -> bool:
-        return self.model_args.attn_type == "flex"
+    # FlexAttention has no backward on CPU: flex flavors use the exact masked SDPA there.
+    FLEX_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+
+    def uses_flex_attention(self, device: torch.device) -> bool:
+        return self.model_args.attn_type == "flex" and device.type in self.FLEX_DEVICE_TYPES
 
     def clean_embedding(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """L2-normalised token embeddings: the clean targets y and the clean rows."""
         return F.normalize(self.tok_embeddings(tokens_BT), dim=-1)
 
     def attention_mask(self, seq_len: int, device: torch.device):
-        if self.uses_flex_attention:
+        if self.uses_flex_attention(torch.device(device)):
             return create_block_mask(
                 denoiser_mask_mod(seq_len), None, None, 2 * seq_len, 2 * seq_len,
                 device=device,
@@ -203,7 +207,9 @@ class DiffusionBlocksLlama(Transformer):
 # Conversion of a stock Transformer
 
 
-def convert_to_denoiser(model: Transformer, partition: BlockPartition) -> None:
+def convert_to_denoiser(
+    model: Transformer, partition: BlockPartition, adaln_cond_dim: int = 256
+) -> None:
     """Turn a stock llama3 Transformer into DiffusionBlocksLlama, in place.
 
     Works on meta (before parallelisation, as torchtitan calls converters) and on
@@ -218,11 +224,12 @@ def convert_to_denoiser(model: Transformer, partition: BlockPartition) -> None:
         )
     reference = model.tok_embeddings.weight
     dim = reference.shape[1]
+    cond_dim = adaln_cond_dim or dim
     with torch.device(reference.device):
-        model.sigma_embedder = SigmaEmbedder(dim).to(reference.dtype)
-        model.final_adaln = FinalAdaLN(dim).to(reference.dtype)
+        model.sigma_embedder = SigmaEmbedder(cond_dim).to(reference.dtype)
+        model.final_adaln = FinalAdaLN(dim, cond_dim=cond_dim).to(reference.dtype)
         for layer in model.layers.values():
-            layer.adaln = AdaLNModulation(dim, dim, num_chunks=6).to(reference.dtype)
+            layer.adaln = AdaLNModulation(cond_dim, dim, num_chunks=6).to(reference.dtype)
             layer.__class__ = DenoiserLayer
     model.partition = partition
     model.__class__ = DiffusionBlocksLlama
@@ -256,6 +263,14 @@ def dblocks_llama3_flavors() -> dict[str, DiffusionBlocksLlamaArgs]:
     flavors = {name: _as_dblocks_args(args) for name, args in llama3_args.items()}
     for name in ("debugmodel", "debugmodel_flex_attn"):
         flavors[name] = _as_dblocks_args(llama3_args[name], n_layers=8, n_heads=8)
+    # DESIGN.md's measured anchor shape, and Llama 3.2 1B: the memory benchmarks' sizes
+    flavors["250M"] = DiffusionBlocksLlamaArgs(
+        dim=1024, n_layers=16, n_heads=16, vocab_size=32000, rope_theta=500000
+    )
+    flavors["1B"] = DiffusionBlocksLlamaArgs(
+        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5,
+        multiple_of=256, vocab_size=128256, rope_theta=500000,
+    )
     flavors.pop("debugmodel_varlen_attn", None)
     flavors.pop("8B_varlen", None)
     return flavors

@@ -1,0 +1,252 @@
+"""Memory accounting shared by tools/bench_memory.py and tools/estimate_memory.py.
+
+- activation bytes: tensors autograd saves for backward during a training forward,
+  counted with saved-tensor hooks (unique storages), plus the inputs that activation
+  checkpointing keeps for recomputation (checkpoint's own hooks hide those);
+- resident bytes: parameters + gradients + optimizer state on the training device.
+Both work on the meta device, so the estimator runs the real forward without memory.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    tensor = _local(tensor)
+    return tensor.numel() * tensor.element_size()
+
+
+class SavedTensorCounter:
+    """Counts unique storages saved for backward while active."""
+
+    def __init__(self):
+        self.bytes = 0
+        self._seen: set = set()
+
+    def _add(self, tensor: torch.Tensor) -> None:
+        storage = _local(tensor).untyped_storage()
+        key = storage._cdata  # the StorageImpl: unique per storage, meta included
+        size = storage.nbytes()
+        if key not in self._seen:
+            self._seen.add(key)
+            self.bytes += size
+
+    def pack(self, tensor: torch.Tensor):
+        # parameters are resident anyway: not activation memory
+        if not isinstance(tensor, nn.Parameter):
+            self._add(tensor)
+        return tensor
+
+    @staticmethod
+    def unpack(tensor):
+        return tensor
+
+    def checkpoint_input_hook(self, module, args, kwargs):
+        for value in [*args, *kwargs.values()]:
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                self._add(value)
+
+
+@contextmanager
+def count_saved_activations(model: nn.Module):
+    """with count_saved_activations(model) as counter: loss = ...; counter.bytes"""
+    counter = SavedTensorCounter()
+    handles = [
+        module.register_forward_pre_hook(counter.checkpoint_input_hook, with_kwargs=True)
+        for module in model.modules() if isinstance(module, CheckpointWrapper)
+    ]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+            yield counter
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class ResidentBytes:
+    params: int
+    grads: int
+    optimizer_state: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer_state
+
+
+def resident_bytes(model: nn.Module, optimizers, device: torch.device) -> ResidentBytes:
+    """Bytes of parameters, gradients and optimizer state that live on `device`."""
+
+    def on_device(t) -> bool:
+        return isinstance(t, torch.Tensor) and _local(t).device.type == device.type
+
+    params = [p for p in model.parameters() if on_device(p)]
+    grads = [p.grad for p in model.parameters() if p.grad is not None and on_device(p.grad)]
+    state = [
+        value
+        for optimizer in getattr(optimizers, "optimizers", [optimizers])
+        for param_state in optimizer.state.values()
+        for value in param_state.values()
+        if on_device(value) and _local(value).dim() > 0  # skip scalar step counters
+    ]
+    return ResidentBytes(
+        params=sum(tensor_bytes(p) for p in params),
+        grads=sum(tensor_bytes(g) for g in grads),
+        optimizer_state=sum(tensor_bytes(s) for s in state),
+    )
+
+
+def peak_device_bytes(device: torch.device) -> int | None:
+    """max_memory_allocated on CUDA; None where the device cannot report it."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Estimation on the meta device (nothing allocated)
+
+
+class _FusedAttentionFootprint(torch.autograd.Function):
+    """Stands in for SDPA on meta: saves what fused kernels (CPU flash, CUDA
+    memory-efficient / flash, FlexAttention) save: q, k, v, out, logsumexp and the
+    mask as an additive bias. Meta's own SDPA decomposes to the math path and would
+    count the full S x S probabilities, which no fused kernel keeps."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask_bias):
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        logsumexp = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        saved = [q, k, v, out, logsumexp] + ([mask_bias] if mask_bias is not None else [])
+        ctx.save_for_backward(*saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # pragma: no cover - estimation never runs backward
+        raise RuntimeError("estimation only")
+
+
+def _footprint_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False):
+    mask_bias = None
+    if attn_mask is not None:
+        mask_bias = attn_mask.new_empty(attn_mask.shape, dtype=q.dtype)
+    return _FusedAttentionFootprint.apply(q, k, v, mask_bias)
+
+
+@contextmanager
+def fused_attention_footprint():
+    """Scoped swap of F.scaled_dot_product_attention for the estimator's meta forward."""
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _footprint_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+@dataclass
+class StepEstimate:
+    activation_bytes: int
+    resident: ResidentBytes
+    transient_bytes: int  # unsharded layer params during compute + logits
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.activation_bytes + self.resident.total + self.transient_bytes
+
+
+def estimate_step(job_config, nproc: int, block: int | None = None) -> StepEstimate:
+    """Per-device memory of one training step of the configured model, on meta.
+
+    Assumes FSDP2 over all `nproc` processes (parameters, gradients and AdamW state
+    sharded 1/nproc) and AdamW (two fp32-sized moments per trained parameter).
+    DiffusionBlocks without offload keeps every block's optimizer state resident
+    once each block has trained; the gradient is that of one block plus the shared
+    modules (the largest block is used unless `block` is given). With offload, only
+    the shared modules' parameters, gradients and state are resident; a layer is
+    all-gathered onto the device (parameters, then its gradient) while it computes.
+    """
+    from .parallelize import offloads_inactive_blocks
+
+    import copy
+
+    from torchtitan.config import TORCH_DTYPE_MAP
+    from torchtitan.distributed.activation_checkpoint import apply_ac
+    from torchtitan.protocols.train_spec import get_train_spec
+    from torchtitan.tools import utils as titan_utils
+
+    from .registry import model_family
+
+    family = model_family(job_config.model.name)
+    spec = get_train_spec(job_config.model.name)
+    model_args = copy.deepcopy(spec.model_args[job_config.model.flavor])
+    model_args.update_from_config(job_config)
+    if hasattr(model_args, "attn_type"):
+        # flex/varlen need real masks; every fused kernel saves the same footprint
+        model_args.attn_type = "sdpa"
+    enabled = job_config.diffusion_blocks.enable
+    model_cls = spec.model_cls if enabled else family.end_to_end_model_cls
+    meta = torch.device("meta")
+    with meta, titan_utils.set_default_dtype(TORCH_DTYPE_MAP[job_config.training.dtype]):
+        model = model_cls(model_args)
+    if job_config.activation_checkpoint.mode != "none":
+        apply_ac(model, job_config.activation_checkpoint)
+
+    batch, seq_len = job_config.training.local_batch_size, job_config.training.seq_len
+    tokens = torch.zeros((batch, seq_len), dtype=torch.long, device=meta)
+    inputs = {"input": tokens}
+    if enabled:
+        block_sizes = [
+            sum(p.numel() for i in layers for p in model.layers[str(i)].parameters())
+            for layers in model.partition.layer_ranges
+        ]
+        block = max(range(len(block_sizes)), key=block_sizes.__getitem__) if block is None else block
+    with fused_attention_footprint(), count_saved_activations(model) as counter:
+        if enabled:
+            out = family.task.denoiser_loss(
+                model, inputs, tokens, block, torch.ones(batch, device=meta), None
+            )
+        else:
+            out = family.task.end_to_end_loss(model, inputs, tokens, {}, None)
+
+    element = TORCH_DTYPE_MAP[job_config.training.dtype].itemsize
+    layer_params = {
+        name: sum(p.numel() for p in layer.parameters()) for name, layer in model.layers.items()
+    }
+    total = sum(p.numel() for p in model.parameters())
+    shared = total - sum(layer_params.values())
+    trained = (
+        shared + sum(layer_params[str(i)] for i in model.partition.layer_ranges[block])
+        if enabled else total
+    )
+    biggest_layer = max(layer_params.values())
+    logits = batch * seq_len * getattr(model_args, "vocab_size", 0) * 4
+    if offloads_inactive_blocks(job_config):
+        resident = ResidentBytes(
+            params=shared * element // nproc,
+            grads=shared * element // nproc,
+            optimizer_state=2 * shared * 4 // nproc,
+        )
+        # the computing layer and the next (prefetch), unsharded, plus one gradient
+        transient = 3 * biggest_layer * element + logits
+    else:
+        resident = ResidentBytes(
+            params=total * element // nproc,
+            grads=trained * element // nproc,
+            optimizer_state=2 * total * 4 // nproc,
+        )
+        # FSDP2 all-gathers about two layers at a time (current + prefetch)
+        transient = (2 * biggest_layer * element if nproc > 1 else 0) + logits
+    del out
+    return StepEstimate(counter.bytes, resident, transient)

@@ -1,0 +1,262 @@
+"""Helpers for tests/test_train_loop.py.
+
+Two roles:
+- imported by the tests: free ports, launching `diffusion_blocks.train` (or this file)
+  under torchrun in a subprocess, reading metrics.jsonl and the per-rank records;
+- run as a script under torchrun (`python -m torch.distributed.run ... tests/_train_helpers.py
+  <trainer args>`): a test-only launcher that builds the real `BlockwiseTrainer`,
+  instruments it and, after training, writes `rank<R>.json` into $DBLOCKS_TEST_RECORD_DIR
+  with what THIS rank did at every step: the block its own schedule proposed (before
+  rank 0's broadcast), the block train_step trained, the layers whose forward ran, the
+  layers whose parameters got a gradient, the loss; plus how the model was built
+  (class, FSDP, DTensor parameters, compiled layers).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG_TOML = REPO / "train_configs" / "llama3_debug.toml"
+LAUNCHER = Path(__file__).resolve()
+RECORD_ENV = "DBLOCKS_TEST_RECORD_DIR"
+
+# tiny and fast: every run in the tests starts from these
+TINY = [
+    "--training.seq_len", "32",
+    "--training.local_batch_size", "2",
+    "--metrics.log_freq", "1",
+]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(record_dir: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    plugins = str(REPO / "plugins")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (plugins, env.get("PYTHONPATH", "")) if p
+    )
+    env.setdefault("OMP_NUM_THREADS", "1")
+    # a launch from inside a torchrun'ed test run must not inherit its rendezvous
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if record_dir is not None:
+        env[RECORD_ENV] = str(record_dir)
+    return env
+
+
+def torchrun(
+    args: list[str], nproc: int = 1, *, record_dir: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run the trainer under torchrun. With record_dir, run this file's instrumented
+    launcher instead of `-m diffusion_blocks.train` (same trainer, same arguments)."""
+    target = [str(LAUNCHER)] if record_dir is not None else ["-m", "diffusion_blocks.train"]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()),
+        *target, *args,
+    ]
+    return subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(record_dir), capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def output_of(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + "\n" + proc.stderr
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{output_of(proc)[-6000:]}"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def read_records(record_dir: Path, world_size: int) -> list[dict]:
+    return [
+        json.loads((Path(record_dir) / f"rank{r}.json").read_text()) for r in range(world_size)
+    ]
+
+
+# ---------------------------------------------------------------------------
+# The instrumented launcher (runs inside each torchrun worker)
+
+
+def _offloaded(module) -> bool:
+    """True when FSDP2 keeps this unit's sharded state in host memory."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        return False
+    group = module._get_fsdp_state()._fsdp_param_group
+    return group is not None and isinstance(group.offload_policy, CPUOffloadPolicy)
+
+
+def _instrument(trainer, record: dict) -> None:
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    model = trainer.model
+    params = dict(model.named_parameters())
+    record.update(
+        rank=trainer.rank,
+        world_size=torch.distributed.get_world_size(),
+        model_mro=[c.__name__ for c in type(model).__mro__],
+        model_is_fsdp=isinstance(model, FSDPModule),
+        fsdp_layers=sum(isinstance(layer, FSDPModule) for layer in model.layers.values()),
+        num_params=len(params),
+        dtensor_params=sum(isinstance(p, DTensor) for p in params.values()),
+        placements=sorted(
+            {str(p.placements) for p in params.values() if isinstance(p, DTensor)}
+        ),
+        compiled_layers=sum(
+            isinstance(layer, torch._dynamo.eval_frame.OptimizedModule)
+            for layer in model.layers.values()
+        ),
+        offloaded_layers=sum(_offloaded(layer) for layer in model.layers.values()),
+        root_offloaded=_offloaded(model),
+        layer_param_devices=sorted(
+            {str(p.device) for p in model.layers.parameters()}
+        ),
+        layer_ranges=(
+            [[r.start, r.stop] for r in model.partition.layer_ranges] if trainer.enabled else []
+        ),
+        steps=[],
+    )
+
+    calls: dict[str, int] = {}
+
+    def count(name):
+        def hook(module, args, kwargs=None):
+            calls[name] = calls.get(name, 0) + 1
+
+        return hook
+
+    for name, layer in model.layers.items():
+        layer.register_forward_pre_hook(count(name))
+
+    proposals: list[int] = []
+    if trainer.enabled:
+        schedule = trainer.block_schedule
+        original_block_for_step = schedule.block_for_step
+
+        def block_for_step(step):
+            block = original_block_for_step(step)
+            proposals.append(block)
+            return block
+
+        schedule.block_for_step = block_for_step
+
+    def local_checksum(tensors) -> float:
+        return float(sum(
+            (t.to_local() if isinstance(t, DTensor) else t).detach().double().sum()
+            for t in tensors
+        ))
+
+    def checksums() -> dict:
+        """Sums of this rank's local shards: shared modules and each block's layers."""
+        if not trainer.enabled:
+            return {}
+        layer_ids = {id(p) for p in model.layers.parameters()}
+        blocks = [
+            local_checksum(p for i in r for p in model.layers[str(i)].parameters())
+            for r in model.partition.layer_ranges
+        ]
+        shared = local_checksum(p for p in model.parameters() if id(p) not in layer_ids)
+        return {"shared_checksum": shared, "block_checksums": blocks}
+
+    record["initial"] = checksums()
+    if trainer.layout is not None:
+        record["group"] = trainer.layout.group
+        record["group_size"] = trainer.layout.group_size
+        original_save = trainer.checkpointer.save
+
+        def save(step, last_step=False):
+            original_save(step, last_step=last_step)
+            record["steps"][-1]["after_save"] = checksums()
+
+        trainer.checkpointer.save = save
+
+    original_train_step = trainer.train_step
+
+    def train_step(data_iterator):
+        calls.clear()
+        proposals.clear()
+        metrics = original_train_step(data_iterator)
+        grad_layers = sorted(
+            {
+                int(name.split(".")[1])
+                for name, p in params.items()
+                if name.startswith("layers.") and p.grad is not None
+            }
+        )
+        record["steps"].append(
+            {
+                "step": trainer.step,
+                "proposed_block": proposals[0] if proposals else None,
+                "block": metrics.get("block"),
+                "loss": metrics["loss"],
+                "ce": metrics["ce"],
+                "ran_layers": sorted(int(n) for n, c in calls.items() if c > 0),
+                "grad_layers": grad_layers,
+                "grads_are_dtensors": all(
+                    isinstance(p.grad, DTensor) for p in params.values() if p.grad is not None
+                ),
+                "grad_norm": metrics["grad_norm"],
+                **checksums(),
+            }
+        )
+        return metrics
+
+    trainer.train_step = train_step
+
+
+def launch(argv: list[str]) -> None:
+    import torch.distributed as dist
+    from torchtitan.tools.logging import init_logger
+
+    from diffusion_blocks import train
+    from diffusion_blocks.config_loader import parse_job_config
+
+    init_logger()
+    record_dir = Path(os.environ[RECORD_ENV])
+    record_dir.mkdir(parents=True, exist_ok=True)
+    job_config = parse_job_config(argv)
+    record: dict = {}
+    trainer = None
+    try:
+        trainer = train.BlockwiseTrainer(job_config)
+        _instrument(trainer, record)
+        trainer.train()
+        record["finished_step"] = trainer.step
+        layer_params = {id(p) for p in trainer.model.layers.parameters()}
+        record["layer_state_devices"] = sorted({
+            str(v.device) for opt in trainer.optimizers.optimizers
+            for p, state in opt.state.items() if id(p) in layer_params
+            for v in state.values() if hasattr(v, "device") and v.dim() > 0
+        })
+        if trainer.enabled:
+            record["block_steps"] = list(trainer.block_stats.steps)
+        (record_dir / f"rank{trainer.rank}.json").write_text(json.dumps(record))
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    launch(sys.argv[1:])

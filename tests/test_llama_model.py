@@ -1,0 +1,114 @@
+import copy
+
+import pytest
+import torch
+
+import diffusion_blocks  # noqa: F401
+from diffusion_blocks.config import DiffusionBlocks
+from diffusion_blocks.models.llama import (
+    denoiser_dense_mask,
+    denoiser_positions,
+    DiffusionBlocksLlama,
+    dblocks_llama3_flavors,
+)
+from diffusion_blocks.partition import BlockPartition
+
+SEQ = 12
+
+
+def make_model(flavor="debugmodel", num_blocks=2, seed=0):
+    args = copy.deepcopy(dblocks_llama3_flavors()[flavor])
+    args.dim, args.n_heads, args.vocab_size, args.max_seq_len = 64, 4, 97, SEQ
+    args.partition = BlockPartition.from_config(DiffusionBlocks(num_blocks=num_blocks), args.n_layers)
+    torch.manual_seed(seed)
+    model = DiffusionBlocksLlama(args)
+    model.init_weights()
+    with torch.no_grad():  # leave AdaLN-Zero's identity start so attention matters
+        for layer in model.layers.values():
+            layer.adaln.linear.weight.normal_(std=0.2)
+            layer.adaln.linear.bias.normal_(std=0.2)
+        model.final_adaln.modulation.linear.weight.normal_(std=0.2)
+    return model.eval()
+
+
+def test_dense_mask_pattern():
+    mask = denoiser_dense_mask(3, torch.device("cpu")).int().tolist()
+    assert mask == [
+        [1, 0, 0, 0, 0, 0],  # clean 0 sees clean <= 0
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 0, 0, 1, 0, 0],  # noisy 0 (denoises x1) sees clean x0 and itself
+        [1, 1, 0, 0, 1, 0],
+        [1, 1, 1, 0, 0, 1],
+    ]
+    # clean x_i and the noisy row denoising x_i share RoPE position i
+    assert denoiser_positions(3, torch.device("cpu")).tolist() == [[0, 1, 2, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("block", [0, 1])
+@pytest.mark.parametrize("row", [0, 5, SEQ - 1])
+def test_noisy_row_ignores_the_future_and_other_noisy_rows(block, row):
+    model = make_model()
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 97, (2, SEQ), generator=gen)
+    z = torch.randn(2, SEQ, 64, generator=gen)
+    sigma = torch.tensor([0.4, 3.0])
+
+    def row_logits(tokens, z):
+        return model.denoise(tokens, z, sigma, block).logits_BTV[:, row]
+
+    reference = row_logits(tokens, z)
+    # noisy row `row` denoises token row+1: it may see clean tokens 0..row only
+    future = tokens.clone()
+    future[:, row + 1:] = torch.randint(0, 97, future[:, row + 1:].shape, generator=gen)
+    other_noisy = z.clone()
+    others = [j for j in range(SEQ) if j != row]
+    other_noisy[:, others] = torch.randn(2, len(others), 64, generator=gen)
+    assert torch.allclose(row_logits(future, z), reference, atol=1e-5)
+    assert torch.allclose(row_logits(tokens, other_noisy), reference, atol=1e-5)
+    # positive controls: what the row may see does change it
+    past = tokens.clone()
+    past[:, row] = (past[:, row] + 1) % 97
+    own = z.clone()
+    own[:, row] += 1.0
+    assert not torch.allclose(row_logits(past, z), reference, atol=1e-4)
+    assert not torch.allclose(row_logits(tokens, own), reference, atol=1e-4)
+
+
+def test_flex_flavor_falls_back_to_sdpa_on_cpu():
+    model = make_model("debugmodel_flex_attn")
+    assert not model.uses_flex_attention(torch.device("cpu"))
+    assert model.uses_flex_attention(torch.device("cuda"))
+    assert isinstance(model.attention_mask(4, torch.device("cpu")), torch.Tensor)
+
+
+@torch.no_grad()  # FlexAttention runs forward-only on CPU
+def test_flex_attention_matches_masked_sdpa(monkeypatch):
+    sdpa_model = make_model("debugmodel")
+    flex_model = make_model("debugmodel_flex_attn")
+    flex_model.load_state_dict(sdpa_model.state_dict())
+    monkeypatch.setattr(DiffusionBlocksLlama, "FLEX_DEVICE_TYPES", ("cuda", "cpu"))
+    from torch.nn.attention.flex_attention import BlockMask
+
+    assert isinstance(flex_model.attention_mask(SEQ, torch.device("cpu")), BlockMask)
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 97, (2, SEQ), generator=gen)
+    z = torch.randn(2, SEQ, 64, generator=gen)
+    sigma = torch.tensor([0.1, 5.0])
+    for block in (0, 1):
+        expected = sdpa_model.denoise(tokens, z, sigma, block)
+        got = flex_model.denoise(tokens, z, sigma, block)
+        assert torch.allclose(got.logits_BTV, expected.logits_BTV, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(got.denoised_BTD, expected.denoised_BTD, atol=1e-5)
+
+
+def test_denoised_estimate_is_edm_combination():
+    model = make_model()
+    tokens = torch.randint(0, 97, (1, SEQ))
+    z = torch.randn(1, SEQ, 64)
+    sigma = torch.tensor([80.0])
+    # at sigma_max, c_skip ~ 0 and D is almost entirely c_out * h; at tiny sigma D ~ z
+    tiny = model.denoise(tokens, z, torch.tensor([0.002]), 1).denoised_BTD
+    assert torch.allclose(tiny, z, atol=0.01)
+    big = model.denoise(tokens, z, sigma, 0).denoised_BTD
+    assert not torch.allclose(big, z, atol=0.1)

@@ -1,0 +1,546 @@
+"""The block-wise train loop (diffusion_blocks.train), end to end on CPU.
+
+Multi-process runs go through torchrun in subprocesses (gloo, FSDP2 when world size >
+1); tests/_train_helpers.py holds the launcher that records per-rank evidence. The
+single-process unit tests build the real BlockwiseTrainer in this process (one gloo
+process group of size 1 for the whole module).
+"""
+
+import math
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import _train_helpers as h
+from diffusion_blocks import train
+from diffusion_blocks.config_loader import parse_job_config
+from diffusion_blocks.schedules import build_block_schedule
+
+METRIC_KEYS = {
+    "step", "loss", "ce", "grad_norm", "lr", "block", "sigma_mean", "block_steps",
+    "throughput(items/s)", "memory/peak(GiB)",
+}
+NUM_BLOCKS = 4  # llama3_debug.toml: 8 layers, 4 blocks of 2
+
+
+def debug_args(dump_folder: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "--job.config_file", str(h.DEBUG_TOML), *h.TINY,
+        "--training.steps", str(steps), "--job.dump_folder", str(dump_folder), *extra,
+    ]
+
+
+def cumulative_counts(blocks: list[int], num_blocks: int) -> list[list[int]]:
+    counts, out = [0] * num_blocks, []
+    for b in blocks:
+        counts[b] += 1
+        out.append(list(counts))
+    return out
+
+
+def layers_of(block: int, layer_ranges) -> list[int]:
+    start, stop = layer_ranges[block]
+    return list(range(start, stop))
+
+
+# ---------------------------------------------------------------------------
+# Subprocess runs shared by several tests (each runs once per module)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """2 processes, gloo, FSDP2, random schedule, 20 steps, TensorBoard on."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    proc = h.torchrun(
+        debug_args(folder, 20, "--checkpoint.no_enable", "--metrics.enable_tensorboard"),
+        nproc=2, record_dir=folder / "records", timeout=300,
+    )
+    h.check_ok(proc)
+    return {
+        "folder": folder,
+        "records": h.read_records(folder / "records", 2),
+        "metrics": h.read_jsonl(folder / "metrics.jsonl"),
+        "output": h.output_of(proc),
+    }
+
+
+RESUME_ARGS = [
+    "--checkpoint.enable", "--checkpoint.interval", "5", "--debug.seed", "0",
+    "--diffusion_blocks.seed", "0", "--metrics.no_enable_tensorboard",
+    # an LR schedule that does not depend on training.steps, so that the 5-step run
+    # and the 10-step run see the same LR at every step (torchtitan shortens warmup
+    # and decay to fit training.steps): 2 warmup steps, then constant
+    "--lr_scheduler.warmup_steps", "2", "--lr_scheduler.decay_ratio", "0",
+]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """Run A of the resume test: 10 uninterrupted steps, checkpoints at 5 and 10."""
+    folder = tmp_path_factory.mktemp("run_a")
+    proc = h.torchrun(debug_args(folder, 10, *RESUME_ARGS), timeout=300)
+    h.check_ok(proc)
+    return folder, h.read_jsonl(folder / "metrics.jsonl")
+
+
+# ---------------------------------------------------------------------------
+# 1. Two processes with FSDP2: same block on every rank, every step
+
+
+def test_two_process_fsdp_run_trains_the_same_block_on_every_rank(fsdp_run):
+    rank0, rank1 = fsdp_run["records"]
+    for r, record in enumerate((rank0, rank1)):
+        assert record["rank"] == r and record["world_size"] == 2
+        assert record["finished_step"] == 20
+        assert [s["step"] for s in record["steps"]] == list(range(1, 21))
+        # FSDP2 really applied: the root and every layer are FSDP modules, every
+        # parameter (and every gradient) is a DTensor sharded over the 2 ranks
+        assert record["model_is_fsdp"]
+        assert "DiffusionBlocksLlama" in record["model_mro"]
+        assert record["fsdp_layers"] == 8
+        assert record["dtensor_params"] == record["num_params"] > 0
+        assert record["placements"] == ["(Shard(dim=0),)"]
+        assert all(s["grads_are_dtensors"] for s in record["steps"])
+        for s in record["steps"]:
+            assert math.isfinite(s["loss"]) and math.isfinite(s["ce"])
+            # this rank's own schedule proposed the block that was trained (the
+            # broadcast from rank 0 changed nothing), only that block's layers ran
+            # forward and only they got gradients
+            assert s["proposed_block"] == s["block"]
+            expected = layers_of(s["block"], record["layer_ranges"])
+            assert s["ran_layers"] == expected, s
+            assert s["grad_layers"] == expected, s
+
+    per_rank = [
+        [(s["block"], s["ran_layers"], s["grad_layers"]) for s in r["steps"]]
+        for r in (rank0, rank1)
+    ]
+    assert per_rank[0] == per_rank[1]
+    blocks = [s["block"] for s in rank0["steps"]]
+    assert len(set(blocks)) >= 3, f"random schedule should visit several blocks: {blocks}"
+    # the sequence is the seeded random schedule (seed 0), replayed here
+    replay = build_block_schedule("random", NUM_BLOCKS, 20, 0)
+    assert blocks == [replay.block_for_step(s) for s in range(1, 21)]
+    # rank 0's log agrees with the per-rank records
+    metrics = fsdp_run["metrics"]
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+    assert [m["block"] for m in metrics] == blocks
+    assert [m["loss"] for m in metrics] == [s["loss"] for s in rank0["steps"]]
+    assert rank0["block_steps"] == rank1["block_steps"] == metrics[-1]["block_steps"]
+
+
+# ---------------------------------------------------------------------------
+# 2. torch.compile
+
+
+def test_compiled_run_passes_on_cpu(tmp_path, write_toml):
+    config = write_toml(
+        "compiled.toml",
+        f'extends = "{h.DEBUG_TOML}"\n'
+        '[compile]\nenable = true\ncomponents = ["model"]\n'
+        '[diffusion_blocks]\nblock_schedule = "round_robin"\n',
+    )
+    folder = tmp_path / "out"
+    args = [
+        "--job.config_file", str(config), *h.TINY, "--training.steps", "3",
+        "--job.dump_folder", str(folder), "--checkpoint.no_enable",
+        "--metrics.no_enable_tensorboard",
+    ]
+    proc = h.torchrun(args, record_dir=folder / "records", timeout=540)
+    h.check_ok(proc)
+    assert "Compiling each TransformerBlock with torch.compile" in h.output_of(proc)
+    (record,) = h.read_records(folder / "records", 1)
+    assert record["compiled_layers"] == 8
+    assert [s["block"] for s in record["steps"]] == [0, 1, 2]
+    for s in record["steps"]:
+        assert math.isfinite(s["loss"])
+        expected = layers_of(s["block"], record["layer_ranges"])
+        assert s["ran_layers"] == s["grad_layers"] == expected, s
+    metrics = h.read_jsonl(folder / "metrics.jsonl")
+    assert [m["block_steps"] for m in metrics] == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]
+
+
+# ---------------------------------------------------------------------------
+# 3. Resume reproduces the uninterrupted run
+
+
+def test_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path):
+    folder_a, metrics_a = reference_run
+    assert [m["step"] for m in metrics_a] == list(range(1, 11))
+    assert sorted(p.name for p in (folder_a / "checkpoint").iterdir()) == ["step-10", "step-5"]
+
+    folder_b = tmp_path / "run_b"
+    h.check_ok(h.torchrun(debug_args(folder_b, 5, *RESUME_ARGS), timeout=300))
+    first = h.read_jsonl(folder_b / "metrics.jsonl")
+    assert [m["step"] for m in first] == [1, 2, 3, 4, 5]
+    # steps 1-5 are the same run as A's (seeded); at least one block was never
+    # trained before the checkpoint, so it has no optimizer updates in it
+    assert [m["loss"] for m in first] == pytest.approx([m["loss"] for m in metrics_a[:5]], rel=1e-6)
+    assert 0 in first[-1]["block_steps"], "precondition: a block untrained at step 5"
+
+    # the block-choice generator is part of the checkpoint
+    import torch.distributed.checkpoint as dcp
+
+    keys = set(
+        dcp.FileSystemReader(str(folder_b / "checkpoint" / "step-5"))
+        .read_metadata().state_dict_metadata
+    )
+    assert "train_state.block_schedule.generator" in keys
+    assert "train_state.step" in keys
+
+    resumed = h.torchrun(debug_args(folder_b, 10, *RESUME_ARGS), timeout=300)
+    h.check_ok(resumed)
+    assert "Loading the checkpoint from" in h.output_of(resumed)
+    assert "Training starts at step 6 of 10" in h.output_of(resumed)
+    second = h.read_jsonl(folder_b / "metrics.jsonl")[5:]  # the file is appended to
+    assert [m["step"] for m in second] == [6, 7, 8, 9, 10]
+    reference = metrics_a[5:]
+    # the resumed run draws the blocks A drew (the generator was restored, not reseeded)
+    assert [m["block"] for m in second] == [m["block"] for m in reference]
+    assert [m["block_steps"] for m in second] == [m["block_steps"] for m in reference]
+    for got, want in zip(second, reference):
+        for key in ("loss", "ce", "grad_norm", "sigma_mean", "lr"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=0), (got["step"], key)
+
+
+# ---------------------------------------------------------------------------
+# In-process trainers (one gloo process group of size 1 for the module)
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this pytest process")
+    os.environ.update(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(h.free_port()),
+    )
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def make_trainer(process_group, tmp_path):
+    trainers = []
+
+    def make(*extra: str) -> train.BlockwiseTrainer:
+        args = debug_args(
+            tmp_path / f"trainer{len(trainers)}", 10,
+            "--checkpoint.no_enable", "--metrics.no_enable_tensorboard", *extra,
+        )
+        trainer = train.BlockwiseTrainer(parse_job_config(args))
+        trainers.append(trainer)
+        return trainer
+
+    yield make
+    for trainer in trainers:
+        trainer.close()
+
+
+def force_block(trainer, block: int) -> None:
+    trainer.choose_block = lambda: block
+
+
+def run_step(trainer, data_iterator, block: int) -> dict:
+    force_block(trainer, block)
+    trainer.step += 1
+    metrics = trainer.train_step(data_iterator)
+    assert metrics["block"] == block
+    return metrics
+
+
+def block_of_param(name: str, layer_ranges) -> int | None:
+    """The block owning a parameter, None for shared modules."""
+    if not name.startswith("layers."):
+        return None
+    layer = int(name.split(".")[1])
+    return next(b for b, r in enumerate(layer_ranges) if layer in r)
+
+
+def optimizer_state(trainer, param) -> dict:
+    (optimizer,) = list(trainer.optimizers)
+    return optimizer.state.get(param, {})
+
+
+def is_empty_state(state: dict) -> bool:
+    """No state, or Adam's fresh state (step 0, all-zero moments): nothing learned."""
+    if not state:
+        return True
+    return float(state["step"]) == 0 and all(
+        not torch.any(v) for k, v in state.items() if k != "step"
+    )
+
+
+# ---------------------------------------------------------------------------
+# 4. Inactive blocks are neither moved, decayed nor given optimizer state
+
+
+def test_inactive_blocks_are_untouched_by_a_train_step(make_trainer):
+    trainer = make_trainer(
+        "--optimizer.lr", "1e-2", "--optimizer.weight_decay", "0.1",
+        "--lr_scheduler.warmup_steps", "1",
+    )
+    model, ranges = trainer.model, trainer.model.partition.layer_ranges
+    params = dict(model.named_parameters())
+    assert {block_of_param(n, ranges) for n in params} == {None, 0, 1, 2, 3}
+    data = iter(trainer.dataloader)
+
+    snapshots, trained = [], set()
+    for active in (1, 2):  # two steps: block 1, then block 2
+        before = {n: p.detach().clone() for n, p in params.items()}
+        state_before = {
+            n: {k: v.clone() for k, v in optimizer_state(trainer, p).items()}
+            for n, p in params.items()
+        }
+        metrics = run_step(trainer, data, active)
+        assert metrics["lr"] > 0 and math.isfinite(metrics["loss"])
+        snapshots.append(before)
+        trained.add(active)
+        for name, p in params.items():
+            owner = block_of_param(name, ranges)
+            state = optimizer_state(trainer, p)
+            if owner is None or owner == active:
+                assert p.grad is not None, name
+                # it moved (update and/or weight decay), unless it is still all zero
+                # with an all-zero gradient: AdaLN-Zero starts the sigma conditioning
+                # at zero, so e.g. the sigma embedder gets no signal at step 1
+                assert not torch.equal(p.detach(), before[name]) or (
+                    not torch.any(before[name]) and not torch.any(p.grad)
+                ), f"{name} did not move"
+                assert float(state["step"]) == float(state_before[name].get("step", 0)) + 1
+                assert not is_empty_state(state), name
+            else:
+                assert p.grad is None, name
+                assert torch.equal(p.detach(), before[name]), f"{name} moved or decayed"
+                # this step did not touch its optimizer state ...
+                if state_before[name]:
+                    assert set(state) == set(state_before[name]), name
+                for key, value in state_before[name].items():
+                    assert torch.equal(state[key], value), (name, key)
+                # ... which holds nothing for a block that was never trained
+                if owner not in trained:
+                    assert is_empty_state(state), name
+    # block 1 had real optimizer state (momentum) during step 2 and still did not move
+    block1 = [n for n in params if block_of_param(n, ranges) == 1]
+    assert all(not is_empty_state(optimizer_state(trainer, params[n])) for n in block1)
+    # over both steps, blocks 0 and 3 stayed bit-identical to the initial weights
+    for name, p in params.items():
+        if block_of_param(name, ranges) in (0, 3):
+            assert torch.equal(p.detach(), snapshots[0][name]), name
+
+
+# ---------------------------------------------------------------------------
+# 5. Only the active block's layers run
+
+
+def test_only_the_active_blocks_layers_run(make_trainer):
+    trainer = make_trainer()
+    model, ranges = trainer.model, trainer.model.partition.layer_ranges
+    calls: Counter = Counter()
+    handles = []
+    for layer_id, layer in model.layers.items():
+        for module in layer.modules():  # the layer, its wrappers and every submodule
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda *_, i=int(layer_id): calls.update([i])
+                )
+            )
+    data = iter(trainer.dataloader)
+    try:
+        for block in (2, 0, 3, 1):
+            calls.clear()
+            run_step(trainer, data, block)
+            active = set(ranges[block])
+            assert set(calls) == active, (block, dict(calls))
+            assert all(calls[i] > 0 for i in active)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---------------------------------------------------------------------------
+# 6. Block schedules
+
+
+def blocks_of(name: str, num_blocks: int, steps: int, seed: int = 0) -> list[int]:
+    schedule = build_block_schedule(name, num_blocks, steps, seed)
+    return [schedule.block_for_step(s) for s in range(1, steps + 1)]
+
+
+def test_round_robin_schedule_cycles():
+    assert blocks_of("round_robin", 4, 10) == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    assert blocks_of("round_robin", 3, 7) == [0, 1, 2, 0, 1, 2, 0]
+
+
+@pytest.mark.parametrize("num_blocks, steps", [(4, 12), (4, 10), (3, 100), (2, 5)])
+def test_sequential_schedule_gives_each_block_a_contiguous_share(num_blocks, steps):
+    blocks = blocks_of("sequential", num_blocks, steps)
+    # block b owns the steps whose fraction of the run lies in [b/B, (b+1)/B)
+    for s, b in enumerate(blocks, start=1):
+        assert b / num_blocks <= (s - 1) / steps < (b + 1) / num_blocks, (s, b)
+    assert blocks == sorted(blocks) and set(blocks) == set(range(num_blocks))
+    counts = Counter(blocks).values()
+    assert max(counts) - min(counts) <= 1
+    if steps % num_blocks == 0:
+        n = steps // num_blocks
+        assert blocks == [b for b in range(num_blocks) for _ in range(n)]
+
+
+def test_random_schedule_is_reproducible_and_uniform():
+    a = blocks_of("random", 4, 4000, seed=7)
+    assert a == blocks_of("random", 4, 4000, seed=7)
+    assert a[:200] != blocks_of("random", 4, 200, seed=8)
+    counts = Counter(a)
+    assert set(counts) == {0, 1, 2, 3}
+    # 1000 expected per block, standard deviation ~27
+    assert all(850 <= counts[b] <= 1150 for b in range(4)), counts
+
+    # its generator state continues the sequence after a save/load
+    s1 = build_block_schedule("random", 4, 100, 3)
+    [s1.block_for_step(s) for s in range(1, 11)]
+    state = s1.state_dict()
+    tail = [s1.block_for_step(s) for s in range(11, 31)]
+    s2 = build_block_schedule("random", 4, 100, 99)
+    s2.load_state_dict(state)
+    assert [s2.block_for_step(s) for s in range(11, 31)] == tail
+
+
+def test_logged_block_steps_count_the_blocks_trained(fsdp_run, reference_run):
+    for metrics in (fsdp_run["metrics"], reference_run[1]):
+        blocks = [m["block"] for m in metrics]
+        assert [m["block_steps"] for m in metrics] == cumulative_counts(blocks, NUM_BLOCKS)
+        assert sum(metrics[-1]["block_steps"]) == len(metrics)
+    # and the trainer's own final tally (per rank) matches the log
+    for record in fsdp_run["records"]:
+        assert record["block_steps"] == fsdp_run["metrics"][-1]["block_steps"]
+    assert f"Training done: steps per block {fsdp_run['metrics'][-1]['block_steps']}" in (
+        fsdp_run["output"]
+    )
+
+
+# ---------------------------------------------------------------------------
+# 7. End-to-end baseline through the same entry point
+
+
+def test_end_to_end_baseline_trains_stock_llama3_with_next_token_ce(tmp_path):
+    folder = tmp_path / "e2e"
+    args = debug_args(
+        folder, 30, "--diffusion_blocks.no_enable", "--checkpoint.no_enable",
+        "--metrics.no_enable_tensorboard", "--lr_scheduler.warmup_steps", "5",
+    )
+    proc = h.torchrun(args, record_dir=folder / "records", timeout=300)
+    h.check_ok(proc)
+    assert "end-to-end (diffusion_blocks disabled)" in h.output_of(proc)
+    (record,) = h.read_records(folder / "records", 1)
+    assert record["model_mro"][0] == "Transformer"
+    assert "DiffusionBlocksLlama" not in record["model_mro"]
+    for s in record["steps"]:
+        assert s["block"] is None
+        assert s["ran_layers"] == s["grad_layers"] == list(range(8))  # all layers
+    losses = [m["loss"] for m in h.read_jsonl(folder / "metrics.jsonl")]
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, losses
+
+
+def test_end_to_end_loss_is_next_token_cross_entropy(make_trainer):
+    from torchtitan.models.llama3 import Transformer
+
+    trainer = make_trainer("--diffusion_blocks.no_enable")
+    assert type(trainer.model) is Transformer
+    inputs, labels = next(iter(trainer.dataloader))
+    tokens = inputs["input"]
+    assert torch.equal(tokens[:, 1:], labels[:, :-1])  # labels are the next tokens
+    out = trainer.family.task.end_to_end_loss(
+        trainer.model, inputs, labels, {}, trainer.noise_generator
+    )
+    with torch.no_grad():
+        logits = trainer.model(tokens)
+        expected = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert out.num_items == labels.numel()
+
+
+# ---------------------------------------------------------------------------
+# 8. Bad launches stop with a clear message
+
+
+def test_more_processes_than_the_mesh_allows_fails_clearly(tmp_path):
+    proc = h.torchrun(
+        debug_args(tmp_path, 2, "--parallelism.data_parallel_shard_degree", "4",
+                   "--checkpoint.no_enable"),
+        nproc=2, timeout=180,
+    )
+    assert proc.returncode != 0
+    assert "[parallelism] does not fit 2 processes" in h.output_of(proc)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_cpu_machine_fails_clearly(tmp_path):
+    proc = h.torchrun(
+        debug_args(tmp_path, 2, "--training.device", "cuda", "--checkpoint.no_enable"),
+        timeout=180,
+    )
+    assert proc.returncode != 0
+    assert "no CUDA device is available" in h.output_of(proc)
+    assert "--training.device" in h.output_of(proc)  # names where it was set
+
+
+def test_resuming_with_a_different_num_blocks_fails_clearly(reference_run, tmp_path):
+    folder_a, _ = reference_run
+    shutil.copytree(folder_a / "checkpoint" / "step-5", tmp_path / "checkpoint" / "step-5")
+    proc = h.torchrun(
+        debug_args(tmp_path, 10, *RESUME_ARGS, "--diffusion_blocks.num_blocks", "2"),
+        timeout=180,
+    )
+    assert proc.returncode != 0
+    out = h.output_of(proc)
+    assert "checkpoint was saved with 4 blocks" in out
+    assert "num_blocks = 2" in out
+    assert not (tmp_path / "checkpoint" / "step-10").exists()
+
+
+# ---------------------------------------------------------------------------
+# 9. Metrics: TensorBoard events and metrics.jsonl
+
+
+def test_metrics_jsonl_and_tensorboard(fsdp_run):
+    metrics = fsdp_run["metrics"]
+    assert len(metrics) == 20
+    for m in metrics:
+        assert METRIC_KEYS <= set(m), METRIC_KEYS - set(m)
+        for key in METRIC_KEYS - {"block_steps"}:
+            assert isinstance(m[key], (int, float)) and math.isfinite(m[key]), key
+        assert m["memory/peak(GiB)"] > 0 and m["throughput(items/s)"] > 0
+        assert 0 <= m["block"] < NUM_BLOCKS and len(m["block_steps"]) == NUM_BLOCKS
+
+    events = list((fsdp_run["folder"] / "tb").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for path in events:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(accumulator.Scalars(tag))
+    for tag in ("loss", "ce", "grad_norm", "lr", "block", "blocks/steps_block0"):
+        assert tag in scalars, sorted(scalars)
+    assert sorted(e.step for e in scalars["loss"]) == list(range(1, 21))
+    by_step = {e.step: e.value for e in scalars["loss"]}
+    for m in metrics:
+        assert by_step[m["step"]] == pytest.approx(m["loss"], rel=1e-6)

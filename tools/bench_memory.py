@@ -1,0 +1,133 @@
+"""Measure training-step memory: end to end vs DiffusionBlocks at several B.
+
+    python tools/bench_memory.py --job.config_file train_configs/llama3_debug.toml \
+        [--blocks 2,4,8] [--ac none,full] [--steps 0] [--json] [--section.key value ...]
+
+For each configuration it builds the real trainer (same code path as training: FSDP2,
+compile, activation checkpointing as configured), runs a few steps on the config's
+data and reports, per rank 0:
+- activation_bytes: bytes saved for backward in one step (saved-tensor hooks;
+  device-independent), the max over the measured steps;
+- resident_bytes: parameters + gradients + optimizer state on the training device,
+  the max over the measured steps (DiffusionBlocks runs at least B steps with the
+  round_robin schedule so every block has optimizer state);
+- peak_bytes: torch.cuda.max_memory_allocated on CUDA, null on CPU;
+- ratio_to_e2e: (activation + resident) / the end-to-end row's (activation + resident).
+Run it under torchrun for several processes; figures are per device.
+"""
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+import torch.distributed as dist
+
+import diffusion_blocks  # noqa: F401
+from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
+from diffusion_blocks.memory import (
+    count_saved_activations,
+    estimate_step,
+    peak_device_bytes,
+    resident_bytes,
+)
+from diffusion_blocks.train import BlockwiseTrainer
+
+MiB = 2**20
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--blocks", default="2,4,8", help="comma-separated B values")
+    parser.add_argument("--ac", default="none,full", help="activation checkpointing modes")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="steps per configuration (default: max(B, 2))")
+    parser.add_argument("--json", action="store_true")
+    return parser.parse_known_args(argv)
+
+
+def measure(config_args: list[str], steps: int) -> dict:
+    job_config = parse_job_config(config_args)
+    estimate = estimate_step(job_config, dist.get_world_size() if dist.is_initialized() else 1)
+    job_config.checkpoint.enable = False
+    job_config.metrics.enable_tensorboard = False
+    job_config.training.global_batch_size = -1
+    trainer = BlockwiseTrainer(job_config)
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+    data_iterator = iter(trainer.dataloader)
+    activation, resident = 0, 0
+    try:
+        for _ in range(steps):
+            trainer.step += 1
+            with count_saved_activations(trainer.model) as counter:
+                trainer.train_step(data_iterator)
+            activation = max(activation, counter.bytes)
+            resident = max(
+                resident, resident_bytes(trainer.model, trainer.optimizers, trainer.device).total
+            )
+        peak = peak_device_bytes(trainer.device)
+    finally:
+        trainer.close()
+    return {
+        "activation_bytes": activation, "resident_bytes": resident, "peak_bytes": peak,
+        "estimated_activation_bytes": estimate.activation_bytes,
+        "estimated_resident_bytes": estimate.resident.total,
+        "estimated_peak_bytes": estimate.peak_bytes,
+    }
+
+
+def benchmark_rows(argv_config: list[str], blocks: list[int], ac_modes: list[str], steps: int):
+    rows = []
+    for ac in ac_modes:
+        ac_args = ["--activation_checkpoint.mode", ac]
+        e2e = measure(argv_config + ac_args + ["--diffusion_blocks.no_enable"], steps or 2)
+        rows.append({"mode": "e2e", "num_blocks": 1, "ac": ac, "offload": False, **e2e})
+        for num_blocks in blocks:
+            row = measure(
+                argv_config + ac_args + [
+                    "--diffusion_blocks.num_blocks", str(num_blocks),
+                    "--diffusion_blocks.block_schedule", "round_robin",
+                ],
+                steps or max(num_blocks, 2),
+            )
+            rows.append({"mode": "dblocks", "num_blocks": num_blocks, "ac": ac,
+                         "offload": False, **row})
+        e2e_total = e2e["activation_bytes"] + e2e["resident_bytes"]
+        for row in rows:
+            if row["ac"] == ac:
+                row["ratio_to_e2e"] = (row["activation_bytes"] + row["resident_bytes"]) / e2e_total
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| mode | B | AC | offload | activations MiB (est.) | params+grads+AdamW MiB (est.) "
+        "| peak MiB (est.) | (act+res) / e2e |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / MiB:.0f}"
+        lines.append(
+            f"| {r['mode']} | {r['num_blocks']} | {r['ac']} | {r['offload']} | "
+            f"{r['activation_bytes'] / MiB:.1f} ({r['estimated_activation_bytes'] / MiB:.1f}) | "
+            f"{r['resident_bytes'] / MiB:.1f} ({r['estimated_resident_bytes'] / MiB:.1f}) | "
+            f"{peak} ({r['estimated_peak_bytes'] / MiB:.0f}) | {r['ratio_to_e2e']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+@exit_on_config_error
+def main(argv):
+    args, config_args = parse_args(argv)
+    blocks = [int(b) for b in args.blocks.split(",") if b]
+    rows = benchmark_rows(config_args, blocks, args.ac.split(","), args.steps)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
