@@ -277,11 +277,17 @@ def image_shape_of(job_config) -> ImageShape:
 
 
 def load_job_split(job_config, split: str) -> ImageSplit:
+    """The job's `split`; a data mistake becomes a ConfigError naming the config file."""
+    from ..config_loader import ConfigError, origin_of
+
     training = job_config.training
-    return load_split(
-        training.dataset, training.dataset_path, split, image_shape_of(job_config),
-        job_config.data.holdout_fraction,
-    )
+    try:
+        return load_split(
+            training.dataset, training.dataset_path, split, image_shape_of(job_config),
+            job_config.data.holdout_fraction,
+        )
+    except ValueError as e:
+        raise ConfigError(f"{origin_of(job_config, 'training', 'dataset')}: {e}") from None
 
 
 # ---------------------------------------------------------------------------
