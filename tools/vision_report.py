@@ -1,6 +1,7 @@
 """Reproduce docs/vision.md's numbers from scratch in one run (CPU, no downloads).
 
     python tools/vision_report.py [--out outputs/vision_report] [--sequential] [--quick]
+                                  [--seed N] [--phases vit dit]
 
 1. ViT on digits: DiffusionBlocks (train_configs/vit_digits.toml) and the plain ViT
    (vit_digits_e2e.toml) at EQUAL OPTIMIZER UPDATES PER LAYER PARAMETER: with B blocks
@@ -14,7 +15,9 @@
 
 Each pair trains concurrently (one thread each, 2 cores) unless --sequential. Writes
 <out>/report.md, <out>/report.json, the grids and every run's log; prints the table.
---quick: a few steps each, to check the pipeline (numbers meaningless).
+--seed N: model-initialisation and block/sigma seeds of every run (default: the
+configs', 0). --phases: run only the ViT or the DiT part. --quick: a few steps each,
+to check the pipeline (numbers meaningless).
 """
 
 from __future__ import annotations
@@ -61,22 +64,31 @@ def train_command(run: Run, out: Path) -> list[str]:
 
 
 def run_all(commands: list[tuple[list[str], Path]], parallel: bool) -> list[float]:
-    """Run commands (stdout+stderr to their log files); returns wall seconds of each."""
-    started, seconds, procs = [], [], []
-    for command, log in commands:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(log, "w")
-        started.append(time.perf_counter())
-        procs.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO), handle, log))
-        if not parallel:
-            procs[-1][0].wait()
-    for (proc, handle, log), start in zip(procs, started):
+    """Run commands (stdout+stderr to their log files), all at once or one by one;
+    returns the wall seconds of each."""
+    seconds: list[float] = [0.0] * len(commands)
+    running: dict[int, tuple[subprocess.Popen, float, Path]] = {}
+
+    def finish(i: int) -> None:
+        proc, start, log = running.pop(i)
         proc.wait()
-        handle.close()
-        seconds.append(time.perf_counter() - start)
+        seconds[i] = time.perf_counter() - start
         if proc.returncode:
             tail = "".join(open(log).readlines()[-30:])
             raise SystemExit(f"command failed ({proc.returncode}), see {log}:\n{tail}")
+
+    for i, (command, log) in enumerate(commands):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as handle:
+            proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO)
+        running[i] = (proc, time.perf_counter(), log)
+        if not parallel:
+            finish(i)
+    while running:
+        done = [i for i, (proc, _, _) in running.items() if proc.poll() is not None]
+        for i in done:
+            finish(i)
+        time.sleep(0.5)
     return seconds
 
 
@@ -85,7 +97,9 @@ def last_json_line(log: Path) -> dict:
     return json.loads(lines[-1])
 
 
-def equal_update_pair(dblocks_config: str, e2e_config: str, quick: bool) -> tuple[Run, Run, dict]:
+def equal_update_pair(
+    dblocks_config: str, e2e_config: str, quick: bool, seed: int | None
+) -> tuple[Run, Run, dict]:
     """The e2e run as configured; the dblocks run with B x its steps and warmup."""
     e2e = parse_job_config(["--job.config_file", str(REPO / e2e_config)])
     dblocks = parse_job_config(["--job.config_file", str(REPO / dblocks_config)])
@@ -93,6 +107,8 @@ def equal_update_pair(dblocks_config: str, e2e_config: str, quick: bool) -> tupl
     steps = 20 if quick else e2e.training.steps
     warmup = 5 if quick else e2e.lr_scheduler.warmup_steps
     common = ["--metrics.log_freq", "10" if quick else "500"]
+    if seed is not None:
+        common += ["--debug.seed", str(seed), "--diffusion_blocks.seed", str(seed)]
     if quick:
         common += ["--validation.freq", "1000000", "--checkpoint.interval", "1000000"]
     budget = {"e2e_steps": steps, "dblocks_steps": num_blocks * steps, "num_blocks": num_blocks}
@@ -106,8 +122,10 @@ def equal_update_pair(dblocks_config: str, e2e_config: str, quick: bool) -> tupl
     )
 
 
-def vit_phase(out: Path, parallel: bool, quick: bool) -> dict:
-    dblocks, e2e, budget = equal_update_pair("train_configs/vit_digits.toml", "train_configs/vit_digits_e2e.toml", quick)
+def vit_phase(out: Path, parallel: bool, quick: bool, seed: int | None) -> dict:
+    dblocks, e2e, budget = equal_update_pair(
+        "train_configs/vit_digits.toml", "train_configs/vit_digits_e2e.toml", quick, seed
+    )
     runs = [dblocks, e2e]
     train_seconds = run_all([(train_command(r, out), r.folder(out) / "train.log") for r in runs], parallel)
     results = {"budget": budget}
@@ -119,8 +137,10 @@ def vit_phase(out: Path, parallel: bool, quick: bool) -> dict:
     return results
 
 
-def dit_phase(out: Path, parallel: bool, quick: bool) -> dict:
-    dblocks, e2e, budget = equal_update_pair("train_configs/dit_digits.toml", "train_configs/dit_digits_e2e.toml", quick)
+def dit_phase(out: Path, parallel: bool, quick: bool, seed: int | None) -> dict:
+    dblocks, e2e, budget = equal_update_pair(
+        "train_configs/dit_digits.toml", "train_configs/dit_digits_e2e.toml", quick, seed
+    )
     runs = [dblocks, e2e]
     train_seconds = run_all([(train_command(r, out), r.folder(out) / "train.log") for r in runs], parallel)
     per_class = "5" if quick else "50"
@@ -139,47 +159,57 @@ def dit_phase(out: Path, parallel: bool, quick: bool) -> dict:
     return results
 
 
-def markdown(report: dict, command: str) -> str:
-    vit, dit = report["vit"], report["dit"]
-    vb, db = vit["budget"], dit["budget"]
-    lines = [
-        f"Command: `{command}` ({report['total_minutes']:.1f} min wall on this machine).",
-        "",
-        f"ViT on digits (test split, {vit['vit_digits']['num_examples']} images), equal optimizer "
-        f"updates per layer parameter: DiffusionBlocks B = {vb['num_blocks']} trained "
-        f"{vb['dblocks_steps']} steps, end-to-end {vb['e2e_steps']} steps.",
+def vit_markdown(vit: dict) -> list[str]:
+    budget, dblocks, e2e = vit["budget"], vit["vit_digits"], vit["vit_digits_e2e"]
+    return [
+        f"ViT on digits (test split, {dblocks['num_examples']} images), equal optimizer "
+        f"updates per layer parameter: DiffusionBlocks B = {budget['num_blocks']} trained "
+        f"{budget['dblocks_steps']} steps, end-to-end {budget['e2e_steps']} steps.",
         "",
         "| model | test accuracy | train wall time |",
         "|---|---|---|",
-        f"| ViT, DiffusionBlocks (B = {vb['num_blocks']}) | {100 * vit['vit_digits']['accuracy']:.2f} % | "
-        f"{vit['vit_digits']['train_seconds']:.0f} s |",
-        f"| ViT, end-to-end | {100 * vit['vit_digits_e2e']['accuracy']:.2f} % | "
-        f"{vit['vit_digits_e2e']['train_seconds']:.0f} s |",
+        f"| ViT, DiffusionBlocks (B = {budget['num_blocks']}) | {100 * dblocks['accuracy']:.2f} % | "
+        f"{dblocks['train_seconds']:.0f} s |",
+        f"| ViT, end-to-end | {100 * e2e['accuracy']:.2f} % | {e2e['train_seconds']:.0f} s |",
         "",
-        f"Gap: {100 * (vit['vit_digits_e2e']['accuracy'] - vit['vit_digits']['accuracy']):+.2f} points "
+        f"Gap: {100 * (e2e['accuracy'] - dblocks['accuracy']):+.2f} points "
         "(end-to-end minus DiffusionBlocks).",
         "",
     ]
-    dd, de = dit["dit_digits"], dit["dit_digits_e2e"]
-    lines += [
-        f"DiT on digits, DiffusionBlocks B = {db['num_blocks']} trained {db['dblocks_steps']} steps, "
-        f"end-to-end {db['e2e_steps']} steps; {dd['num_samples']} class-conditional samples each, "
-        f"{dd['sampling_steps']} Euler steps. Judge: a CNN trained here on the training split "
-        f"(test accuracy {100 * dd['judge_test_accuracy']:.2f} %). Frechet distance of "
-        f"{dd['num_samples']} real training images to the test images: "
-        f"{dd['real_train_frechet_distance']:.2f} (what a perfect generator would get).",
+
+
+def dit_markdown(dit: dict) -> list[str]:
+    budget, dblocks, e2e = dit["budget"], dit["dit_digits"], dit["dit_digits_e2e"]
+    lines = [
+        f"DiT on digits, DiffusionBlocks B = {budget['num_blocks']} trained "
+        f"{budget['dblocks_steps']} steps, end-to-end {budget['e2e_steps']} steps; "
+        f"{dblocks['num_samples']} class-conditional samples each, {dblocks['sampling_steps']} "
+        f"Euler steps. Judge: a CNN trained here on the training split (test accuracy "
+        f"{100 * dblocks['judge_test_accuracy']:.2f} %). Frechet distance of "
+        f"{dblocks['num_samples']} real training images to the test images: "
+        f"{dblocks['real_train_frechet_distance']:.2f} (what a perfect generator would get).",
         "",
         "| model | CFG scale | sample accuracy | Frechet distance | train wall time |",
         "|---|---|---|---|---|",
     ]
-    for label, result in ((f"DiT, DiffusionBlocks (B = {db['num_blocks']})", dd), ("DiT, end-to-end", de)):
+    for label, result in ((f"DiT, DiffusionBlocks (B = {budget['num_blocks']})", dblocks), ("DiT, end-to-end", e2e)):
         for scale, q in result["by_cfg_scale"].items():
             lines.append(
                 f"| {label} | {scale} | {100 * q['sample_accuracy']:.2f} % | "
                 f"{q['frechet_distance']:.2f} | {result['train_seconds']:.0f} s |"
             )
-    lines += ["", f"Sample grids (one row per class, CFG 2.0): `{Path(dd['grid']).name}`, `{Path(de['grid']).name}`."]
-    return "\n".join(lines) + "\n"
+    lines += ["", f"Sample grids (one row per class, CFG {next(iter(dblocks['by_cfg_scale']))}): "
+              f"`{Path(dblocks['grid']).name}`, `{Path(e2e['grid']).name}`.", ""]
+    return lines
+
+
+def markdown(report: dict, command: str) -> str:
+    lines = [f"Command: `{command}` ({report['total_minutes']:.1f} min wall on this machine).", ""]
+    if "vit" in report:
+        lines += vit_markdown(report["vit"])
+    if "dit" in report:
+        lines += dit_markdown(report["dit"])
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -187,14 +217,19 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "outputs" / "vision_report"))
     parser.add_argument("--sequential", action="store_true", help="one training at a time")
     parser.add_argument("--quick", action="store_true", help="a few steps each: pipeline check only")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="--debug.seed and --diffusion_blocks.seed of every run (default: the configs')")
+    parser.add_argument("--phases", nargs="+", choices=["vit", "dit"], default=["vit", "dit"])
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    command = "python tools/vision_report.py" + (" --sequential" if args.sequential else "") + (" --quick" if args.quick else "")
+    command = " ".join(["python tools/vision_report.py", *sys.argv[1:]])
     started = time.perf_counter()
-    report = {"vit": vit_phase(out, not args.sequential, args.quick)}
-    print(f"ViT phase done after {(time.perf_counter() - started) / 60:.1f} min", flush=True)
-    report["dit"] = dit_phase(out, not args.sequential, args.quick)
+    report = {}
+    for phase in args.phases:
+        run_phase = vit_phase if phase == "vit" else dit_phase
+        report[phase] = run_phase(out, not args.sequential, args.quick, args.seed)
+        print(f"{phase} phase done after {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     report["total_minutes"] = (time.perf_counter() - started) / 60
     text = markdown(report, command)
     (out / "report.json").write_text(json.dumps(report, indent=2))
