@@ -61,7 +61,20 @@ class DiffusionBlocks:
 
     adaln_cond_dim: int = 256
     """Width of the noise-condition vector c feeding every layer's AdaLN-Zero
-    Linear(SiLU(c)); 0 = the model width (the DiT form, 6 * width^2 per layer)."""
+    Linear(SiLU(c)); 0 = the model width (the DiT form, 6 * width^2 per layer).
+    Read by the LM; the ViT and DiT always use the DiT form (c as wide as the model)."""
+
+    sampling_steps: int = 50
+    """Euler steps of the image sampler (DiT), laid on the equi-probability sigma grid;
+    each step runs only the block owning its sigma."""
+
+    cfg_scale: float = 2.0
+    """Classifier-free guidance scale s of the image sampler (DiT):
+    D = D_uncond + s (D_cond - D_uncond); 1 is plain conditional sampling."""
+
+    label_dropout: float = 0.1
+    """DiT training: share of class labels replaced by the null class, so one model is
+    both conditional and unconditional (needed for guidance). Also used with enable = false."""
 
     def noise_schedule(self) -> NoiseSchedule:
         return NoiseSchedule(
@@ -77,6 +90,14 @@ class DiffusionBlocks:
 class Data:
     tokenizer: str = "byte"
     """'byte' (UTF-8 bytes, no files needed) or 'hf' (tokenizer at [model] hf_assets_path)."""
+
+    holdout_fraction: float = 0.2
+    """Image data without an explicit test split (digits, an image folder without
+    train/ and test/, an .npz without test_images): this share of every class, fixed by
+    a seeded permutation, is the test split and never trained on."""
+
+    shuffle_seed: int = 0
+    """Seed of the image data's per-epoch shuffle (the same order on every rank)."""
 
 
 @dataclass
@@ -144,6 +165,14 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
                 f"must be >= 1, got {section.sampling_steps_per_block}",
             )
         )
+    if section.sampling_steps < 1:
+        problems.append(("sampling_steps", f"must be >= 1, got {section.sampling_steps}"))
+    if section.cfg_scale < 0:
+        problems.append(("cfg_scale", f"must be >= 0 (1 = no guidance), got {section.cfg_scale}"))
+    if not 0.0 <= section.label_dropout < 1.0:
+        problems.append(
+            ("label_dropout", f"must lie in [0, 1), got {section.label_dropout}")
+        )
     if section.layers_per_block and len(section.layers_per_block) != section.num_blocks:
         problems.append(
             (
@@ -163,9 +192,14 @@ def check_data(section: Data) -> list[tuple[str, str]]:
     from .data.text import TOKENIZERS  # late: data imports torchtitan's dataset stack
 
     allowed = ["hf", *TOKENIZERS]
+    problems = []
     if section.tokenizer not in allowed:
-        return [("tokenizer", f"{section.tokenizer!r} is not one of {allowed}")]
-    return []
+        problems.append(("tokenizer", f"{section.tokenizer!r} is not one of {allowed}"))
+    if not 0.0 < section.holdout_fraction < 1.0:
+        problems.append(
+            ("holdout_fraction", f"must lie in (0, 1), got {section.holdout_fraction}")
+        )
+    return problems
 
 
 def check_training(section) -> list[tuple[str, str]]:

@@ -138,9 +138,10 @@ def sample_sigma(
     schedule: NoiseSchedule,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Draw sigmas from the log-normal truncated to [lo, hi], by inverse CDF (float64, CPU)."""
+    """Draw sigmas from the log-normal truncated to [lo, hi], by inverse CDF (float64,
+    on the generator's device)."""
     q_lo, q_hi = lognormal_cdf(lo, schedule), lognormal_cdf(hi, schedule)
-    u = torch.rand(num_samples, generator=generator, dtype=torch.float64)
+    u = torch.rand(num_samples, generator=generator, dtype=torch.float64, device=generator.device)
     q = q_lo + u * (q_hi - q_lo)
     sigma = torch.exp(schedule.p_mean + schedule.p_std * torch.special.ndtri(q))
     return sigma.clamp(lo, hi)

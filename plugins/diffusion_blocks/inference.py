@@ -1,13 +1,26 @@
-"""Loading a trained model for inference (generation, classification, sampling)."""
+"""Loading a trained model for inference (generation, classification, sampling): the
+train loop's own `build_model` (one process, no parallelism, no activation
+checkpointing or compile) plus the model weights from a torchtitan checkpoint.
 
+torchtitan's CheckpointManager writes a DCP checkpoint whose top-level keys are the
+model's parameter names (it flattens the model state into the top level), next to
+`optimizer`, `lr_scheduler`, `dataloader` and `train_state` entries on full saves. Only
+the model keys are read, so both full and model-only (last step) saves load.
+"""
+
+from __future__ import annotations
+
+import copy
 import re
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 
 from torchtitan.distributed import ParallelDims
-from torchtitan.protocols.train_spec import get_train_spec
+
+from .config_loader import ConfigError
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -20,28 +33,58 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if (m := re.fullmatch(r"step-(\d+)", p.name)) and (p / ".metadata").is_file()
     ]
     if not steps:
-        raise ValueError(
+        raise ConfigError(
             f"--checkpoint {path}: no DCP checkpoint there (expected a step-N folder "
             "with a .metadata file, or a folder containing step-N folders)"
         )
     return max(steps)[1]
 
 
-def load_for_inference(job_config, checkpoint: str | Path, device: str = "cpu"):
-    """Build the configured model (single process, no compile) and load its weights.
+def single_process_parallel_dims() -> ParallelDims:
+    return ParallelDims(dp_shard=1, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
 
-    Returns (model, tokenizer, step_folder)."""
+
+def build_for_inference(job_config, device: torch.device):
+    """(model, spec, family): the configured model (denoiser or end-to-end twin, as
+    `[diffusion_blocks] enable` says), freshly initialised, in eval mode."""
     from .train import build_model  # the one place a model is built
 
+    job_config = copy.deepcopy(job_config)
     job_config.compile.enable = False
-    parallel_dims = ParallelDims(
-        dp_shard=1, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1
-    )
-    model, _, spec, _ = build_model(job_config, torch.device(device), parallel_dims)
-    step_folder = resolve_checkpoint(checkpoint)
+    job_config.activation_checkpoint.mode = "none"
+    model, _, spec, family = build_model(job_config, device, single_process_parallel_dims())
+    return model.eval(), spec, family
+
+
+def load_model_weights(model: torch.nn.Module, step_folder: Path) -> None:
     state = model.state_dict()
-    dcp.load(state, checkpoint_id=str(step_folder))
+    stored = set(dcp.FileSystemReader(str(step_folder)).read_metadata().state_dict_metadata)
+    missing = sorted(set(state) - stored)
+    if missing:
+        raise ConfigError(
+            f"checkpoint {step_folder} lacks {len(missing)} of this model's weights "
+            f"(e.g. {missing[:3]}): was it saved by another [model] name / flavor or "
+            "with another [diffusion_blocks] enable?"
+        )
+    with warnings.catch_warnings():
+        # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(step_folder))
     model.load_state_dict(state)
-    model.eval()
+
+
+def load_model(job_config, checkpoint: str | Path | None, device: torch.device):
+    """(model in eval mode, family); weights from `checkpoint` when given."""
+    model, _, family = build_for_inference(job_config, device)
+    if checkpoint is not None:
+        load_model_weights(model, resolve_checkpoint(checkpoint))
+    return model, family
+
+
+def load_for_inference(job_config, checkpoint: str | Path, device: str = "cpu"):
+    """Build the configured model and load its weights. Returns (model, tokenizer, step_folder)."""
+    model, spec, _ = build_for_inference(job_config, torch.device(device))
+    step_folder = resolve_checkpoint(checkpoint)
+    load_model_weights(model, step_folder)
     tokenizer = spec.build_tokenizer_fn(job_config) if spec.build_tokenizer_fn else None
     return model, tokenizer, step_folder

@@ -43,3 +43,7 @@ def weighted_squared_error(
 
 def build_weighted_cross_entropy(job_config, **kwargs):
     return partial(weighted_cross_entropy, sigma_data=job_config.diffusion_blocks.sigma_data)
+
+
+def build_weighted_squared_error(job_config, **kwargs):
+    return partial(weighted_squared_error, sigma_data=job_config.diffusion_blocks.sigma_data)

@@ -110,3 +110,23 @@ def parallelize_dblocks_llama(model: nn.Module, parallel_dims: ParallelDims, job
     shard_blockwise(model, data_parallel_mesh(parallel_dims, device_type), job_config,
                     offload_layers=True)
     return model
+
+
+def parallelize_vision(model: nn.Module, parallel_dims: ParallelDims, job_config):
+    """ViT / DiT: torchtitan's activation checkpointing and per-layer compile, then
+    FSDP2 on each layer and on the root (which holds the shared modules: embeddings,
+    sigma embedder, final norm / AdaLN and head), so a step gathers only the active
+    block's layers. With offload_inactive_blocks the layers live in host memory."""
+    check_supported_parallelism(parallel_dims)
+    apply_ac_and_compile(model, job_config)
+    offload = offloads_inactive_blocks(job_config)
+    if parallel_dims.fsdp_enabled or offload:
+        device_type = "cuda" if torch.cuda.is_available() and job_config.training.device != "cpu" else "cpu"
+        shard_blockwise(model, data_parallel_mesh(parallel_dims, device_type), job_config,
+                        offload_layers=offload)
+    elif parallel_dims.dp_replicate_enabled:
+        raise ValueError(
+            "[parallelism] data_parallel_replicate_degree > 1 without sharding: the vision "
+            "models use FSDP2; set data_parallel_shard_degree (HSDP: both)"
+        )
+    return model

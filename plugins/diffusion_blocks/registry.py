@@ -17,11 +17,15 @@ from typing import Callable
 from torchtitan.models.llama3 import Transformer
 
 from .converter import DiffusionBlocksConverter
+from .data.images import build_image_dataloader
 from .data.text import build_tokenizer, register_text_datasets
+from .models.dit import DiffusionBlocksDiT, dit_flavors, EndToEndDiT
 from .models.llama import DiffusionBlocksLlama, dblocks_llama3_flavors
-from .objectives import build_weighted_cross_entropy
-from .parallelize import parallelize_dblocks_llama
+from .models.vit import DiffusionBlocksViT, PlainViT, vit_flavors
+from .objectives import build_weighted_cross_entropy, build_weighted_squared_error
+from .parallelize import parallelize_dblocks_llama, parallelize_vision
 from .tasks import LanguageModelTask, Task
+from .vision_tasks import ImageClassificationTask, ImageGenerationTask
 
 CONVERTER_NAME = "diffusion_blocks"
 
@@ -40,6 +44,34 @@ def dblocks_llama3_train_spec() -> TrainSpec:
     )
 
 
+def dblocks_vit_train_spec() -> TrainSpec:
+    return TrainSpec(
+        model_cls=DiffusionBlocksViT,
+        model_args=vit_flavors(),
+        parallelize_fn=parallelize_vision,
+        pipelining_fn=None,
+        build_optimizers_fn=build_optimizers,
+        build_lr_schedulers_fn=build_lr_schedulers,
+        build_dataloader_fn=build_image_dataloader,
+        build_tokenizer_fn=None,
+        build_loss_fn=build_weighted_cross_entropy,
+    )
+
+
+def dblocks_dit_train_spec() -> TrainSpec:
+    return TrainSpec(
+        model_cls=DiffusionBlocksDiT,
+        model_args=dit_flavors(),
+        parallelize_fn=parallelize_vision,
+        pipelining_fn=None,
+        build_optimizers_fn=build_optimizers,
+        build_lr_schedulers_fn=build_lr_schedulers,
+        build_dataloader_fn=build_image_dataloader,
+        build_tokenizer_fn=None,
+        build_loss_fn=build_weighted_squared_error,
+    )
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """A block-partitioned train spec and what the train loop needs beside it."""
@@ -51,6 +83,8 @@ class ModelFamily:
 
 FAMILIES: dict[str, ModelFamily] = {
     "dblocks_llama3": ModelFamily(dblocks_llama3_train_spec, Transformer, LanguageModelTask()),
+    "dblocks_vit": ModelFamily(dblocks_vit_train_spec, PlainViT, ImageClassificationTask()),
+    "dblocks_dit": ModelFamily(dblocks_dit_train_spec, EndToEndDiT, ImageGenerationTask()),
 }
 
 

@@ -20,6 +20,24 @@ class StepLoss:
     num_items: int                # tokens or images, for throughput
 
 
+@dataclass
+class EvalContext:
+    """What a task's optional `evaluate(model, ctx) -> {name: value}` gets from the loop.
+
+    The loop calls it (model in eval mode, under no_grad, on every rank: FSDP needs
+    every rank in every forward) every `[validation] freq` steps and after the last
+    step when `[validation] enable = true`, and logs the returned scalars. Anything
+    else (images) the task writes itself: TensorBoard writers are in `metric_logger`.
+    """
+
+    job_config: Any
+    step: int
+    device: torch.device
+    dp_rank: int
+    dp_degree: int
+    metric_logger: Any  # torchtitan's logger (LoggerContainer or BaseLogger)
+
+
 class Task(Protocol):
     def denoiser_loss(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,

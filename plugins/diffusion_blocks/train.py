@@ -46,6 +46,7 @@ from torchtitan.tools.logging import init_logger, logger
 from . import block_parallel, registry  # registry: registers specs on `python -m`
 from .config_loader import ConfigError, exit_on_config_error, origin_of, parse_job_config
 from .schedules import build_block_schedule
+from .tasks import EvalContext
 
 # ---------------------------------------------------------------------------
 # Devices and process groups
@@ -195,6 +196,13 @@ class StepMetrics:
         self.items_since_log = 0
         self.time_last_log = time.perf_counter()
 
+    def log_eval(self, step: int, results: dict[str, float]) -> None:
+        self.logger.log(results, step)
+        logger.info(f"eval at step {step}: " + "  ".join(f"{k}: {v:.4f}" for k, v in results.items()))
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **results}) + "\n")
+            self.jsonl.flush()
+
     def close(self):
         self.logger.close()
         if self.jsonl is not None:
@@ -302,7 +310,7 @@ class BlockwiseTrainer(Stateful):
             dp_degree, dp_rank = batch_mesh.size(), batch_mesh.get_local_rank()
         else:
             dp_degree, dp_rank = 1, 0
-        self.dp_degree = dp_degree
+        self.dp_degree, self.dp_rank = dp_degree, dp_rank
 
         spec = get_train_spec(job_config.model.name)
         self.tokenizer = spec.build_tokenizer_fn(job_config) if spec.build_tokenizer_fn else None
@@ -569,10 +577,33 @@ class BlockwiseTrainer(Stateful):
             if self.layout is not None and self.checkpoint_due(last_step):
                 block_parallel.synchronize_blocks(self.model, self.optimizers, self.layout)
             self.checkpointer.save(self.step, last_step=last_step)
+            self.maybe_evaluate()
         if self.enabled:
             logger.info(f"Training done: steps per block {self.block_stats.steps}")
         else:
             logger.info("Training done")
+
+    def maybe_evaluate(self) -> None:
+        """The task's own evaluation (e.g. test accuracy, sample grids), when it has one
+        and `[validation] enable`: every `[validation] freq` steps and after the last."""
+        evaluate = getattr(self.family.task, "evaluate", None)
+        validation = self.job_config.validation
+        last = self.step == self.job_config.training.steps
+        if evaluate is None or not validation.enable or not (last or self.step % validation.freq == 0):
+            return
+        if self.layout is not None and not self.checkpoint_due(last):
+            # block-parallel: every rank needs every block's current weights
+            block_parallel.synchronize_blocks(self.model, self.optimizers, self.layout)
+        context = EvalContext(
+            self.job_config, self.step, self.device, self.dp_rank, self.dp_degree,
+            self.metrics.logger,
+        )
+        self.model.eval()
+        with torch.no_grad():
+            results = evaluate(self.model, context)
+        self.model.train()
+        if results:
+            self.metrics.log_eval(self.step, results)
 
     def close(self) -> None:
         if hasattr(self, "checkpointer"):

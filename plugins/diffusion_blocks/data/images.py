@@ -1,0 +1,366 @@
+"""Labelled images from local files for the ViT and the DiT, normalised to [-1, 1].
+
+`[training] dataset` picks a loader, `[training] dataset_path` says where its files are:
+
+- `digits`: scikit-learn's bundled handwritten digits (1,797 8x8 grey images, 10
+  classes); needs no files and no network.
+- `image_folder`: `<path>/<class>/<image>` (one sub-folder per class, sorted names give
+  the class indices), decoded by Pillow, converted to the model's channels and resized
+  to its image size. Explicit splits: `<path>/train/<class>/...` and `<path>/test/...`.
+- `npz`: a NumPy archive with `images` (N, H, W) or (N, H, W, C) and `labels` (N,);
+  uint8 images are read as 0..255, float images must lie in [0, 1]. Explicit test
+  split: `test_images` and `test_labels`.
+
+Without an explicit test split, `[data] holdout_fraction` of every class (a fixed,
+seeded choice) is the test split. Training batches come from torchtitan's
+ParallelAwareDataloader over `ShuffledImageDataset`: infinite, reshuffled each epoch
+identically on every rank, each data-parallel rank taking its own share, and Stateful
+so a checkpoint resumes mid-epoch. Batches are `({"input": images_BCHW}, labels_B)`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.utils.data import IterableDataset
+
+from torchtitan.components.dataloader import ParallelAwareDataloader
+
+HOLDOUT_SEED = 0
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class ImageShape:
+    """What the model expects: channels, side length, number of classes."""
+
+    channels: int
+    size: int
+    num_classes: int
+
+
+@dataclass
+class ImageSplit:
+    images_NCHW: torch.Tensor  # float32 in [-1, 1]
+    labels_N: torch.Tensor     # int64
+
+    def __len__(self) -> int:
+        return len(self.labels_N)
+
+
+@dataclass
+class LoadedImages:
+    train: ImageSplit
+    test: ImageSplit | None  # None: carve a holdout out of train
+
+
+# ---------------------------------------------------------------------------
+# Conversions
+
+
+def to_unit_range(images: np.ndarray, max_value: float) -> torch.Tensor:
+    """[0, max_value] -> float32 [-1, 1]."""
+    return torch.from_numpy(np.asarray(images, dtype=np.float32) * (2.0 / max_value) - 1.0)
+
+
+def channels_first(images_NHWC: torch.Tensor) -> torch.Tensor:
+    return images_NHWC.permute(0, 3, 1, 2).contiguous()
+
+
+def stratified_holdout(
+    labels_N: torch.Tensor, fraction: float, seed: int = HOLDOUT_SEED
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train_indices, test_indices): round(fraction * n_c) images of every class c,
+    chosen by a seeded permutation, go to test."""
+    generator = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for label in torch.unique(labels_N, sorted=True):
+        members = torch.nonzero(labels_N == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_test = int(round(fraction * len(members)))
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(test)).values
+
+
+def subset(split: ImageSplit, indices: torch.Tensor) -> ImageSplit:
+    return ImageSplit(split.images_NCHW[indices], split.labels_N[indices])
+
+
+# ---------------------------------------------------------------------------
+# Loaders: (dataset_path, shape) -> LoadedImages
+
+
+def load_digits(path: str | None, shape: ImageShape) -> LoadedImages:
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    images = to_unit_range(digits.images, max_value=16.0)[:, None]  # pixels are 0..16
+    return LoadedImages(ImageSplit(images, torch.from_numpy(digits.target).long()), None)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    from PIL import Image
+
+    extensions = {ext.lower() for ext in Image.registered_extensions()}
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in extensions)
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir())
+
+
+def _decode(path: Path, shape: ImageShape) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("L" if shape.channels == 1 else "RGB")
+        if image.size != (shape.size, shape.size):
+            image = image.resize((shape.size, shape.size), Image.Resampling.BICUBIC)
+        array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _read_class_tree(root: Path, class_names: list[str], shape: ImageShape) -> ImageSplit:
+    images, labels = [], []
+    for folder in _class_folders(root):
+        if folder.name not in class_names:
+            raise ValueError(
+                f"{folder} is a class folder that the training split does not have; "
+                f"training classes: {class_names}"
+            )
+        for file in _image_files(folder):
+            images.append(_decode(file, shape))
+            labels.append(class_names.index(folder.name))
+    if not images:
+        raise ValueError(f"no images found under {root}/<class>/")
+    pixels = channels_first(to_unit_range(np.stack(images), max_value=255.0))
+    return ImageSplit(pixels, torch.tensor(labels, dtype=torch.long))
+
+
+def load_image_folder(path: str | None, shape: ImageShape) -> LoadedImages:
+    root = _existing_path(path, "image_folder", "a folder with one sub-folder per class")
+    if not root.is_dir():
+        raise ValueError(f"[training] dataset_path {str(root)!r} is not a folder")
+    has_splits = (root / "train").is_dir()
+    train_root = root / "train" if has_splits else root
+    class_names = [p.name for p in _class_folders(train_root)]
+    if not class_names:
+        raise ValueError(
+            f"{train_root} has no class sub-folders; expected {train_root}/<class>/<image>"
+        )
+    train = _read_class_tree(train_root, class_names, shape)
+    test_root = root / "test"
+    test = _read_class_tree(test_root, class_names, shape) if has_splits and test_root.is_dir() else None
+    return LoadedImages(train, test)
+
+
+def _npz_split(archive, images_key: str, labels_key: str, file: Path) -> ImageSplit:
+    images, labels = archive[images_key], archive[labels_key]
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise ValueError(
+            f"{file}: '{images_key}' has shape {images.shape}; expected (N, H, W) or "
+            "(N, H, W, C), channels last"
+        )
+    if len(images) != len(labels):
+        raise ValueError(
+            f"{file}: {len(images)} '{images_key}' but {len(labels)} '{labels_key}'"
+        )
+    if images.dtype == np.uint8:
+        pixels = to_unit_range(images, max_value=255.0)
+    elif np.issubdtype(images.dtype, np.floating):
+        if images.size and (images.min() < 0.0 or images.max() > 1.0):
+            raise ValueError(
+                f"{file}: float '{images_key}' must lie in [0, 1], found "
+                f"[{images.min():.3g}, {images.max():.3g}]; store uint8 0..255 or rescale"
+            )
+        pixels = to_unit_range(images, max_value=1.0)
+    else:
+        raise ValueError(f"{file}: '{images_key}' has dtype {images.dtype}; use uint8 or float")
+    return ImageSplit(channels_first(pixels), torch.from_numpy(np.asarray(labels)).long())
+
+
+def load_npz(path: str | None, shape: ImageShape) -> LoadedImages:
+    file = _existing_path(path, "npz", "a .npz file with 'images' and 'labels' arrays")
+    with np.load(file) as archive:
+        missing = {"images", "labels"} - set(archive.files)
+        if missing:
+            raise ValueError(
+                f"{file} lacks {sorted(missing)}; it has {sorted(archive.files)}"
+            )
+        train = _npz_split(archive, "images", "labels", file)
+        test = None
+        if {"test_images", "test_labels"} <= set(archive.files):
+            test = _npz_split(archive, "test_images", "test_labels", file)
+    return LoadedImages(train, test)
+
+
+def _existing_path(path: str | None, dataset: str, what: str) -> Path:
+    if not path:
+        raise ValueError(
+            f"[training] dataset = {dataset!r} needs [training] dataset_path: {what}"
+        )
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise ValueError(f"[training] dataset_path {path!r} does not exist")
+    return resolved
+
+
+IMAGE_DATASETS: dict[str, Callable[[str | None, ImageShape], LoadedImages]] = {
+    "digits": load_digits,
+    "image_folder": load_image_folder,
+    "npz": load_npz,
+}
+
+
+# ---------------------------------------------------------------------------
+# Splits, checked against the model
+
+
+def check_fits(split: ImageSplit, shape: ImageShape, dataset: str, split_name: str) -> None:
+    found = tuple(split.images_NCHW.shape[1:])
+    wanted = (shape.channels, shape.size, shape.size)
+    if found != wanted:
+        raise ValueError(
+            f"[training] dataset {dataset!r} ({split_name}) has images of shape "
+            f"(C, H, W) = {found} but the model flavor expects {wanted}; pick a flavor "
+            "made for this data"
+        )
+    if len(split) and (split.labels_N.min() < 0 or split.labels_N.max() >= shape.num_classes):
+        raise ValueError(
+            f"[training] dataset {dataset!r} ({split_name}) has labels in "
+            f"[{int(split.labels_N.min())}, {int(split.labels_N.max())}] but the model "
+            f"flavor has {shape.num_classes} classes"
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(dataset: str, path: str | None, shape: ImageShape) -> LoadedImages:
+    return IMAGE_DATASETS[dataset](path, shape)
+
+
+def load_split(
+    dataset: str, path: str | None, split: str, shape: ImageShape, holdout_fraction: float
+) -> ImageSplit:
+    """The `split` ('train' or 'test') of a registered dataset, checked against `shape`."""
+    if dataset not in IMAGE_DATASETS:
+        raise ValueError(
+            f"[training] dataset = {dataset!r} is not an image dataset; "
+            f"available: {sorted(IMAGE_DATASETS)}"
+        )
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {list(SPLITS)}")
+    loaded = _load_cached(dataset, path, shape)
+    if loaded.test is not None:
+        chosen = loaded.train if split == "train" else loaded.test
+    else:
+        train_idx, test_idx = stratified_holdout(loaded.train.labels_N, holdout_fraction)
+        chosen = subset(loaded.train, train_idx if split == "train" else test_idx)
+    check_fits(chosen, shape, dataset, split)
+    return chosen
+
+
+def image_shape_of(job_config) -> ImageShape:
+    """The image shape and class count of the job's model flavor."""
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    args = get_train_spec(job_config.model.name).model_args[job_config.model.flavor]
+    return ImageShape(args.in_channels, args.image_size, args.num_classes)
+
+
+def load_job_split(job_config, split: str) -> ImageSplit:
+    """The job's `split`; a data mistake becomes a ConfigError naming the config file."""
+    from ..config_loader import ConfigError, origin_of
+
+    training = job_config.training
+    try:
+        return load_split(
+            training.dataset, training.dataset_path, split, image_shape_of(job_config),
+            job_config.data.holdout_fraction,
+        )
+    except ValueError as e:
+        raise ConfigError(f"{origin_of(job_config, 'training', 'dataset')}: {e}") from None
+
+
+# ---------------------------------------------------------------------------
+# Training stream and evaluation batches
+
+
+class ShuffledImageDataset(IterableDataset, Stateful):
+    """Endless (image, label) stream. Every epoch is a fresh permutation, the same on
+    every rank; rank r takes positions r, r + W, ... of it (the tail that does not
+    divide by W is dropped so ranks stay in step)."""
+
+    def __init__(self, split: ImageSplit, dp_rank: int, dp_world_size: int, seed: int):
+        if len(split) < dp_world_size:
+            raise ValueError(
+                f"{len(split)} training images cannot feed {dp_world_size} data-parallel ranks"
+            )
+        self.split = split
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self.seed = seed
+        self.epoch, self.position = 0, 0
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.split), generator=generator)
+        usable = len(order) - len(order) % self.dp_world_size
+        return order[:usable][self.dp_rank :: self.dp_world_size]
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        while True:
+            indices = self.epoch_indices(self.epoch)
+            while self.position < len(indices):
+                i = int(indices[self.position])
+                self.position += 1
+                yield {"input": self.split.images_NCHW[i]}, self.split.labels_N[i]
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+def build_image_dataloader(
+    dp_world_size: int, dp_rank: int, tokenizer, job_config, **kwargs
+) -> ParallelAwareDataloader:
+    """TrainSpec.build_dataloader_fn for the vision models (tokenizer unused)."""
+    dataset = ShuffledImageDataset(
+        load_job_split(job_config, "train"), dp_rank, dp_world_size,
+        seed=job_config.data.shuffle_seed,
+    )
+    return ParallelAwareDataloader(
+        dataset,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        **asdict(job_config.training.dataloader),
+        batch_size=job_config.training.local_batch_size,
+    )
+
+
+def sharded_batches(
+    split: ImageSplit, batch_size: int, dp_rank: int = 0, dp_world_size: int = 1
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Fixed-order evaluation batches (images, labels, valid) of rank `dp_rank`'s share.
+    Every rank gets the same number of equally sized batches (FSDP needs every rank in
+    every forward); padding rows repeat image 0 and have valid = False."""
+    share = torch.arange(dp_rank, len(split), dp_world_size)
+    per_rank = -(-len(split) // dp_world_size)
+    num_batches = max(1, -(-per_rank // batch_size))
+    padded = torch.zeros(num_batches * batch_size, dtype=torch.long)
+    padded[: len(share)] = share
+    valid = torch.arange(len(padded)) < len(share)
+    for b in range(num_batches):
+        rows = slice(b * batch_size, (b + 1) * batch_size)
+        indices = padded[rows]
+        yield split.images_NCHW[indices], split.labels_N[indices], valid[rows]

@@ -1,0 +1,128 @@
+"""The vision models through the ONE train loop (diffusion_blocks.train), in
+subprocesses: 2-process gloo FSDP runs of both denoisers, 1-process runs of both
+end-to-end twins, then the tools on the checkpoints they wrote."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+TINY = [
+    "--training.steps", "4", "--training.local_batch_size", "16",
+    "--metrics.log_freq", "1", "--validation.freq", "2", "--validation.local_batch_size", "128",
+    "--checkpoint.interval", "2", "--diffusion_blocks.sampling_steps", "4",
+]
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": str(REPO / "plugins"), "OMP_NUM_THREADS": "1"}
+
+
+def train(config, folder, nproc, *extra):
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+        "-m", "diffusion_blocks.train", "--job.config_file", str(REPO / "train_configs" / config),
+        "--job.dump_folder", str(folder), *TINY, *extra,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env(), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def tool(name, *args):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / name), *args],
+        capture_output=True, text=True, cwd=REPO, env=env(), timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def records(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensorboard_tags(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = (folder / "tb").iterdir()
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    accumulator.Reload()
+    return accumulator.Tags()
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vit")
+    log = train("vit_digits.toml", folder, 2, "--compile.enable", "--compile.backend", "aot_eager")
+    return folder, log
+
+
+@pytest.fixture(scope="module")
+def dit_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dit")
+    return folder, train("dit_digits.toml", folder, 2)
+
+
+def test_vit_two_process_run_trains_blocks_logs_accuracy_and_checkpoints(vit_run):
+    folder, log = vit_run
+    assert "world size 2" in log and "DiffusionBlocks B=2" in log
+    rows = records(folder)
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(r["block"] in (0, 1) for r in steps)
+    evals = [r for r in rows if "eval/test_accuracy" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(0 <= r["eval/test_accuracy"] <= 1 for r in evals)
+    assert (folder / "checkpoint" / "step-2" / ".metadata").is_file()
+    assert (folder / "checkpoint" / "step-4" / ".metadata").is_file()
+    assert "eval/test_accuracy" in tensorboard_tags(folder)["scalars"]
+
+
+def test_classify_tool_reads_the_checkpoint(vit_run):
+    folder, _ = vit_run
+    config = str(REPO / "train_configs" / "vit_digits.toml")
+    out = json.loads(tool("classify.py", "--job.config_file", config, "--checkpoint", str(folder / "checkpoint"), "--json"))
+    assert out["num_examples"] == 359 and 0.0 <= out["accuracy"] <= 1.0
+    # the in-loop evaluation of the last step saw the same weights and generator seeds
+    last_eval = [r for r in records(folder) if "eval/test_accuracy" in r][-1]
+    # (the loop shards the test set over 2 ranks, so sampling noise differs slightly)
+    assert abs(out["accuracy"] - last_eval["eval/test_accuracy"]) < 0.1
+
+
+def test_dit_two_process_run_writes_a_sample_grid(dit_run):
+    folder, log = dit_run
+    assert "world size 2" in log
+    assert (folder / "samples" / "step-2.png").is_file() and (folder / "samples" / "step-4.png").is_file()
+    assert "eval/samples" in tensorboard_tags(folder)["images"]
+    rows = records(folder)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_sample_images_tool_writes_one_row_per_class(dit_run, tmp_path):
+    from PIL import Image
+
+    folder, _ = dit_run
+    out = tmp_path / "grid.png"
+    tool("sample_images.py", "--job.config_file", str(REPO / "train_configs" / "dit_digits.toml"),
+         "--checkpoint", str(folder / "checkpoint" / "step-4"), "--steps", "3", "--cfg-scale", "1.5",
+         "--per-class", "2", "--classes", "0,1,2", "--scale", "2", "--out", str(out))
+    width, height = Image.open(out).size
+    assert (width, height) == (2 * 17 + 1, 3 * 17 + 1)  # 2 columns x 3 rows of 16+1 px
+
+
+@pytest.mark.parametrize("config", ["vit_digits_e2e.toml", "dit_digits_e2e.toml"])
+def test_end_to_end_twins_train_in_the_same_loop(config, tmp_path):
+    log = train(config, tmp_path, 1)
+    assert "end-to-end (diffusion_blocks disabled)" in log
+    rows = records(tmp_path)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert all("block" not in r for r in rows)
+    if config.startswith("vit"):
+        out = json.loads(tool("classify.py", "--job.config_file", str(REPO / "train_configs" / config),
+                              "--checkpoint", str(tmp_path / "checkpoint"), "--json"))
+        assert out["num_examples"] == 359
+    else:
+        assert (tmp_path / "samples" / "step-4.png").is_file()
