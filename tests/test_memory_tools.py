@@ -63,3 +63,13 @@ def test_estimator_models_offload_and_sharding():
     assert offload[1]["resident_bytes"] < 0.6 * resident[1]["resident_bytes"]
     assert offload[0]["resident_bytes"] == resident[0]["resident_bytes"]  # e2e never offloads
     assert sharded[1]["resident_bytes"] == pytest.approx(resident[1]["resident_bytes"] / 4, rel=0.01)
+
+
+def test_bench_throughput_reports_both_modes():
+    rows = run_tool("bench_throughput.py", "--steps", "2", "--warmup", "1", "--modes", "eager",
+                    "--num-blocks", "4")
+    assert [(r["mode"], r["compile"]) for r in rows] == [("e2e", "eager"), ("dblocks", "eager")]
+    for row in rows:
+        assert row["items_per_s"] > 0 and row["seconds_per_step"] > 0
+        assert row["mfu"] is None  # MFU needs a CUDA device's peak FLOPs
+    assert rows[1]["ratio_to_e2e"] == pytest.approx(rows[1]["items_per_s"] / rows[0]["items_per_s"])

@@ -17,6 +17,7 @@ Run it under torchrun for several processes; figures are per device.
 """
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -70,6 +71,10 @@ def measure(config_args: list[str], steps: int) -> dict:
         peak = peak_device_bytes(trainer.device)
     finally:
         trainer.close()
+        # the trainer is in a cycle (CheckpointManager holds it as train_state): free
+        # this configuration's model and optimizer before building the next
+        del trainer, data_iterator
+        gc.collect()
     return {
         "activation_bytes": activation, "resident_bytes": resident, "peak_bytes": peak,
         "estimated_activation_bytes": estimate.activation_bytes,

@@ -84,8 +84,9 @@ def main(argv):
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--num-blocks", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=96,
+                        help="prompt-len + new-tokens must fit [training] seq_len")
     parser.add_argument("--out", default=str(REPO / "outputs" / "lm_report"))
     parser.add_argument("--skip-training", action="store_true")
     args = parser.parse_args(argv)
@@ -116,6 +117,8 @@ def main(argv):
         val_text, tokenizer, args.prompts, args.prompt_len, args.new_tokens
     )
     seq_len = parse_job_config(runs["end-to-end"]).training.seq_len
+    if args.prompt_len + args.new_tokens > seq_len:
+        parser.error(f"--prompt-len + --new-tokens must be <= seq_len {seq_len}")
     results = {"held-out text": {"reference": score_under(baseline, prompts, truth)}}
     samples = {}
     for name, (model, _) in models.items():
@@ -129,7 +132,8 @@ def main(argv):
             results[name][label] = score_under(baseline, prompts, continuation)
             samples[f"{name} / {label}"] = tokenizer.decode(tokens[0].tolist())
 
-    print("\n| continuation of 32 held-out prompts | CE under the end-to-end model (nats/byte), greedy | temperature 1.0 |")
+    print(f"\n| continuation of {args.prompts} held-out prompts | CE under the end-to-end "
+          "model (nats/byte), greedy | temperature 1.0 |")
     print("|---|---|---|")
     ref = results["held-out text"]["reference"]
     print(f"| the real held-out text | {ref:.3f} | {ref:.3f} |")

@@ -24,6 +24,13 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def _is_parameter_or_view(tensor: torch.Tensor) -> bool:
+    """Parameters (FSDP's unsharded ones too) and their views (matmul saves weight.t())
+    are resident memory, not activations: leaves that require grad, or views of them."""
+    base = tensor._base if tensor._base is not None else tensor
+    return base.is_leaf and base.requires_grad
+
+
 class SavedTensorCounter:
     """Counts unique storages saved for backward while active."""
 
@@ -40,8 +47,7 @@ class SavedTensorCounter:
             self.bytes += size
 
     def pack(self, tensor: torch.Tensor):
-        # parameters are resident anyway: not activation memory
-        if not isinstance(tensor, nn.Parameter):
+        if not _is_parameter_or_view(tensor):
             self._add(tensor)
         return tensor
 
