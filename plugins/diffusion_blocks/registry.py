@@ -30,45 +30,41 @@ from .vision_tasks import ImageClassificationTask, ImageGenerationTask
 CONVERTER_NAME = "diffusion_blocks"
 
 
-def dblocks_llama3_train_spec() -> TrainSpec:
+def _blockwise_train_spec(
+    model_cls, flavors, parallelize_fn, build_dataloader_fn, build_tokenizer_fn, build_loss_fn
+) -> TrainSpec:
+    """torchtitan's optimizer and LR-scheduler builders; no pipelining (one block a step)."""
     return TrainSpec(
-        model_cls=DiffusionBlocksLlama,
-        model_args=dblocks_llama3_flavors(),
-        parallelize_fn=parallelize_dblocks_llama,
+        model_cls=model_cls,
+        model_args=flavors,
+        parallelize_fn=parallelize_fn,
         pipelining_fn=None,
         build_optimizers_fn=build_optimizers,
         build_lr_schedulers_fn=build_lr_schedulers,
-        build_dataloader_fn=build_text_dataloader,
-        build_tokenizer_fn=build_tokenizer,
-        build_loss_fn=build_weighted_cross_entropy,
+        build_dataloader_fn=build_dataloader_fn,
+        build_tokenizer_fn=build_tokenizer_fn,
+        build_loss_fn=build_loss_fn,
+    )
+
+
+def dblocks_llama3_train_spec() -> TrainSpec:
+    return _blockwise_train_spec(
+        DiffusionBlocksLlama, dblocks_llama3_flavors(), parallelize_dblocks_llama,
+        build_text_dataloader, build_tokenizer, build_weighted_cross_entropy,
     )
 
 
 def dblocks_vit_train_spec() -> TrainSpec:
-    return TrainSpec(
-        model_cls=DiffusionBlocksViT,
-        model_args=vit_flavors(),
-        parallelize_fn=parallelize_vision,
-        pipelining_fn=None,
-        build_optimizers_fn=build_optimizers,
-        build_lr_schedulers_fn=build_lr_schedulers,
-        build_dataloader_fn=build_image_dataloader,
-        build_tokenizer_fn=None,
-        build_loss_fn=build_weighted_cross_entropy,
+    return _blockwise_train_spec(
+        DiffusionBlocksViT, vit_flavors(), parallelize_vision,
+        build_image_dataloader, None, build_weighted_cross_entropy,
     )
 
 
 def dblocks_dit_train_spec() -> TrainSpec:
-    return TrainSpec(
-        model_cls=DiffusionBlocksDiT,
-        model_args=dit_flavors(),
-        parallelize_fn=parallelize_vision,
-        pipelining_fn=None,
-        build_optimizers_fn=build_optimizers,
-        build_lr_schedulers_fn=build_lr_schedulers,
-        build_dataloader_fn=build_image_dataloader,
-        build_tokenizer_fn=None,
-        build_loss_fn=build_weighted_squared_error,
+    return _blockwise_train_spec(
+        DiffusionBlocksDiT, dit_flavors(), parallelize_vision,
+        build_image_dataloader, None, build_weighted_squared_error,
     )
 
 
