@@ -21,7 +21,7 @@ import time
 import torch
 
 import diffusion_blocks  # noqa: F401  (registers the train specs)
-from diffusion_blocks.config_loader import ConfigError, exit_on_config_error, parse_job_config
+from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
 from diffusion_blocks.data.images import load_job_split, subset
 from diffusion_blocks.image_grid import make_grid, save_png
 from diffusion_blocks.image_metrics import (
@@ -30,7 +30,7 @@ from diffusion_blocks.image_metrics import (
     judge_samples,
     train_feature_cnn,
 )
-from diffusion_blocks.inference import load_model
+from diffusion_blocks.inference import expect_model, load_model
 
 
 def parse_args(argv):
@@ -72,11 +72,7 @@ def real_floor(judge, train, test, count: int, seed: int) -> float:
 def main(argv=None) -> None:
     args, config_args = parse_args(sys.argv[1:] if argv is None else argv)
     job_config = parse_job_config(config_args)
-    if job_config.model.name != "dblocks_dit":
-        raise ConfigError(
-            f"tools/eval_dit.py judges dblocks_dit models; the config's [model] name is "
-            f"{job_config.model.name!r}"
-        )
+    expect_model(job_config, "dblocks_dit", "tools/eval_dit.py")
     section = job_config.diffusion_blocks
     steps = args.steps or section.sampling_steps
     scales = args.cfg_scale or [section.cfg_scale]

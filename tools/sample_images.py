@@ -17,7 +17,7 @@ import torch
 import diffusion_blocks  # noqa: F401  (registers the train specs)
 from diffusion_blocks.config_loader import ConfigError, exit_on_config_error, parse_job_config
 from diffusion_blocks.image_grid import make_grid, save_png
-from diffusion_blocks.inference import load_model
+from diffusion_blocks.inference import expect_model, load_model
 
 
 def parse_args(argv):
@@ -50,11 +50,7 @@ def class_list(spec: str | None, num_classes: int) -> list[int]:
 def main(argv=None) -> None:
     args, config_args = parse_args(sys.argv[1:] if argv is None else argv)
     job_config = parse_job_config(config_args)
-    if job_config.model.name != "dblocks_dit":
-        raise ConfigError(
-            f"tools/sample_images.py samples dblocks_dit models; the config's [model] "
-            f"name is {job_config.model.name!r}"
-        )
+    expect_model(job_config, "dblocks_dit", "tools/sample_images.py")
     section = job_config.diffusion_blocks
     steps = args.steps or section.sampling_steps
     cfg_scale = section.cfg_scale if args.cfg_scale is None else args.cfg_scale

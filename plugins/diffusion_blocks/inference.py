@@ -88,3 +88,14 @@ def load_for_inference(job_config, checkpoint: str | Path, device: str = "cpu"):
     load_model_weights(model, step_folder)
     tokenizer = spec.build_tokenizer_fn(job_config) if spec.build_tokenizer_fn else None
     return model, tokenizer, step_folder
+
+
+def expect_model(job_config, name: str, tool: str) -> None:
+    """A tool made for one train spec refuses a config of another, naming both."""
+    from .config_loader import ConfigError
+
+    if job_config.model.name != name:
+        raise ConfigError(
+            f"{tool} works on {name} models; the config's [model] name is "
+            f"{job_config.model.name!r}"
+        )

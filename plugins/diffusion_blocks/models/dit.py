@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from torchtitan.protocols.model import BaseModelArgs
 
 from .. import diffusion
 from ..partition import BlockPartition
@@ -28,7 +27,7 @@ from ..sampling import classifier_free_guidance, euler_sample
 from .conditioning import FinalAdaLN, SigmaEmbedder
 from .vision_layers import (
     AdaLNZeroLayer,
-    check_patch_grid,
+    ImageTransformerArgs,
     PatchEmbed,
     sincos_positions_2d,
     unpatchify,
@@ -36,28 +35,13 @@ from .vision_layers import (
 
 
 @dataclass
-class DiTArgs(BaseModelArgs):
-    image_size: int = 8
-    in_channels: int = 1
-    patch_size: int = 2
-    num_classes: int = 10
+class DiTArgs(ImageTransformerArgs):
     dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    mlp_ratio: float = 4.0
-    norm_eps: float = 1e-6
-    partition: BlockPartition | None = None
-    """Filled from `[diffusion_blocks]` by update_from_config."""
     label_dropout: float = 0.1
     """Filled from `[diffusion_blocks]` by update_from_config."""
 
-    @property
-    def grid_size(self) -> int:
-        return check_patch_grid(self.image_size, self.patch_size)
-
     def update_from_config(self, job_config, **kwargs) -> None:
-        check_patch_grid(self.image_size, self.patch_size)
-        self.partition = BlockPartition.from_job_config(job_config, self.n_layers)
+        super().update_from_config(job_config, **kwargs)
         self.label_dropout = job_config.diffusion_blocks.label_dropout
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:

@@ -19,7 +19,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from torchtitan.models.attention import FlexAttentionWrapper

@@ -7,11 +7,15 @@ identity). Patchify / unpatchify convert between images and token sequences.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchtitan.protocols.model import BaseModelArgs
+
+from ..partition import BlockPartition
 from .conditioning import AdaLNModulation, modulate
 
 
@@ -155,3 +159,29 @@ def sincos_positions_2d(dim: int, grid_size: int) -> torch.Tensor:
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
     return torch.cat([embed_1d(rows), embed_1d(cols)], dim=1).float()
+
+
+@dataclass
+class ImageTransformerArgs(BaseModelArgs):
+    """What the ViT and the DiT share: image and patch shapes, transformer width and
+    depth, and the block partition filled from `[diffusion_blocks]`."""
+
+    image_size: int = 8
+    in_channels: int = 1
+    patch_size: int = 2
+    num_classes: int = 10
+    dim: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    partition: BlockPartition | None = None
+    """Filled from `[diffusion_blocks]` by update_from_config."""
+
+    @property
+    def grid_size(self) -> int:
+        return check_patch_grid(self.image_size, self.patch_size)
+
+    def update_from_config(self, job_config, **kwargs) -> None:
+        check_patch_grid(self.image_size, self.patch_size)
+        self.partition = BlockPartition.from_job_config(job_config, self.n_layers)

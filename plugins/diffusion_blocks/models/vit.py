@@ -21,38 +21,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchtitan.protocols.model import BaseModelArgs
 
 from .. import diffusion
-from ..partition import BlockPartition
 from ..sampling import euler_sample
 from .conditioning import FinalAdaLN, SigmaEmbedder
-from .vision_layers import AdaLNZeroLayer, check_patch_grid, PatchEmbed, PreNormLayer
+from .vision_layers import AdaLNZeroLayer, ImageTransformerArgs, PatchEmbed, PreNormLayer
 
 
 @dataclass
-class ViTArgs(BaseModelArgs):
-    image_size: int = 8
-    in_channels: int = 1
-    patch_size: int = 2
-    num_classes: int = 10
-    dim: int = 64
-    n_layers: int = 4
-    n_heads: int = 4
-    mlp_ratio: float = 4.0
-    norm_eps: float = 1e-6
-    partition: BlockPartition | None = None
-    """Filled from `[diffusion_blocks]` by update_from_config."""
+class ViTArgs(ImageTransformerArgs):
     sampling_steps_per_block: int = 1
     """Filled from `[diffusion_blocks]` by update_from_config."""
 
     @property
     def num_patches(self) -> int:
-        return check_patch_grid(self.image_size, self.patch_size) ** 2
+        return self.grid_size**2
 
     def update_from_config(self, job_config, **kwargs) -> None:
-        check_patch_grid(self.image_size, self.patch_size)
-        self.partition = BlockPartition.from_job_config(job_config, self.n_layers)
+        super().update_from_config(job_config, **kwargs)
         self.sampling_steps_per_block = job_config.diffusion_blocks.sampling_steps_per_block
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
