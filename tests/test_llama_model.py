@@ -16,7 +16,7 @@ from diffusion_blocks.partition import BlockPartition
 SEQ = 12
 
 
-def make_model(flavor="debugmodel", num_blocks=2, seed=0):
+def make_model(flavor="debugmodel_8l", num_blocks=2, seed=0):
     args = copy.deepcopy(dblocks_llama3_flavors()[flavor])
     args.dim, args.n_heads, args.vocab_size, args.max_seq_len = 64, 4, 97, SEQ
     args.partition = BlockPartition.from_config(DiffusionBlocks(num_blocks=num_blocks), args.n_layers)
@@ -76,7 +76,7 @@ def test_noisy_row_ignores_the_future_and_other_noisy_rows(block, row):
 
 
 def test_flex_flavor_falls_back_to_sdpa_on_cpu():
-    model = make_model("debugmodel_flex_attn")
+    model = make_model("debugmodel_8l_flex_attn")
     assert not model.uses_flex_attention(torch.device("cpu"))
     assert model.uses_flex_attention(torch.device("cuda"))
     assert isinstance(model.attention_mask(4, torch.device("cpu")), torch.Tensor)
@@ -84,8 +84,8 @@ def test_flex_flavor_falls_back_to_sdpa_on_cpu():
 
 @torch.no_grad()  # FlexAttention runs forward-only on CPU
 def test_flex_attention_matches_masked_sdpa(monkeypatch):
-    sdpa_model = make_model("debugmodel")
-    flex_model = make_model("debugmodel_flex_attn")
+    sdpa_model = make_model("debugmodel_8l")
+    flex_model = make_model("debugmodel_8l_flex_attn")
     flex_model.load_state_dict(sdpa_model.state_dict())
     monkeypatch.setattr(DiffusionBlocksLlama, "FLEX_DEVICE_TYPES", ("cuda", "cpu"))
     from torch.nn.attention.flex_attention import BlockMask

@@ -14,10 +14,17 @@ from torchtitan.protocols.train_spec import get_train_spec
 def test_train_spec_is_registered_with_debug_and_large_flavors():
     spec = get_train_spec("dblocks_llama3")
     assert spec.model_cls is DiffusionBlocksLlama
-    for flavor in ("debugmodel", "8B", "70B"):
+    for flavor in ("debugmodel", "debugmodel_8l", "8B", "70B"):
         assert flavor in spec.model_args
     assert spec.model_args["8B"].dim == 4096 and spec.model_args["70B"].n_layers == 80
-    assert spec.model_args["debugmodel"].n_layers == 8
+    # stock names keep their stock shapes; our 8-layer debug model has its own name
+    for name, stock in llama3_args.items():
+        if name in spec.model_args:
+            ours = spec.model_args[name]
+            assert (ours.dim, ours.n_layers, ours.n_heads, ours.vocab_size) == (
+                stock.dim, stock.n_layers, stock.n_heads, stock.vocab_size), name
+    assert spec.model_args["debugmodel"].n_layers == 6
+    assert spec.model_args["debugmodel_8l"].n_layers == 8
 
 
 def stock_debug_args(seq_len=16):
@@ -100,7 +107,7 @@ def test_stock_checkpoint_initialises_the_dblocks_spec_model(write_toml):
     spec = get_train_spec("dblocks_llama3")
     import copy
 
-    args = copy.deepcopy(spec.model_args["debugmodel"])
+    args = copy.deepcopy(spec.model_args["debugmodel_8l"])
     job_config = job_config_with(write_toml, "[training]\nseq_len = 16\n")
     args.update_from_config(job_config)
     denoiser = DiffusionBlocksLlama(args)

@@ -7,6 +7,9 @@ Group g trains block g only, every step:
 - the shared modules (embeddings, sigma embedder, final norm / AdaLN, head) form the
   root FSDP2 unit, sharded within the group and replicated across groups (HSDP over
   the 2-D mesh): their gradients are averaged over all ranks every step;
+- gradients are sums (torchtitan's convention) of losses each group divides by its own
+  item count: a layer's reduction over its group gives the group's mean, and the
+  shared modules, summed over all B groups, divide by B;
 - gradient clipping uses one global coefficient (norm^2 of the shared gradients plus
   the sum over groups of each block's norm^2), so shared parameters stay identical.
 Each group holds a copy of every layer but only updates its own block's; before a
@@ -23,11 +26,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
 
 from torchtitan.config import TORCH_DTYPE_MAP
-from torchtitan.distributed.activation_checkpoint import apply_ac
-from torchtitan.models.llama3.infra.parallelize import apply_compile
+from torchtitan.tools import utils as titan_utils
 
 from .config_loader import ConfigError, origin_of
-from .parallelize import configure_gradient_reduction
+from .parallelize import apply_ac_and_compile, configure_gradient_reduction
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class BlockParallelLayout:
         return self.mesh.get_group("block_group")
 
 
-def build_layout(job_config, num_blocks: int, device: torch.device) -> BlockParallelLayout:
+def build_layout(job_config, num_blocks: int, device_type: str) -> BlockParallelLayout:
     world_size, rank = dist.get_world_size(), dist.get_rank()
     if world_size % num_blocks:
         raise ConfigError(
@@ -53,19 +55,17 @@ def build_layout(job_config, num_blocks: int, device: torch.device) -> BlockPara
         )
     group_size = world_size // num_blocks
     mesh = init_device_mesh(
-        device.type, (num_blocks, group_size), mesh_dim_names=("block_group", "group_shard")
+        device_type, (num_blocks, group_size), mesh_dim_names=("block_group", "group_shard")
     )
     return BlockParallelLayout(num_blocks, group_size, rank // group_size, mesh)
 
 
-def parallelize_block_parallel(model: nn.Module, layout: BlockParallelLayout, job_config):
-    """AC and compile per layer (torchtitan's), then the two-level FSDP2 described above."""
-    compile_enabled = job_config.compile.enable and "model" in job_config.compile.components
-    if job_config.activation_checkpoint.mode != "none":
-        apply_ac(model, job_config.activation_checkpoint, model_compile_enabled=compile_enabled,
-                 base_folder=job_config.job.dump_folder)
-    if compile_enabled:
-        apply_compile(model, job_config.compile)
+def parallelize_block_parallel(model: nn.Module, job_config, op_sac_save_list=None) -> nn.Module:
+    """AC and compile per layer (torchtitan's), then the two-level FSDP2 described
+    above. The layout is kept on the model (`model.block_parallel_layout`) for the
+    trainer."""
+    layout = build_layout(job_config, model.partition.num_blocks, titan_utils.device_type)
+    apply_ac_and_compile(model, job_config, op_sac_save_list=op_sac_save_list)
     mp_policy = MixedPrecisionPolicy(
         param_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_param],
         reduce_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_reduce],
@@ -73,7 +73,8 @@ def parallelize_block_parallel(model: nn.Module, layout: BlockParallelLayout, jo
     for layer in model.layers.values():
         fully_shard(layer, mesh=layout.mesh["group_shard"], mp_policy=mp_policy)
     fully_shard(model, mesh=layout.mesh, mp_policy=mp_policy)
-    configure_gradient_reduction(model)
+    configure_gradient_reduction(model, shared_divide_factor=layout.num_blocks)
+    model.block_parallel_layout = layout
     return model
 
 

@@ -44,9 +44,6 @@ class DiffusionBlocks:
     seed: int = 0
     """Seed of the block-choice and sigma generators (identical on every rank)."""
 
-    max_grad_norm: float = 1.0
-    """Global grad-norm clip; w(sigma) spans five orders of magnitude."""
-
     sampling_steps_per_block: int = 1
     """Euler steps each block takes at inference (LM and ViT)."""
 
@@ -88,8 +85,10 @@ class DiffusionBlocks:
 
 @dataclass
 class Data:
-    tokenizer: str = "byte"
-    """'byte' (UTF-8 bytes, no files needed) or 'hf' (tokenizer at [model] hf_assets_path)."""
+    tokenizer: str = "auto"
+    """'auto' (the train spec's: bytes for dblocks_llama3, the Hugging Face tokenizer at
+    [model] hf_assets_path for a stock llama3), 'byte' (UTF-8 bytes, no files needed)
+    or 'hf' (the tokenizer at [model] hf_assets_path)."""
 
     holdout_fraction: float = 0.2
     """Image data without an explicit test split (digits, an image folder without
@@ -145,8 +144,6 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
                 f"{section.block_schedule!r} is not one of {list(BLOCK_SCHEDULES)}",
             )
         )
-    if section.max_grad_norm <= 0:
-        problems.append(("max_grad_norm", f"must be > 0, got {section.max_grad_norm}"))
     if section.offload_inactive_blocks not in OFFLOAD_MODES:
         problems.append((
             "offload_inactive_blocks",
@@ -191,7 +188,7 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
 def check_data(section: Data) -> list[tuple[str, str]]:
     from .data.text import TOKENIZERS  # late: data imports torchtitan's dataset stack
 
-    allowed = ["hf", *TOKENIZERS]
+    allowed = ["auto", "hf", *TOKENIZERS]
     problems = []
     if section.tokenizer not in allowed:
         problems.append(("tokenizer", f"{section.tokenizer!r} is not one of {allowed}"))

@@ -282,3 +282,20 @@ def exit_on_config_error(fn):
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+def exit_on_user_error(fn):
+    """As exit_on_config_error; a training run that stops on a non-finite value
+    (FloatingPointError) ends with its one-line message and exit code 1."""
+    checked = exit_on_config_error(fn)
+
+    def wrapper(*a, **kw):
+        try:
+            return checked(*a, **kw)
+        except FloatingPointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper

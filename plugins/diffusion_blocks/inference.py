@@ -47,13 +47,13 @@ def single_process_parallel_dims() -> ParallelDims:
 def build_for_inference(job_config, device: torch.device):
     """(model, spec, family): the configured model (denoiser or end-to-end twin, as
     `[diffusion_blocks] enable` says), freshly initialised, in eval mode."""
-    from .train import build_model  # the one place a model is built
+    from .model_factory import build_model
 
     job_config = copy.deepcopy(job_config)
     job_config.compile.enable = False
     job_config.activation_checkpoint.mode = "none"
-    model, _, spec, family = build_model(job_config, device, single_process_parallel_dims())
-    return model.eval(), spec, family
+    model, _, run = build_model(job_config, device, single_process_parallel_dims())
+    return model.eval(), run.spec, run.family
 
 
 def load_model_weights(model: torch.nn.Module, step_folder: Path) -> None:

@@ -189,23 +189,23 @@ def estimate_step(job_config, nproc: int, block: int | None = None) -> StepEstim
 
     from torchtitan.config import TORCH_DTYPE_MAP
     from torchtitan.distributed.activation_checkpoint import apply_ac
-    from torchtitan.protocols.train_spec import get_train_spec
+    from torchtitan.protocols.model_converter import build_model_converters
     from torchtitan.tools import utils as titan_utils
 
-    from .registry import model_family
+    from .inference import single_process_parallel_dims
+    from .registry import resolve_run_spec
 
-    family = model_family(job_config.model.name)
-    spec = get_train_spec(job_config.model.name)
-    model_args = copy.deepcopy(spec.model_args[job_config.model.flavor])
+    run = resolve_run_spec(job_config)
+    family, enabled = run.family, run.enabled
+    model_args = copy.deepcopy(run.spec.model_args[job_config.model.flavor])
     model_args.update_from_config(job_config)
     if hasattr(model_args, "attn_type"):
         # flex/varlen need real masks; every fused kernel saves the same footprint
         model_args.attn_type = "sdpa"
-    enabled = job_config.diffusion_blocks.enable
-    model_cls = spec.model_cls if enabled else family.end_to_end_model_cls
     meta = torch.device("meta")
     with meta, titan_utils.set_default_dtype(TORCH_DTYPE_MAP[job_config.training.dtype]):
-        model = model_cls(model_args)
+        model = run.spec.model_cls(model_args)
+    build_model_converters(job_config, single_process_parallel_dims()).convert(model)
     if job_config.activation_checkpoint.mode != "none":
         apply_ac(model, job_config.activation_checkpoint)
 
@@ -220,11 +220,11 @@ def estimate_step(job_config, nproc: int, block: int | None = None) -> StepEstim
         block = max(range(len(block_sizes)), key=block_sizes.__getitem__) if block is None else block
     with fused_attention_footprint(), count_saved_activations(model) as counter:
         if enabled:
-            out = family.task.denoiser_loss(
+            family.task.denoiser_loss(
                 model, inputs, tokens, block, torch.ones(batch, device=meta), None
             )
         else:
-            out = family.task.end_to_end_loss(model, inputs, tokens, {}, None)
+            family.task.end_to_end_loss(model, inputs, tokens, {}, None)
 
     element = TORCH_DTYPE_MAP[job_config.training.dtype].itemsize
     layer_params = {
@@ -254,5 +254,4 @@ def estimate_step(job_config, nproc: int, block: int | None = None) -> StepEstim
         )
         # FSDP2 all-gathers about two layers at a time (current + prefetch)
         transient = (2 * biggest_layer * element if nproc > 1 else 0) + logits
-    del out
     return StepEstimate(counter.bytes, resident, transient)

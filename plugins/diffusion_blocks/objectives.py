@@ -1,7 +1,12 @@
-"""Training losses: w(sigma)-weighted cross-entropy for discrete targets (tokens,
-classes) and w(sigma)-weighted squared error for continuous ones (images)."""
+"""Training losses as SUMS over the items of a microbatch (tokens for the LM, images for
+vision), with the item count: the trainer divides by the global item count, as
+torchtitan does (so gradient accumulation and data parallelism need no other scaling).
 
-from functools import partial
+w(sigma)-weighted cross-entropy for discrete targets (tokens, classes) and
+w(sigma)-weighted squared error for continuous ones (images), each with the
+unweighted sum beside it for logging."""
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -11,39 +16,59 @@ from torchtitan.components.loss import IGNORE_INDEX
 from .diffusion import loss_weight
 
 
-def per_sample_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    """Mean CE over each sample's valid positions, shape (B,)."""
+class LossSums(NamedTuple):
+    loss_sum: torch.Tensor        # what backward() sees (after division by the item count)
+    unweighted_sum: torch.Tensor  # plain CE / squared error, detached, for logging
+    num_items: torch.Tensor       # valid items (int64)
+
+
+def _token_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor):
+    """(CE per position, validity mask), both (B, T)."""
     ce_BT = F.cross_entropy(
         logits_BTV.flatten(0, 1).float(), labels_BT.flatten(0, 1),
         reduction="none", ignore_index=IGNORE_INDEX,
     ).view(labels_BT.shape)
-    valid_BT = (labels_BT != IGNORE_INDEX).float()
+    return ce_BT, (labels_BT != IGNORE_INDEX)
+
+
+def per_sample_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Mean CE over each sample's valid positions, shape (B,)."""
+    ce_BT, valid_BT = _token_cross_entropy(logits_BTV, labels_BT)
+    valid_BT = valid_BT.float()
     return (ce_BT * valid_BT).sum(1) / valid_BT.sum(1).clamp_min(1.0)
 
 
-def weighted_cross_entropy(
+def cross_entropy_sums(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> LossSums:
+    ce_BT, valid_BT = _token_cross_entropy(logits_BTV, labels_BT)
+    ce_sum = ce_BT.sum()
+    return LossSums(ce_sum, ce_sum.detach(), valid_BT.sum())
+
+
+def weighted_cross_entropy_sums(
     logits_BTV: torch.Tensor, labels_BT: torch.Tensor, sigma_B: torch.Tensor,
     sigma_data: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w(sigma) * CE).mean() and the unweighted mean CE (for logging)."""
-    ce_B = per_sample_cross_entropy(logits_BTV, labels_BT)
-    weight_B = loss_weight(sigma_B.to(ce_B.dtype), sigma_data)
-    return (weight_B * ce_B).mean(), ce_B.mean().detach()
+) -> LossSums:
+    """sum over valid positions of w(sigma_b) * CE_bt, and of CE_bt."""
+    ce_BT, valid_BT = _token_cross_entropy(logits_BTV, labels_BT)
+    weight_B = loss_weight(sigma_B.to(ce_BT.dtype), sigma_data)
+    return LossSums((weight_B[:, None] * ce_BT).sum(), ce_BT.sum().detach(), valid_BT.sum())
 
 
-def weighted_squared_error(
+def weighted_squared_error_sums(
     denoised: torch.Tensor, target: torch.Tensor, sigma_B: torch.Tensor,
     sigma_data: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w(sigma) * ||D - y||^2 / dims).mean() and the unweighted mean squared error."""
+) -> LossSums:
+    """sum over images of w(sigma) * ||D - y||^2 / dims, and of the plain mean squared error."""
     se_B = (denoised.float() - target.float()).pow(2).flatten(1).mean(1)
     weight_B = loss_weight(sigma_B.to(se_B.dtype), sigma_data)
-    return (weight_B * se_B).mean(), se_B.mean().detach()
+    count = torch.tensor(se_B.shape[0], dtype=torch.int64, device=se_B.device)
+    return LossSums((weight_B * se_B).sum(), se_B.sum().detach(), count)
 
 
-def build_weighted_cross_entropy(job_config, **kwargs):
-    return partial(weighted_cross_entropy, sigma_data=job_config.diffusion_blocks.sigma_data)
+def build_squared_error_loss(job_config, **kwargs):
+    """The DiT spec's `build_loss_fn`: mean squared error summed over images."""
 
+    def squared_error_sum(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (pred.float() - target.float()).pow(2).flatten(1).mean(1).sum()
 
-def build_weighted_squared_error(job_config, **kwargs):
-    return partial(weighted_squared_error, sigma_data=job_config.diffusion_blocks.sigma_data)
+    return squared_error_sum

@@ -1,5 +1,10 @@
 """Parallelisation: torchtitan's own FSDP2 / compile / activation-checkpoint paths,
-plus what block-at-a-time training and CPU (gloo) runs need on top."""
+plus what block-at-a-time training and CPU (gloo) runs need on top.
+
+Gradient reduction follows torchtitan: FSDP sums gradients over ranks (no division)
+and the trainer divides each loss by the global item count. In block-parallel runs
+layers reduce within their group and the shared modules over all B groups, so the
+shared modules divide by B (block_parallel.py)."""
 
 import torch
 import torch.distributed as dist
@@ -12,6 +17,7 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.llama3 import parallelize_llama
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list, apply_compile
+from torchtitan.tools import utils as titan_utils
 
 
 def check_supported_parallelism(parallel_dims: ParallelDims) -> None:
@@ -30,20 +36,17 @@ def check_supported_parallelism(parallel_dims: ParallelDims) -> None:
         )
 
 
-def configure_gradient_reduction(model: nn.Module) -> None:
-    """Every FSDP unit averages its gradients over its own mesh.
-
-    - torchtitan's apply_fsdp disables FSDP's division (its trainer divides the loss by
-      the global token count); our losses are per-rank means, and in block-parallel
-      runs layers and shared modules reduce over different meshes, so each unit must
-      average over its own: restore FSDP's default (divide factor None = mesh size).
-    - gloo has neither AVG nor PREMUL_SUM: reduce with SUM and let FSDP2 divide
-      afterwards (per module, not a global torch patch).
-    """
+def configure_gradient_reduction(model: nn.Module, shared_divide_factor: float = 1.0) -> None:
+    """Every FSDP unit sums its gradients (torchtitan's convention: the loss is already
+    divided by the global item count); the root unit (the shared modules) divides by
+    `shared_divide_factor`. gloo has neither AVG nor PREMUL_SUM: reduce with SUM and
+    let FSDP2 divide afterwards (per module, not a global torch patch)."""
     on_gloo = dist.is_initialized() and dist.get_backend() == "gloo"
     for module in model.modules():
         if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(None)  # None: FSDP's default mean
+            module.set_gradient_divide_factor(
+                shared_divide_factor if module is model else 1.0
+            )
             if on_gloo:
                 module.set_force_sum_reduction_for_comms(True)
 
@@ -90,24 +93,33 @@ def shard_blockwise(
         param_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_param],
         reduce_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_reduce],
     )
+    offload = CPUOffloadPolicy(pin_memory=titan_utils.device_type == "cuda")
+    # [training] enable_cpu_offload: torchtitan's whole-model offload, shared modules too
+    offload_root = job_config.training.enable_cpu_offload
     layer_config = {"mesh": mesh, "mp_policy": mp_policy}
-    if offload_layers:
-        layer_config["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    if offload_layers or offload_root:
+        layer_config["offload_policy"] = offload
     for layer in model.layers.values():
         fully_shard(layer, **layer_config)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    root_config = {"mesh": mesh, "mp_policy": mp_policy}
+    if offload_root:
+        root_config["offload_policy"] = offload
+    fully_shard(model, **root_config)
     configure_gradient_reduction(model)
 
 
 def parallelize_dblocks_llama(model: nn.Module, parallel_dims: ParallelDims, job_config):
     check_supported_parallelism(parallel_dims)
+    if block_parallel_enabled(job_config):
+        from .block_parallel import parallelize_block_parallel
+
+        return parallelize_block_parallel(model, job_config, op_sac_save_list=_op_sac_save_list)
     if not offloads_inactive_blocks(job_config):
         model = parallelize_llama(model, parallel_dims, job_config)  # torchtitan's path
         configure_gradient_reduction(model)
         return model
     apply_ac_and_compile(model, job_config, op_sac_save_list=_op_sac_save_list)
-    device_type = "cuda" if torch.cuda.is_available() and job_config.training.device != "cpu" else "cpu"
-    shard_blockwise(model, data_parallel_mesh(parallel_dims, device_type), job_config,
+    shard_blockwise(model, data_parallel_mesh(parallel_dims, titan_utils.device_type), job_config,
                     offload_layers=True)
     return model
 
@@ -118,15 +130,23 @@ def parallelize_vision(model: nn.Module, parallel_dims: ParallelDims, job_config
     sigma embedder, final norm / AdaLN and head), so a step gathers only the active
     block's layers. With offload_inactive_blocks the layers live in host memory."""
     check_supported_parallelism(parallel_dims)
+    if block_parallel_enabled(job_config):
+        from .block_parallel import parallelize_block_parallel
+
+        return parallelize_block_parallel(model, job_config)
     apply_ac_and_compile(model, job_config)
-    offload = offloads_inactive_blocks(job_config)
+    offload = offloads_inactive_blocks(job_config) or job_config.training.enable_cpu_offload
     if parallel_dims.fsdp_enabled or offload:
-        device_type = "cuda" if torch.cuda.is_available() and job_config.training.device != "cpu" else "cpu"
-        shard_blockwise(model, data_parallel_mesh(parallel_dims, device_type), job_config,
-                        offload_layers=offload)
+        shard_blockwise(model, data_parallel_mesh(parallel_dims, titan_utils.device_type),
+                        job_config, offload_layers=offloads_inactive_blocks(job_config))
     elif parallel_dims.dp_replicate_enabled:
         raise ValueError(
             "[parallelism] data_parallel_replicate_degree > 1 without sharding: the vision "
             "models use FSDP2; set data_parallel_shard_degree (HSDP: both)"
         )
     return model
+
+
+def block_parallel_enabled(job_config) -> bool:
+    section = job_config.diffusion_blocks
+    return section.enable and section.block_parallel

@@ -5,6 +5,7 @@ model, the train loop, the samplers and tools/partition.py all read it from here
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -14,7 +15,10 @@ from .config import block_layer_ranges, DiffusionBlocks, layers_per_block
 
 @dataclass(frozen=True)
 class BlockPartition:
-    layer_ranges: tuple[range, ...]
+    """Plain values only (no ranges), so model args that hold it stay JSON-serialisable
+    (torchtitan's Trainer logs `json.dumps(asdict(model_args))`)."""
+
+    layer_counts: tuple[int, ...]  # layers per block, block 0 first
     sigma_boundaries: tuple[float, ...]  # ascending, B+1 values
     overlap: float
     schedule: diffusion.NoiseSchedule
@@ -27,7 +31,7 @@ class BlockPartition:
             len(counts), schedule, section.partition
         )
         return cls(
-            layer_ranges=tuple(block_layer_ranges(counts)),
+            layer_counts=tuple(counts),
             sigma_boundaries=tuple(boundaries),
             overlap=section.overlap,
             schedule=schedule,
@@ -45,9 +49,14 @@ class BlockPartition:
             key = "layers_per_block" if section.layers_per_block else "num_blocks"
             raise ConfigError(f"{origin_of(job_config, 'diffusion_blocks', key)}: {e}") from None
 
+    @cached_property
+    def layer_ranges(self) -> tuple[range, ...]:
+        """Contiguous layer index ranges, block 0 first."""
+        return tuple(block_layer_ranges(list(self.layer_counts)))
+
     @property
     def num_blocks(self) -> int:
-        return len(self.layer_ranges)
+        return len(self.layer_counts)
 
     def sigma_interval(self, block: int) -> tuple[float, float]:
         return diffusion.block_interval(block, list(self.sigma_boundaries))

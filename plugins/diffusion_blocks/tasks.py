@@ -1,7 +1,9 @@
 """How each model family turns a batch into a loss, with and without DiffusionBlocks.
 
 A task keeps the train loop free of per-architecture if-chains: the loop picks the
-block and the sigmas, the task noises the target, runs the model and scores it.
+block and the sigmas, the task noises the target, runs the model and scores it. Losses
+are sums over the microbatch's items with their count (objectives.LossSums); the loop
+divides by the global item count, as torchtitan does.
 """
 
 from dataclasses import dataclass
@@ -10,24 +12,17 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .objectives import per_sample_cross_entropy, weighted_cross_entropy
-
-
-@dataclass
-class StepLoss:
-    loss: torch.Tensor            # what backward() sees
-    unweighted: torch.Tensor      # the plain CE / MSE, for logging
-    num_items: int                # tokens or images, for throughput
+from .objectives import cross_entropy_sums, LossSums, weighted_cross_entropy_sums
 
 
 @dataclass
 class EvalContext:
-    """What a task's optional `evaluate(model, ctx) -> {name: value}` gets from the loop.
+    """What a task's optional `evaluate(model, ctx) -> {name: value}` gets.
 
-    The loop calls it (model in eval mode, under no_grad, on every rank: FSDP needs
-    every rank in every forward) every `[validation] freq` steps and after the last
-    step when `[validation] enable = true`, and logs the returned scalars. Anything
-    else (images) the task writes itself: TensorBoard writers are in `metric_logger`.
+    Called by the family's validator (model in eval mode, under no_grad, on every
+    rank: FSDP needs every rank in every forward) when `[validation] enable = true`,
+    at torchtitan's validation steps; the returned scalars are logged. Anything else
+    (images) the task writes itself: TensorBoard writers are in `metric_logger`.
     """
 
     job_config: Any
@@ -39,19 +34,23 @@ class EvalContext:
 
 
 class Task(Protocol):
+    unweighted_name: str  # what LossSums.unweighted_sum sums: "ce" or "mse"
+
     def denoiser_loss(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
         block: int, sigma_B: torch.Tensor, generator: torch.Generator,
-    ) -> StepLoss: ...
+    ) -> LossSums: ...
 
     def end_to_end_loss(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
         extra_kwargs: dict[str, Any], generator: torch.Generator,
-    ) -> StepLoss: ...
+    ) -> LossSums: ...
 
 
 class LanguageModelTask:
     """Autoregressive LM: noisy rows denoise the next tokens' normalised embeddings."""
+
+    unweighted_name = "ce"
 
     def denoiser_loss(self, model, inputs, labels, block, sigma_B, generator):
         tokens_BT = inputs["input"]
@@ -60,12 +59,9 @@ class LanguageModelTask:
             (*labels.shape, dim), generator=generator, device=labels.device
         )
         logits = model(tokens_BT, labels, block=block, sigma_B=sigma_B, noise_BTD=noise_BTD)
-        loss, ce = weighted_cross_entropy(
+        return weighted_cross_entropy_sums(
             logits, labels, sigma_B, model.partition.schedule.sigma_data
         )
-        return StepLoss(loss, ce, labels.numel())
 
     def end_to_end_loss(self, model, inputs, labels, extra_kwargs, generator):
-        logits = model(inputs["input"], **extra_kwargs)
-        ce = per_sample_cross_entropy(logits, labels).mean()
-        return StepLoss(ce, ce.detach(), labels.numel())
+        return cross_entropy_sums(model(inputs["input"], **extra_kwargs), labels)

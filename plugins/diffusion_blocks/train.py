@@ -1,126 +1,75 @@
-"""The block-wise train loop.
+"""The block-wise trainer: torchtitan's Trainer with the DiffusionBlocks step.
 
     torchrun --nproc_per_node N -m diffusion_blocks.train \
         --job.config_file train_configs/llama3_debug.toml [--section.key value ...]
+    TRAIN_FILE=diffusion_blocks.train ./run_train.sh      # torchtitan's launcher
 
-Each step trains ONE block: the schedule picks it (identically on every rank), each
-sample gets a sigma from the block's widened interval, and the model's root forward
-runs only that block's layers plus the shared modules. With `[diffusion_blocks]
-enable = false` the same loop trains the same model end to end.
-
-Built from torchtitan's parts: ParallelDims and its device mesh, the train spec's
-tokenizer / dataloader / parallelize (FSDP2, compile, activation checkpointing) /
-optimizer / LR scheduler builders, model converters, CheckpointManager (DCP) and the
-metric loggers (TensorBoard). We do not subclass torchtitan's Trainer: its __init__
-hard-wires CUDA device handling (`device_type` is "cuda" on a CPU machine) and a
-single loss path; the pieces it assembles are reused here unchanged.
+`BlockwiseTrainer` subclasses torchtitan 0.2.2's `torchtitan.train.Trainer`, which
+builds and runs everything (distributed init from `[comm]`, ParallelDims, tokenizer and
+dataloader, the model on meta, converters, parallelize, CheckpointManager, metrics
+processor, validator, profiling, GC, the train loop). What changes is only:
+- the step: each step trains ONE block, chosen identically on every rank; each sample
+  gets a sigma from the block's widened interval; the family's task computes the
+  w(sigma)-weighted loss, and only that block's layers run (`forward_backward_step`,
+  `train_step`, which also clips block-parallel runs with one global coefficient and
+  stops before stepping on a non-finite gradient norm);
+- per-block bookkeeping (steps and running CE per block, in the log and TensorBoard);
+- extra checkpointed state (block-choice, sigma and noise generators; the partition).
+With `[diffusion_blocks] enable = false` the same trainer trains the end-to-end twin.
+The train spec it is given comes from `registry.resolve_run_spec`; the CPU adaptation
+of torchtitan's module-level CUDA names lives in `titan_compat`.
 """
 
-import copy
-import json
+from __future__ import annotations
+
 import math
 import os
-import resource
-import time
 from dataclasses import dataclass, field
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.stateful import Stateful
 
-from torchtitan.components.checkpoint import CheckpointManager
-from torchtitan.components.dataloader import DataloaderExhaustedError
-from torchtitan.components.metrics import _build_metric_logger
-from torchtitan.config import TORCH_DTYPE_MAP
-from torchtitan.distributed import ParallelDims
-from torchtitan.distributed import parallel_dims as titan_parallel_dims
+from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.distributed import utils as dist_utils
-from torchtitan.protocols.model_converter import build_model_converters
-from torchtitan.protocols.train_spec import get_train_spec
-from torchtitan.tools import utils as titan_utils
+from torchtitan.train import Trainer
 from torchtitan.tools.logging import init_logger, logger
 
-from . import block_parallel, registry  # registry: registers specs on `python -m`
-from .config_loader import ConfigError, exit_on_config_error, origin_of, parse_job_config
+from . import block_parallel, titan_compat
+from .checkpoint import BlockwiseCheckpointManager
+from .config_loader import ConfigError, exit_on_user_error, origin_of, parse_job_config
+from .metrics import BLOCKWISE_PREFIX
+from .parallelize import check_supported_parallelism
+from .registry import resolve_run_spec
 from .schedules import build_block_schedule
-from .tasks import EvalContext
 
-# ---------------------------------------------------------------------------
-# Devices and process groups
+# what torchrun sets; a plain `python -m diffusion_blocks.train` is one process
+SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                      "MASTER_ADDR": "127.0.0.1"}
 
 
-def select_device(job_config) -> torch.device:
+def select_device_type(job_config) -> str:
+    """`[training] device`: 'auto' (CUDA when present), 'cpu' or 'cuda'."""
     requested = job_config.training.device
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"{origin_of(job_config, 'training', 'device')}: [training] device = 'cuda' "
             "but no CUDA device is available on this machine; use 'cpu' or 'auto'"
         )
-    use_cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(
-                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA "
-                "devices: launch at most that many processes per node"
-            )
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return "cuda"
 
 
-def init_process_group(device: torch.device, job_config) -> int:
-    """gloo on CPU, torchtitan's init (NCCL, flight recorder, timeouts) on CUDA."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    if device.type == "cpu":
-        # ParallelDims builds its device meshes on torchtitan's module-level
-        # `device_type`, which says "cuda" on a machine without CUDA: with more than
-        # one process the mesh then calls torch.cuda.set_device and fails.
-        titan_parallel_dims.device_type = "cpu"
-        if not dist.is_initialized():
-            dist.init_process_group(
-                "gloo", timeout=timedelta(seconds=job_config.comm.init_timeout_seconds)
-            )
-    return dist_utils.init_distributed(job_config.comm, base_folder=job_config.job.dump_folder)
-
-
-def build_parallel_dims(job_config, world_size: int) -> ParallelDims:
-    p = job_config.parallelism
-    try:
-        return ParallelDims(
-            dp_shard=p.data_parallel_shard_degree,
-            dp_replicate=p.data_parallel_replicate_degree,
-            cp=p.context_parallel_degree,
-            tp=p.tensor_parallel_degree,
-            pp=p.pipeline_parallel_degree,
-            ep=p.expert_parallel_degree,
-            etp=p.expert_tensor_parallel_degree,
-            world_size=world_size,
-        )
-    except AssertionError as e:
+def check_device_features(job_config, device_type: str) -> None:
+    """torchtitan keys that need CUDA are refused on the CPU rather than ignored."""
+    if device_type == "cpu" and job_config.profiling.enable_memory_snapshot:
         raise ConfigError(
-            f"[parallelism] does not fit {world_size} processes: {e}. The product of "
-            "data_parallel_replicate_degree, data_parallel_shard_degree and the other "
-            "degrees must equal the number of processes (-1 for dp_shard fills the rest)"
-        ) from None
-
-
-# ---------------------------------------------------------------------------
-# Memory and metrics
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak allocated accelerator memory, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+            f"{origin_of(job_config, 'profiling', 'enable_memory_snapshot')}: "
+            "[profiling] enable_memory_snapshot records the CUDA caching allocator's "
+            "history; this run is on the CPU, which has none (use enable_profiling for "
+            "a trace, or run on a GPU)"
+        )
 
 
 @dataclass
@@ -131,6 +80,10 @@ class BlockStats:
     running_ce: list[float] = field(default_factory=list)
     decay: float = 0.9
 
+    @classmethod
+    def empty(cls, num_blocks: int) -> "BlockStats":
+        return cls([0] * num_blocks, [math.nan] * num_blocks)
+
     def update(self, block: int, ce: float) -> None:
         self.steps[block] += 1
         previous = self.running_ce[block]
@@ -138,283 +91,135 @@ class BlockStats:
             self.decay * previous + (1 - self.decay) * ce
         )
 
-
-class StepMetrics:
-    """torchtitan's metric loggers (TensorBoard/W&B) plus a per-step log line and a
-    metrics.jsonl file on rank 0 (kept on a crash: it is appended and flushed)."""
-
-    def __init__(self, job_config, parallel_dims: ParallelDims, device: torch.device):
-        self.logger = _build_metric_logger(job_config, parallel_dims)
-        self.log_freq = job_config.metrics.log_freq
-        self.device = device
-        self.rank = dist.get_rank()
-        folder = Path(job_config.job.dump_folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(folder / "metrics.jsonl", "a") if self.rank == 0 else None
-        self.items_since_log = 0
-        self.time_last_log = time.perf_counter()
-
-    def should_log(self, step: int) -> bool:
-        return step == 1 or step % self.log_freq == 0
-
-    def log(self, step: int, metrics: dict[str, Any], block_stats: BlockStats | None):
-        elapsed = time.perf_counter() - self.time_last_log
-        metrics["throughput(items/s)"] = self.items_since_log / max(elapsed, 1e-9)
-        metrics["memory/peak(GiB)"] = peak_memory_gib(self.device)
-        scalars = dict(metrics)
-        if block_stats is not None:
-            for b, (n, ce) in enumerate(zip(block_stats.steps, block_stats.running_ce)):
-                scalars[f"blocks/steps_block{b}"] = n
-                if not math.isnan(ce):
-                    scalars[f"blocks/running_ce_block{b}"] = ce
-        self.logger.log(scalars, step)
-        line = [f"step: {step:4d}"]
-        if "block" in metrics:
-            line.append(f"block: {int(metrics['block'])}")
-        line += [
-            f"loss: {metrics['loss']:9.4f}",
-            f"ce: {metrics['ce']:7.4f}",
-        ]
-        if "sigma_mean" in metrics:
-            line.append(f"sigma: {metrics['sigma_mean']:7.3f}")
-        line += [
-            f"grad_norm: {metrics['grad_norm']:8.4f}",
-            f"lr: {metrics['lr']:.2e}",
-            f"memory: {metrics['memory/peak(GiB)']:5.2f}GiB",
-            f"tps: {metrics['throughput(items/s)']:,.0f}",
-        ]
-        logger.info("  ".join(line))
-        if block_stats is not None:
-            running = ", ".join("-" if math.isnan(c) else f"{c:.3f}" for c in block_stats.running_ce)
-            logger.info(f"  steps per block: {block_stats.steps}  running ce per block: [{running}]")
-        if self.jsonl is not None:
-            record = {"step": step, **metrics}
-            if block_stats is not None:
-                record["block_steps"] = list(block_stats.steps)
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
-        self.items_since_log = 0
-        self.time_last_log = time.perf_counter()
-
-    def log_eval(self, step: int, results: dict[str, float]) -> None:
-        self.logger.log(results, step)
-        logger.info(f"eval at step {step}: " + "  ".join(f"{k}: {v:.4f}" for k, v in results.items()))
-        if self.jsonl is not None:
-            self.jsonl.write(json.dumps({"step": step, **results}) + "\n")
-            self.jsonl.flush()
-
-    def close(self):
-        self.logger.close()
-        if self.jsonl is not None:
-            self.jsonl.close()
+    def as_metrics(self, unweighted_name: str) -> dict[str, float]:
+        metrics = {}
+        for b, (n, value) in enumerate(zip(self.steps, self.running_ce)):
+            metrics[f"{BLOCKWISE_PREFIX}steps_block{b}"] = n
+            if not math.isnan(value):
+                metrics[f"{BLOCKWISE_PREFIX}running_{unweighted_name}_block{b}"] = value
+        return metrics
 
 
-# ---------------------------------------------------------------------------
-# Model construction (shared with tools/generate.py)
+@dataclass
+class StepTotals:
+    """Per-block sums of one step on this rank: unweighted loss, items, sigma, samples."""
+
+    sums_BK: torch.Tensor
+
+    @classmethod
+    def zeros(cls, num_rows: int, device) -> "StepTotals":
+        return cls(torch.zeros(num_rows, 4, dtype=torch.float64, device=device))
+
+    def add(self, row: int, unweighted_sum, num_items, sigma_B: torch.Tensor | None) -> None:
+        sigma_sum = float(sigma_B.sum()) if sigma_B is not None else 0.0
+        samples = len(sigma_B) if sigma_B is not None else 0
+        self.sums_BK[row] += torch.stack([
+            unweighted_sum.detach().double(), num_items.double(),
+            torch.tensor(sigma_sum, dtype=torch.float64, device=self.sums_BK.device),
+            torch.tensor(float(samples), dtype=torch.float64, device=self.sums_BK.device),
+        ])
 
 
-def build_model(job_config, device: torch.device, parallel_dims: ParallelDims, parallelize=None):
-    """Meta-init the family's model (denoiser or its end-to-end twin), apply converters
-    and parallelisation (the train spec's, or `parallelize(model)`), materialise on
-    `device`. Returns (model, model_args, spec, family)."""
-    family = registry.model_family(job_config.model.name)
-    spec = get_train_spec(job_config.model.name)
-    if job_config.model.flavor not in spec.model_args:
-        raise ConfigError(
-            f"{origin_of(job_config, 'model', 'flavor')}: [model] flavor = "
-            f"{job_config.model.flavor!r} is not a flavor of {job_config.model.name}; "
-            f"available: {sorted(spec.model_args)}"
-        )
-    model_args = copy.deepcopy(spec.model_args[job_config.model.flavor])
-    model_args.update_from_config(job_config)
-    enabled = job_config.diffusion_blocks.enable
-    model_cls = spec.model_cls if enabled else family.end_to_end_model_cls
-    with torch.device("meta"), titan_utils.set_default_dtype(
-        TORCH_DTYPE_MAP[job_config.training.dtype]
-    ):
-        model = model_cls(model_args)
-    build_model_converters(job_config, parallel_dims).convert(model)
-    if parallelize is None:
-        model = spec.parallelize_fn(model, parallel_dims, job_config)
-    else:
-        model = parallelize(model)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        model.init_weights(buffer_device=None)
-    return model, model_args, spec, family
-
-
-def trainable_parameter_groups(model) -> dict[str, int]:
-    counts = {"total": sum(p.numel() for p in model.parameters())}
-    partition = getattr(model, "partition", None)
-    if partition is not None:
-        for b, layers in enumerate(partition.layer_ranges):
-            counts[f"block{b}"] = sum(
-                p.numel() for i in layers for p in model.layers[str(i)].parameters()
-            )
-    return counts
-
-
-@torch.no_grad()
-def init_empty_optimizer_state(optimizers) -> None:
-    """Give every parameter that has no optimizer state Adam's fresh state (step 0,
-    zero moments), exactly what Adam would create lazily on its first update.
-
-    Blocks that have not been trained yet otherwise have no state, so a checkpoint
-    lacks their keys, and DCP cannot resume from it ("Missing key in checkpoint
-    state_dict: optimizer.state.layers.N...": the loading side initialises state for
-    every parameter). A parameter without a gradient is still skipped by Adam, so an
-    inactive block is neither moved nor decayed and its step count stays 0.
-    """
-    from torch.optim.optimizer import _get_scalar_dtype
-
-    for optimizer in optimizers:
-        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            continue
-        for group in optimizer.param_groups:
-            on_device = group.get("capturable") or group.get("fused")
-            for p in group["params"]:
-                if len(optimizer.state[p]) > 0:
-                    continue
-                state = optimizer.state[p]
-                state["step"] = (
-                    torch.zeros((), dtype=_get_scalar_dtype(is_fused=group.get("fused")),
-                                device=p.device)
-                    if on_device else torch.tensor(0.0, dtype=_get_scalar_dtype())
-                )
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group.get("amsgrad"):
-                    state["max_exp_avg_sq"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-
-
-# ---------------------------------------------------------------------------
-# The trainer
-
-
-class BlockwiseTrainer(Stateful):
+class BlockwiseTrainer(Trainer):
     def __init__(self, job_config):
-        self.job_config = job_config
-        self.device = select_device(job_config)
-        world_size = init_process_group(self.device, job_config)
+        device_type = select_device_type(job_config)
+        check_device_features(job_config, device_type)
+        titan_compat.use_device(device_type)
+        self.run_spec = resolve_run_spec(job_config)
+        with titan_compat.trainer_overrides(
+            job_config.model.name, self.run_spec.spec, BlockwiseCheckpointManager
+        ):
+            super().__init__(job_config)
+
+        self.model = self.model_parts[0]
+        self.family, self.enabled = self.run_spec.family, self.run_spec.enabled
+        self.layout = getattr(self.model, "block_parallel_layout", None)
         self.rank = dist.get_rank()
-        self.parallel_dims = parallel_dims = build_parallel_dims(job_config, world_size)
-        self.enabled = job_config.diffusion_blocks.enable
-        dist_utils.set_determinism(
-            parallel_dims, self.device, job_config.debug, distinct_seed_mesh_dims=[]
-        )
-        if parallel_dims.dp_enabled:
-            batch_mesh = parallel_dims.get_mesh("batch")
-            dp_degree, dp_rank = batch_mesh.size(), batch_mesh.get_local_rank()
-        else:
-            dp_degree, dp_rank = 1, 0
-        self.dp_degree, self.dp_rank = dp_degree, dp_rank
-
-        spec = get_train_spec(job_config.model.name)
-        self.tokenizer = spec.build_tokenizer_fn(job_config) if spec.build_tokenizer_fn else None
-        self.dataloader = spec.build_dataloader_fn(
-            dp_world_size=dp_degree, dp_rank=dp_rank, tokenizer=self.tokenizer,
-            job_config=job_config,
-        )
         section = job_config.diffusion_blocks
-        self.layout = None
-        parallelize = None
-        if self.enabled and section.block_parallel:
-            num_blocks = len(section.layers_per_block) or section.num_blocks
-            self.layout = block_parallel.build_layout(job_config, num_blocks, self.device)
-            parallelize = lambda model: block_parallel.parallelize_block_parallel(  # noqa: E731
-                model, self.layout, job_config
-            )
-        self.model, self.model_args, self.train_spec, self.family = build_model(
-            job_config, self.device, parallel_dims, parallelize
-        )
-        self.model.train()
-        self.optimizers = spec.build_optimizers_fn(
-            [self.model], job_config.optimizer, parallel_dims
-        )
-        init_empty_optimizer_state(self.optimizers)  # complete checkpoints from step 1
-        self.lr_schedulers = spec.build_lr_schedulers_fn(
-            self.optimizers, job_config.lr_scheduler, job_config.training.steps
-        )
-
-        global_batch = job_config.training.global_batch_size
-        local_batch = job_config.training.local_batch_size
-        if global_batch < 0:
-            global_batch = local_batch * dp_degree
-        if global_batch % (local_batch * dp_degree):
-            raise ValueError(
-                f"[training] global_batch_size {global_batch} must be a multiple of "
-                f"local_batch_size x data-parallel degree = {local_batch * dp_degree}"
-            )
-        self.grad_accumulation_steps = global_batch // (local_batch * dp_degree)
-
-        section = job_config.diffusion_blocks
-        self.num_blocks = self.model.partition.num_blocks if self.enabled else 0
         if self.enabled:
+            self.partition = self.model.partition
+            self.num_blocks = self.partition.num_blocks
             self.block_schedule = build_block_schedule(
                 section.block_schedule, self.num_blocks, job_config.training.steps, section.seed
             )
-            self.block_stats = BlockStats([0] * self.num_blocks, [math.nan] * self.num_blocks)
-            self.max_norm = section.max_grad_norm
+            self.block_stats = BlockStats.empty(self.num_blocks)
+            self.metrics_processor.num_flops_per_token = blockwise_flops_per_token(
+                self.model, job_config.training.seq_len, self.metrics_processor.num_flops_per_token
+            )
         else:
+            self.partition, self.num_blocks = None, 0
             self.block_schedule, self.block_stats = None, None
-            self.max_norm = job_config.training.max_norm
+        self.block: int | None = None
         # per-rank generators for sigmas (CPU, float64) and noise (on the device)
         self.sigma_generator = torch.Generator().manual_seed(section.seed * 1000 + 1 + self.rank)
         self.noise_generator = torch.Generator(self.device).manual_seed(
             section.seed * 1000 + 2 + self.rank
         )
+        self.log_layout()
 
-        self.step = 0
-        self.items_seen = 0
-        self.checkpointer = CheckpointManager(
-            dataloader=self.dataloader,
-            model_parts=[self.model],
-            optimizers=self.optimizers,
-            lr_schedulers=self.lr_schedulers,
-            states={"train_state": self},
-            checkpoint_config=job_config.checkpoint,
-            sd_adapter=None,
-            base_folder=job_config.job.dump_folder,
-        )
-        self.metrics = StepMetrics(job_config, parallel_dims, self.device)
+    # -- construction ------------------------------------------------------
 
-        counts = trainable_parameter_groups(self.model)
+    def init_distributed(self):
+        """torchtitan's (`[comm]`, NCCL or gloo, ParallelDims), with user mistakes as
+        clear errors: a mesh that does not fit, parallelisms a block-wise step cannot
+        use, batch sizes that do not divide."""
+        try:
+            parallel_dims = super().init_distributed()
+        except AssertionError as e:
+            world = os.environ.get("WORLD_SIZE", "?")
+            raise ConfigError(
+                f"[parallelism] does not fit {world} processes: {e}. The product of "
+                "data_parallel_replicate_degree, data_parallel_shard_degree and the other "
+                "degrees must equal the number of processes (-1 for dp_shard fills the rest)"
+            ) from None
+        try:
+            check_supported_parallelism(parallel_dims)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        training = self.job_config.training
+        dp = parallel_dims.get_mesh("batch").size() if parallel_dims.dp_enabled else 1
+        if training.global_batch_size > 0 and training.global_batch_size % (training.local_batch_size * dp):
+            raise ConfigError(
+                f"{origin_of(self.job_config, 'training', 'global_batch_size')}: [training] "
+                f"global_batch_size {training.global_batch_size} must be a multiple of "
+                f"local_batch_size x data-parallel degree = {training.local_batch_size * dp}"
+            )
+        return parallel_dims
+
+    def log_layout(self) -> None:
+        config = self.job_config
+        section = config.diffusion_blocks
         mode = (
             f"DiffusionBlocks B={self.num_blocks} ({section.block_schedule} schedule, "
             f"{section.partition} partition, overlap {section.overlap})"
             if self.enabled else "end-to-end (diffusion_blocks disabled)"
         )
         logger.info(
-            f"Model {job_config.model.name} {job_config.model.flavor}: "
-            f"{counts['total']:,} parameters; {mode}; device {self.device}, "
-            f"world size {world_size}, grad accumulation {self.grad_accumulation_steps}"
+            f"{config.model.name} {config.model.flavor} as {type(self.model).__name__}: {mode}; "
+            f"device {self.device}, world size {dist.get_world_size()}, "
+            f"grad accumulation {self.gradient_accumulation_steps}"
         )
-        if self.enabled:
-            for b in range(self.num_blocks):
-                lo, hi = self.model.partition.training_interval(b)
-                layers = self.model.partition.layer_ranges[b]
-                logger.info(
-                    f"  block {b}: layers {layers.start}-{layers.stop - 1} "
-                    f"({counts[f'block{b}']:,} params), sigma in [{lo:.4g}, {hi:.4g}]"
-                )
+        if not self.enabled:
+            return
+        for b, layers in enumerate(self.partition.layer_ranges):
+            lo, hi = self.partition.training_interval(b)
+            params = sum(p.numel() for i in layers for p in self.model.layers[str(i)].parameters())
+            logger.info(
+                f"  block {b}: layers {layers.start}-{layers.stop - 1} ({params:,} params), "
+                f"sigma in [{lo:.4g}, {hi:.4g}]"
+            )
 
-    # -- checkpointed state -------------------------------------------------
+    # -- checkpointed state ------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        state = {
-            "step": self.step,
-            "items_seen": self.items_seen,
+        state = super().state_dict()
+        state.update({
             "enabled": self.enabled,
-            "layer_ranges": [
-                [r.start, r.stop] for r in self.model.partition.layer_ranges
-            ] if self.enabled else [],
+            "layer_counts": list(self.partition.layer_counts) if self.enabled else [],
             # per-rank generators under per-rank keys, as torchtitan does for dataloaders
             f"sigma_rng_rank{self.rank}": self.sigma_generator.get_state(),
             f"noise_rng_rank{self.rank}": self.noise_generator.get_state(),
-        }
+        })
         if self.enabled:
             state["block_schedule"] = self.block_schedule.state_dict()
             state["block_steps"] = list(self.block_stats.steps)
@@ -423,25 +228,23 @@ class BlockwiseTrainer(Stateful):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("enabled") != self.enabled:
-            raise ValueError(
+            raise ConfigError(
                 "checkpoint was saved with [diffusion_blocks] enable = "
                 f"{state.get('enabled')}, this run has enable = {self.enabled}"
             )
         if self.enabled:
-            saved = [list(r) for r in state["layer_ranges"]]
-            ours = [[r.start, r.stop] for r in self.model.partition.layer_ranges]
+            saved, ours = list(state["layer_counts"]), list(self.partition.layer_counts)
             if saved != ours:
-                raise ValueError(
-                    f"checkpoint was saved with {len(saved)} blocks (layer ranges "
-                    f"{saved}); this run has num_blocks = {len(ours)} (layer ranges "
+                raise ConfigError(
+                    f"checkpoint was saved with {len(saved)} blocks (layers per block "
+                    f"{saved}); this run has num_blocks = {len(ours)} (layers per block "
                     f"{ours}). Resume with the same [diffusion_blocks] num_blocks / "
                     "layers_per_block, or start a new dump_folder"
                 )
             self.block_schedule.load_state_dict(state["block_schedule"])
             self.block_stats.steps = list(state["block_steps"])
             self.block_stats.running_ce = list(state["block_running_ce"])
-        self.step = state["step"]
-        self.items_seen = state["items_seen"]
+        super().load_state_dict(state)
         for key, generator in (
             (f"sigma_rng_rank{self.rank}", self.sigma_generator),
             (f"noise_rng_rank{self.rank}", self.noise_generator),
@@ -462,164 +265,196 @@ class BlockwiseTrainer(Stateful):
             block = int(chosen.item())
         return block
 
-    def next_microbatches(self, data_iterator):
-        batches = []
-        for _ in range(self.grad_accumulation_steps):
-            try:
-                inputs, labels = next(data_iterator)
-            except StopIteration as e:
-                raise DataloaderExhaustedError() from e
-            batches.append((inputs, labels))
-        return batches
+    def post_dataloading_process(self, input_dict, labels):
+        if self.enabled:  # the denoiser builds its own [clean ; noisy] attention mask
+            return input_dict["input"], labels, {}, {}
+        return super().post_dataloading_process(input_dict, labels)
 
-    def extra_model_kwargs(self, tokens: torch.Tensor) -> dict[str, Any]:
-        """Attention masks for the end-to-end twin's flex/varlen flavors."""
-        if getattr(self.model_args, "attn_type", "sdpa") in ("flex", "varlen"):
-            return {"attention_masks": self.model.get_attention_masks(tokens, self.tokenizer)}
-        return {}
+    def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
+        """The task's loss sum over this microbatch, divided by the global item count
+        (torchtitan's convention), backward; returns the detached scaled loss."""
+        _, labels, _, extra_kwargs = self.post_dataloading_process(input_dict, labels)
+        task = self.family.task
+        sigma_B = None
+        with self.train_context():
+            with self.maybe_enable_amp:
+                if self.enabled:
+                    sigma_B = self.partition.sample_training_sigmas(
+                        self.block, labels.shape[0], self.sigma_generator
+                    )
+                    sums = task.denoiser_loss(
+                        self.model, input_dict, labels, self.block,
+                        sigma_B.to(self.device, torch.float32), self.noise_generator,
+                    )
+                else:
+                    sums = task.end_to_end_loss(
+                        self.model, input_dict, labels, extra_kwargs, self.noise_generator
+                    )
+                loss = sums.loss_sum / global_valid_tokens
+            loss.backward()
+        self.step_totals.add(self.block or 0, sums.unweighted_sum, sums.num_items, sigma_B)
+        return loss.detach()
 
-    def train_step(self, data_iterator) -> dict[str, Any]:
+    def normalisation_mesh(self):
+        """Ranks whose items a loss is divided by: the data-parallel ranks, or in a
+        block-parallel run the ranks of this rank's group."""
+        if self.layout is not None:
+            return self.layout.mesh["group_shard"]
+        return self.parallel_dims.get_mesh("batch") if self.parallel_dims.dp_enabled else None
+
+    def clip_gradients(self) -> torch.Tensor:
+        max_norm = self.job_config.training.max_norm
+        if self.layout is not None:
+            return block_parallel.clip_grad_norm_block_parallel(self.model, self.layout, max_norm)
+        return dist_utils.clip_grad_norm_(
+            [p for m in self.model_parts for p in m.parameters()], max_norm, foreach=True,
+            pp_mesh=self.parallel_dims.get_optional_mesh("pp"),
+            ep_enabled=self.parallel_dims.ep_enabled,
+        )
+
+    def train_step(self, data_iterator) -> None:
         self.optimizers.zero_grad()  # set_to_none: inactive blocks keep grad None
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
-        block = self.choose_block() if self.enabled else None
-        total_loss = torch.zeros((), device=self.device)
-        total_unweighted = torch.zeros((), device=self.device)
-        sigma_sum, sigma_count = 0.0, 0
-        task = self.family.task
-        for inputs, labels in self.next_microbatches(data_iterator):
-            inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            labels = labels.to(self.device)
-            if self.enabled:
-                sigma_B = self.model.partition.sample_training_sigmas(
-                    block, labels.shape[0], self.sigma_generator
-                )
-                sigma_sum, sigma_count = sigma_sum + float(sigma_B.sum()), sigma_count + len(sigma_B)
-                out = task.denoiser_loss(
-                    self.model, inputs, labels, block,
-                    sigma_B.to(self.device, torch.float32), self.noise_generator,
-                )
-            else:
-                out = task.end_to_end_loss(
-                    self.model, inputs, labels, self.extra_model_kwargs(inputs["input"]),
-                    self.noise_generator,
-                )
-            (out.loss / self.grad_accumulation_steps).backward()
-            total_loss += out.loss.detach() / self.grad_accumulation_steps
-            total_unweighted += out.unweighted / self.grad_accumulation_steps
-            self.metrics.items_since_log += out.num_items * self.dp_degree
-            self.items_seen += out.num_items * self.dp_degree
+        self.block = self.choose_block() if self.enabled else None
+        self.step_totals = StepTotals.zeros(max(self.num_blocks, 1), self.device)
 
-        params_with_grad = [p for p in self.model.parameters() if p.grad is not None]
-        if self.layout is not None:
-            grad_norm = block_parallel.clip_grad_norm_block_parallel(
-                self.model, self.layout, self.max_norm
+        microbatches = []
+        local_items = torch.tensor(0, dtype=torch.int64)
+        for _ in range(self.gradient_accumulation_steps):
+            input_dict, labels = next(data_iterator)
+            local_items += (labels != IGNORE_INDEX).sum()
+            microbatches.append((input_dict, labels))
+        local_items = local_items.to(self.device)
+        mesh = self.normalisation_mesh()
+        global_items = dist_utils.dist_sum(local_items, mesh) if mesh is not None else local_items
+        global_items = torch.as_tensor(global_items, dtype=torch.float32, device=self.device)
+
+        losses = []
+        for input_dict, labels in microbatches:
+            input_dict = {k: v.to(self.device) for k, v in input_dict.items()}
+            losses.append(self.forward_backward_step(
+                input_dict=input_dict, labels=labels.to(self.device),
+                global_valid_tokens=global_items,
+            ))
+
+        grad_norm = self.clip_gradients()
+        if not torch.isfinite(grad_norm):
+            where = f" (block {self.block})" if self.block is not None else ""
+            raise FloatingPointError(
+                f"gradient norm is {float(grad_norm)} at step {self.step}{where}: nothing "
+                "was stepped or saved at this step. Lower [optimizer] lr or [training] "
+                "max_norm, or resume from the last checkpoint"
             )
-        else:
-            grad_norm = dist_utils.clip_grad_norm_(params_with_grad, self.max_norm, foreach=True)
         self.checkpointer.maybe_wait_for_staging()
         self.optimizers.step()
         self.lr_schedulers.step()
 
-        loss, ce = self.mean_over_ranks(total_loss), self.mean_over_ranks(total_unweighted)
-        if self.enabled:
-            per_block = {block: ce} if self.layout is None else self.per_group_ce(total_unweighted)
-            for trained_block, block_ce in per_block.items():
-                self.block_stats.update(trained_block, block_ce)
-        metrics = {"loss": loss, "ce": ce, "grad_norm": float(grad_norm), "lr": lr}
-        if self.enabled:
-            if self.layout is None:
-                metrics["block"] = block
-            metrics["sigma_mean"] = sigma_sum / max(sigma_count, 1)
+        step_metrics = self.update_block_stats()
+        if self.layout is not None and (self.checkpoint_due() or self.validation_due()):
+            # every rank needs every block's current weights to save or validate
+            block_parallel.synchronize_blocks(self.model, self.optimizers, self.layout)
+        if not self.metrics_processor.should_log(self.step):
+            return
+        self.log_step(torch.sum(torch.stack(losses)), local_items, global_items, grad_norm,
+                      lr, step_metrics)
+
+    def update_block_stats(self) -> dict[str, float]:
+        """Sum this step's per-block totals over all ranks; update the per-block stats."""
+        totals = self.step_totals.sums_BK
+        if dist.get_world_size() > 1:
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        unweighted, items, sigma_sum, samples = totals.sum(0).tolist()
+        metrics = {f"{BLOCKWISE_PREFIX}{self.family.task.unweighted_name}": unweighted / max(items, 1)}
+        if not self.enabled:
+            return metrics
+        for block, (ce_sum, n, _, _) in enumerate(totals.tolist()):
+            if n > 0:
+                self.block_stats.update(block, ce_sum / n)
+        if self.layout is None:
+            metrics[f"{BLOCKWISE_PREFIX}block"] = self.block
+        metrics[f"{BLOCKWISE_PREFIX}sigma_mean"] = sigma_sum / max(samples, 1)
         return metrics
 
-    def per_group_ce(self, ce: torch.Tensor) -> dict[int, float]:
-        """Block-parallel: every block trained this step, with its group's mean CE."""
-        per_block = torch.zeros(self.num_blocks, device=self.device)
-        per_block[self.layout.group] = ce / self.layout.group_size
-        dist.all_reduce(per_block, op=dist.ReduceOp.SUM)
-        return {b: float(v) for b, v in enumerate(per_block)}
-
-    def checkpoint_due(self, last_step: bool) -> bool:
-        checkpoint = self.job_config.checkpoint
-        return checkpoint.enable and (last_step or self.step % checkpoint.interval == 0)
-
-    def mean_over_ranks(self, value: torch.Tensor) -> float:
-        # SUM then divide: gloo has no AVG
-        if dist.get_world_size() > 1:
-            value = value.clone()
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            value /= dist.get_world_size()
-        return float(value)
-
-    # -- the loop --------------------------------------------------------------
-
-    def train(self) -> None:
-        config = self.job_config
-        self.checkpointer.load(step=config.checkpoint.load_step)
-        logger.info(f"Training starts at step {self.step + 1} of {config.training.steps}")
-        data_iterator = iter(self.dataloader)
-        while self.step < config.training.steps:
-            self.step += 1
-            try:
-                metrics = self.train_step(data_iterator)
-            except DataloaderExhaustedError:
-                logger.warning("Ran out of data; last step was canceled.")
-                self.step -= 1
-                break
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(
-                    f"loss is {metrics['loss']} at step {self.step}"
-                    + (f" (block {metrics.get('block')})" if self.enabled else "")
-                )
-            if self.metrics.should_log(self.step):
-                self.metrics.log(self.step, metrics, self.block_stats)
-            last_step = self.step == config.training.steps
-            if self.layout is not None and self.checkpoint_due(last_step):
-                block_parallel.synchronize_blocks(self.model, self.optimizers, self.layout)
-            self.checkpointer.save(self.step, last_step=last_step)
-            self.maybe_evaluate()
-        if self.enabled:
-            logger.info(f"Training done: steps per block {self.block_stats.steps}")
+    def log_step(self, loss, local_items, global_items, grad_norm, lr, step_metrics) -> None:
+        """torchtitan's loss reduction (global mean and max of the ranks' means) and its
+        metrics processor, with the per-block figures as extra metrics."""
+        if self.parallel_dims.dp_cp_enabled:
+            loss_mesh = self.parallel_dims.get_optional_mesh("loss")
+            groups = self.layout.num_blocks if self.layout is not None else 1
+            global_avg_loss = dist_utils.dist_sum(loss, loss_mesh) / groups
+            global_max_loss = dist_utils.dist_max(loss * global_items / local_items, loss_mesh)
+            ntokens_seen = dist_utils.dist_sum(
+                torch.tensor(self.ntokens_seen, dtype=torch.int64, device=self.device), loss_mesh
+            )
         else:
-            logger.info("Training done")
-
-    def maybe_evaluate(self) -> None:
-        """The task's own evaluation (e.g. test accuracy, sample grids), when it has one
-        and `[validation] enable`: every `[validation] freq` steps and after the last."""
-        evaluate = getattr(self.family.task, "evaluate", None)
-        validation = self.job_config.validation
-        last = self.step == self.job_config.training.steps
-        if evaluate is None or not validation.enable or not (last or self.step % validation.freq == 0):
-            return
-        if self.layout is not None and not self.checkpoint_due(last):
-            # block-parallel: every rank needs every block's current weights
-            block_parallel.synchronize_blocks(self.model, self.optimizers, self.layout)
-        context = EvalContext(
-            self.job_config, self.step, self.device, self.dp_rank, self.dp_degree,
-            self.metrics.logger,
+            global_avg_loss = global_max_loss = loss.item()
+            ntokens_seen = self.ntokens_seen
+        extra = {"n_tokens_seen": ntokens_seen, "lr": lr, **step_metrics}
+        if self.enabled:
+            extra.update(self.block_stats.as_metrics(self.family.task.unweighted_name))
+        self.metrics_processor.log(
+            self.step, global_avg_loss, global_max_loss, grad_norm.item(), extra_metrics=extra
         )
-        self.model.eval()
-        with torch.no_grad():
-            results = evaluate(self.model, context)
-        self.model.train()
-        if results:
-            self.metrics.log_eval(self.step, results)
 
-    def close(self) -> None:
-        if hasattr(self, "checkpointer"):
-            self.checkpointer.close()
-        if hasattr(self, "metrics"):
-            self.metrics.close()
+    def checkpoint_due(self) -> bool:
+        checkpoint = self.job_config.checkpoint
+        last = self.step == self.job_config.training.steps
+        return checkpoint.enable and (
+            last or self.step % checkpoint.interval == 0
+            or (self.step == 1 and checkpoint.enable_first_step_checkpoint)
+        )
+
+    def validation_due(self) -> bool:
+        return self.job_config.validation.enable and self.validator.should_validate(self.step)
 
 
-@exit_on_config_error
+def blockwise_flops_per_token(model, seq_len: int, end_to_end_flops: int) -> int:
+    """FLOPs per item of one block-wise training step, for torchtitan's TFLOPS and MFU.
+
+    A step runs one block's layers instead of all of them: the layers' share of the
+    end-to-end figure shrinks by the block's share of the layer parameters (on average
+    1/B); the LM's 2T sequence doubles the layers' work per label token. Shared modules
+    (embedding, head) count in full."""
+    layer_params = sum(p.numel() for p in model.layers.parameters())
+    all_params = sum(p.numel() for p in model.parameters())
+    if layer_params == 0 or end_to_end_flops <= 0:
+        return end_to_end_flops
+    tokens_per_item = getattr(model, "TOKENS_PER_LABEL", 1)
+    layer_share = layer_params / all_params
+    blocks = model.partition.num_blocks
+    scaled = end_to_end_flops * ((1 - layer_share) + layer_share * tokens_per_item / blocks)
+    return int(scaled)
+
+
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
+    """What torchtitan's `main(TrainerClass)` does (train, or write a seed checkpoint;
+    close; destroy the process group), with our composable, checked config."""
     init_logger()
+    for key, value in SINGLE_PROCESS_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     job_config = parse_job_config(argv)
     trainer = None
     try:
         trainer = BlockwiseTrainer(job_config)
+        if job_config.comm.mode == "local_tensor":
+            logger.info("Local tensor mode enabled - skipping training execution")
+            return
+        if job_config.checkpoint.create_seed_checkpoint:
+            if dist.get_world_size() != 1 or not job_config.checkpoint.enable:
+                raise ConfigError(
+                    f"{origin_of(job_config, 'checkpoint', 'create_seed_checkpoint')}: a seed "
+                    "checkpoint is written by ONE process with [checkpoint] enable = true "
+                    f"(this run: {dist.get_world_size()} processes, enable = "
+                    f"{job_config.checkpoint.enable})"
+                )
+            trainer.checkpointer.save(curr_step=0, last_step=True)
+            logger.info("Created seed checkpoint")
+            return
         trainer.train()
+        if trainer.enabled:
+            logger.info(f"Training done: steps per block {trainer.block_stats.steps}")
     finally:
         if trainer is not None:
             trainer.close()

@@ -8,8 +8,8 @@ import torch.distributed as dist
 
 from .data.images import ImageSplit, load_job_split, sharded_batches
 from .image_grid import make_grid, save_png, tensorboard_writers
-from .objectives import per_sample_cross_entropy, weighted_cross_entropy, weighted_squared_error
-from .tasks import EvalContext, StepLoss
+from .objectives import cross_entropy_sums, weighted_cross_entropy_sums, weighted_squared_error_sums
+from .tasks import EvalContext
 
 EVAL_SEED = 1234
 GRID_CLASSES = 10      # sample-grid rows (the first classes when there are more)
@@ -47,6 +47,8 @@ def count_correct(
 class ImageClassificationTask:
     """ViT: the denoiser denoises the label embedding; the baseline is CE on [CLS]."""
 
+    unweighted_name = "ce"
+
     def denoiser_loss(self, model, inputs, labels, block, sigma_B, generator):
         noise_BD = torch.randn(
             labels.shape[0], model.model_args.dim, generator=generator, device=labels.device
@@ -54,15 +56,13 @@ class ImageClassificationTask:
         out = model(
             inputs["input"], block=block, sigma_B=sigma_B, labels_B=labels, noise_BD=noise_BD
         )
-        loss, ce = weighted_cross_entropy(
+        return weighted_cross_entropy_sums(
             out.logits_BK[:, None], labels[:, None], sigma_B, model.partition.schedule.sigma_data
         )
-        return StepLoss(loss, ce, labels.shape[0])
 
     def end_to_end_loss(self, model, inputs, labels, extra_kwargs, generator):
         logits_BK = model(inputs["input"])
-        ce = per_sample_cross_entropy(logits_BK[:, None], labels[:, None]).mean()
-        return StepLoss(ce, ce.detach(), labels.shape[0])
+        return cross_entropy_sums(logits_BK[:, None], labels[:, None])
 
     def evaluate(self, model, ctx: EvalContext) -> dict[str, float]:
         split = load_job_split(ctx.job_config, "test")
@@ -87,16 +87,17 @@ def grid_classes(num_classes: int, per_class: int, device) -> torch.Tensor:
 class ImageGenerationTask:
     """DiT: EDM denoising of images, w(sigma)-weighted squared error, label dropout."""
 
+    unweighted_name = "mse"
+
     def denoiser_loss(self, model, inputs, labels, block, sigma_B, generator):
         x_BCHW = inputs["input"]
         noise_BCHW = torch.randn(x_BCHW.shape, generator=generator, device=x_BCHW.device)
         z_BCHW = x_BCHW + sigma_B.to(x_BCHW.dtype)[:, None, None, None] * noise_BCHW
         classes_B = model.drop_labels(labels, generator)
         denoised_BCHW = model(z_BCHW, sigma_B, classes_B, block=block)
-        loss, mse = weighted_squared_error(
+        return weighted_squared_error_sums(
             denoised_BCHW, x_BCHW, sigma_B, model.partition.schedule.sigma_data
         )
-        return StepLoss(loss, mse, labels.shape[0])
 
     def end_to_end_loss(self, model, inputs, labels, extra_kwargs, generator):
         """One block with every layer; sigma from the global truncated log-normal."""

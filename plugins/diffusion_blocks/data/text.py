@@ -33,17 +33,25 @@ class ByteTokenizer(BaseTokenizer):
 TOKENIZERS = {"byte": lambda job_config: ByteTokenizer()}
 
 
-def build_tokenizer(job_config) -> BaseTokenizer:
-    """`[data] tokenizer`: 'byte', or 'hf' for torchtitan's tokenizer at model.hf_assets_path."""
+def build_hf_tokenizer_checked(job_config) -> BaseTokenizer:
+    path = job_config.model.hf_assets_path
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"the Hugging Face tokenizer is read from [model] hf_assets_path, but "
+            f"{path!r} does not exist (or set [data] tokenizer = 'byte')"
+        )
+    return build_hf_tokenizer(job_config)
+
+
+def build_tokenizer(job_config, default=None) -> BaseTokenizer:
+    """`[data] tokenizer`: 'auto' = the train spec's own (`default`: the HF tokenizer
+    for a stock torchtitan llama3 model, bytes for dblocks_llama3), 'byte', or 'hf'
+    (torchtitan's tokenizer at [model] hf_assets_path)."""
     name = job_config.data.tokenizer
+    if name == "auto":
+        return default(job_config) if default is not None else ByteTokenizer()
     if name == "hf":
-        path = job_config.model.hf_assets_path
-        if not os.path.isdir(path):
-            raise ValueError(
-                f"[data] tokenizer = 'hf' needs a tokenizer directory at "
-                f"[model] hf_assets_path, but {path!r} does not exist"
-            )
-        return build_hf_tokenizer(job_config)
+        return build_hf_tokenizer_checked(job_config)
     return TOKENIZERS[name](job_config)
 
 

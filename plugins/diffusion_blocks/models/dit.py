@@ -150,7 +150,7 @@ class DiffusionBlocksDiT(nn.Module):
 def single_block_partition(schedule: diffusion.NoiseSchedule, n_layers: int) -> BlockPartition:
     """All layers in one block owning all of [sigma_min, sigma_max]."""
     return BlockPartition(
-        layer_ranges=(range(n_layers),),
+        layer_counts=(n_layers,),
         sigma_boundaries=(schedule.sigma_min, schedule.sigma_max),
         overlap=0.0,
         schedule=schedule,

@@ -128,6 +128,7 @@ class DiffusionBlocksLlama(Transformer):
     partition: BlockPartition
     sigma_embedder: SigmaEmbedder
     final_adaln: FinalAdaLN
+    TOKENS_PER_LABEL = 2  # a block runs on [clean ; noisy]: 2T rows for T labels
 
     def __init__(self, model_args: DiffusionBlocksLlamaArgs):
         assert model_args.partition is not None, "call update_from_config first"
@@ -258,11 +259,14 @@ def _as_dblocks_args(args: TransformerModelArgs, **overrides) -> DiffusionBlocks
 
 
 def dblocks_llama3_flavors() -> dict[str, DiffusionBlocksLlamaArgs]:
-    """torchtitan's llama3 shapes; the debug models get 8 layers so B = 2, 4, 8 split evenly."""
+    """torchtitan's llama3 flavors with their stock shapes (debugmodel: 6 layers), plus
+    our own names: 8-layer debug models (B = 2, 4, 8 split evenly), DESIGN.md's measured
+    anchor shape and Llama 3.2 1B (the memory benchmarks' sizes)."""
     flavors = {name: _as_dblocks_args(args) for name, args in llama3_args.items()}
-    for name in ("debugmodel", "debugmodel_flex_attn"):
-        flavors[name] = _as_dblocks_args(llama3_args[name], n_layers=8, n_heads=8)
-    # DESIGN.md's measured anchor shape, and Llama 3.2 1B: the memory benchmarks' sizes
+    flavors["debugmodel_8l"] = _as_dblocks_args(llama3_args["debugmodel"], n_layers=8, n_heads=8)
+    flavors["debugmodel_8l_flex_attn"] = _as_dblocks_args(
+        llama3_args["debugmodel_flex_attn"], n_layers=8, n_heads=8
+    )
     flavors["250M"] = DiffusionBlocksLlamaArgs(
         dim=1024, n_layers=16, n_heads=16, vocab_size=32000, rope_theta=500000
     )
@@ -270,6 +274,7 @@ def dblocks_llama3_flavors() -> dict[str, DiffusionBlocksLlamaArgs]:
         dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5,
         multiple_of=256, vocab_size=128256, rope_theta=500000,
     )
+    # varlen attention packs documents; the 2T denoiser sequence has its own mask
     flavors.pop("debugmodel_varlen_attn", None)
     flavors.pop("8B_varlen", None)
     return flavors
