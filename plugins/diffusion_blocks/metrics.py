@@ -94,5 +94,12 @@ def blockwise_log_line(metrics: dict[str, Any]) -> str:
     return "  " + "  ".join(parts)
 
 
+def _per_block(metrics: dict[str, Any], name: str):
+    prefix = f"{BLOCKWISE_PREFIX}{name}"
+    for key, value in metrics.items():
+        if key.startswith(prefix) and key[len(prefix):].isdigit():
+            yield int(key[len(prefix):]), value
+
+
 def build_blockwise_metrics_processor(job_config, parallel_dims, model_args=None, tag=None):
     return BlockwiseMetricsProcessor(job_config, parallel_dims, tag)
