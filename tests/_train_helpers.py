@@ -38,12 +38,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def subprocess_env(record_dir: Path | None = None) -> dict[str, str]:
+def subprocess_env(
+    record_dir: Path | None = None, extra_pythonpath: list[Path] = ()
+) -> dict[str, str]:
     env = dict(os.environ)
-    plugins = str(REPO / "plugins")
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (plugins, env.get("PYTHONPATH", "")) if p
-    )
+    paths = [str(REPO / "plugins"), *map(str, extra_pythonpath), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env.setdefault("OMP_NUM_THREADS", "1")
     # a launch from inside a torchrun'ed test run must not inherit its rendezvous
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -54,10 +54,12 @@ def subprocess_env(record_dir: Path | None = None) -> dict[str, str]:
 
 
 def torchrun(
-    args: list[str], nproc: int = 1, *, record_dir: Path | None = None, timeout: float = 300
+    args: list[str], nproc: int = 1, *, record_dir: Path | None = None, timeout: float = 300,
+    extra_pythonpath: list[Path] = (),
 ) -> subprocess.CompletedProcess:
     """Run the trainer under torchrun. With record_dir, run this file's instrumented
-    launcher instead of `-m diffusion_blocks.train` (same trainer, same arguments)."""
+    launcher instead of `-m diffusion_blocks.train` (same trainer, same arguments).
+    extra_pythonpath: folders put on the workers' PYTHONPATH (e.g. a user's module)."""
     target = [str(LAUNCHER)] if record_dir is not None else ["-m", "diffusion_blocks.train"]
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
@@ -66,9 +68,9 @@ def torchrun(
         "--master_port", str(free_port()),
         *target, *args,
     ]
+    env = subprocess_env(record_dir, extra_pythonpath)
     return subprocess.run(
-        cmd, cwd=REPO, env=subprocess_env(record_dir), capture_output=True, text=True,
-        timeout=timeout,
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 

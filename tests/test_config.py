@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -134,3 +135,174 @@ def test_partition_tool_json_for_config_file():
     assert rows[0]["sigma_hi"] == 80.0 and rows[-1]["sigma_lo"] == 0.002
     assert rows[1]["train_lo"] < rows[1]["sigma_lo"] and rows[1]["train_hi"] > rows[1]["sigma_hi"]
     assert sum(r["mass"] for r in rows) > 1.0  # overlap 0.1 widens every interval
+
+
+# ---------------------------------------------------------------------------
+# torchtitan's extension points: [job] custom_config_module, [experimental] custom_import
+
+DEBUG_TOML = REPO / "train_configs" / "llama3_debug.toml"
+
+MY_CONFIG_MODULE = """
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MySection:
+    alpha: int = 1
+
+
+@dataclass
+class JobConfig:
+    my_section: MySection = field(default_factory=MySection)
+"""
+
+TINY_DATASET_MODULE = """
+from datasets import Dataset
+from torchtitan.hf_datasets import DatasetConfig
+from torchtitan.hf_datasets.text_datasets import DATASETS
+
+LINES = [f"line {i}: the quick brown fox jumps over the lazy dog." for i in range(64)]
+
+DATASETS[DATASET_NAME] = DatasetConfig(
+    path="in-memory",
+    loader=lambda path: Dataset.from_dict({"text": LINES}),
+    sample_processor=lambda sample: sample["text"],
+)
+"""
+
+
+def tiny_dataset_module(dataset: str) -> str:
+    return TINY_DATASET_MODULE.replace("DATASET_NAME", repr(dataset))
+
+
+def write_module(folder, text: str, prefix: str) -> str:
+    """Write text as a fresh module in folder; its unique name (no import-cache leaks)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.py").write_text(text)
+    return name
+
+
+@pytest.fixture
+def my_config_module(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return write_module(tmp_path, MY_CONFIG_MODULE, "my_config")
+
+
+def test_custom_config_module_in_toml_is_merged_and_checked(write_toml, my_config_module):
+    path = write_toml(
+        "custom.toml",
+        f'extends = "{DEBUG_TOML}"\n[job]\ncustom_config_module = "{my_config_module}"\n'
+        "[my_section]\nalpha = 5\n",
+    )
+    cfg = parse(path)
+    assert cfg.my_section.alpha == 5
+    assert cfg.diffusion_blocks.num_blocks == 4  # ours still merged
+
+
+@pytest.mark.parametrize("flag", ["--job.custom_config_module", "--job.custom-config-module", "="])
+def test_custom_config_module_on_command_line(write_toml, my_config_module, flag):
+    path = write_toml("custom.toml", f'extends = "{DEBUG_TOML}"\n[my_section]\nalpha = 5\n')
+    args = (
+        [f"--job.custom_config_module={my_config_module}"]
+        if flag == "="
+        else [flag, my_config_module]
+    )
+    assert parse(path, *args).my_section.alpha == 5
+    assert parse(path, *args, "--my_section.alpha", "7").my_section.alpha == 7
+
+
+def test_custom_config_module_unknown_key_names_file_and_closest(write_toml, my_config_module):
+    path = write_toml(
+        "typo.toml",
+        f'extends = "{DEBUG_TOML}"\n[job]\ncustom_config_module = "{my_config_module}"\n'
+        "[my_section]\nalpah = 5\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        parse(path)
+    message = str(info.value)
+    assert message.startswith(str(path))
+    assert "my_section.alpah" in message and "did you mean alpha" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("where", ["toml", "cli"])
+def test_custom_config_module_missing_is_a_config_error(write_toml, where):
+    missing = f"no_such_module_{uuid.uuid4().hex[:8]}"
+    if where == "toml":
+        path = write_toml("missing.toml", f'[job]\ncustom_config_module = "{missing}"\n')
+        args, origin = [], str(path)
+    else:
+        path = write_toml("missing.toml", "[training]\nsteps = 3\n")
+        args, origin = ["--job.custom-config-module", missing], "--job.custom-config-module"
+    with pytest.raises(ConfigError) as info:
+        parse(path, *args)
+    message = str(info.value)
+    assert origin in message and "custom_config_module" in message and missing in message
+    assert "\n" not in message
+
+
+def test_custom_config_module_without_job_config_is_a_config_error(write_toml, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = write_module(tmp_path, "X = 1\n", "no_job_config")
+    path = write_toml("plain.toml", f'[job]\ncustom_config_module = "{name}"\n')
+    with pytest.raises(ConfigError, match=rf"{path}: .*custom_config_module '{name}' has no JobConfig"):
+        parse(path)
+
+
+def test_custom_import_runs_before_our_checks(tmp_path, monkeypatch):
+    from torchtitan.hf_datasets.text_datasets import DATASETS
+
+    from diffusion_blocks.data.text import TOKENIZERS
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"tiny_{uuid.uuid4().hex[:8]}"
+    # [data] tokenizer is checked against TOKENIZERS: passes only if the import came first
+    text = tiny_dataset_module(name) + (
+        "from diffusion_blocks.data.text import TOKENIZERS, ByteTokenizer\n"
+        "TOKENIZERS[DATASET_NAME] = lambda job_config: ByteTokenizer()\n"
+    ).replace("DATASET_NAME", repr(name))
+    module = write_module(tmp_path, text, "tiny_data")
+    try:
+        cfg = parse(DEBUG_TOML, "--experimental.custom_import", module,
+                    "--training.dataset", name, "--data.tokenizer", name)
+        assert cfg.experimental.custom_import == module and cfg.data.tokenizer == name
+        assert module in sys.modules and name in DATASETS
+    finally:
+        DATASETS.pop(name, None)
+        TOKENIZERS.pop(name, None)
+
+
+def test_custom_import_missing_is_a_config_error(write_toml):
+    missing = f"no_such_module_{uuid.uuid4().hex[:8]}"
+    path = write_toml("imp.toml", f'[experimental]\ncustom_import = "{missing}"\n')
+    with pytest.raises(ConfigError, match=rf"^{path}: \[experimental\] custom_import '{missing}' cannot be imported: No module named"):
+        parse(path)
+
+
+def test_custom_import_dataset_trains_end_to_end(tmp_path):
+    from _train_helpers import TINY, check_ok, output_of, read_jsonl, torchrun
+
+    modules = tmp_path / "modules"
+    module = write_module(modules, tiny_dataset_module("tiny_custom"), "tiny_data")
+    out = tmp_path / "out"
+    args = [
+        "--job.config_file", str(DEBUG_TOML), *TINY, "--training.steps", "3",
+        "--job.dump_folder", str(out), "--checkpoint.no_enable",
+        "--metrics.no_enable_tensorboard", "--training.dataset", "tiny_custom",
+    ]
+    proc = torchrun([*args, "--experimental.custom_import", module],
+                    timeout=300, extra_pythonpath=[modules])
+    check_ok(proc)
+    assert "Preparing tiny_custom dataset from in-memory" in output_of(proc)
+    assert len(read_jsonl(out / "metrics.jsonl")) == 3
+
+    proc = torchrun([*args, "--experimental.custom_import", "no_such_module_xyz"],
+                    timeout=300, extra_pythonpath=[modules])
+    assert proc.returncode != 0
+    # the worker exits 2 with one line; the only traceback is torchrun's own ChildFailedError
+    assert "(exitcode: 2)" in proc.stderr
+    assert "ModuleNotFoundError" not in proc.stderr and "config_loader.py" not in proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "custom_import 'no_such_module_xyz'" in errors[0]
+    assert "command line (--experimental.custom_import)" in errors[0]

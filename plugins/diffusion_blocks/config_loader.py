@@ -8,6 +8,10 @@ What this adds to torchtitan 0.2.2 (which loads exactly one TOML file):
   unknown sections/keys name the file and the closest valid names, wrong types name
   the expected type;
 - the `[diffusion_blocks]` section is always available (no custom_config_module needed);
+  a user's `[job] custom_config_module` is merged on top before the check, so its
+  sections are checked like ours;
+- `[experimental] custom_import` is imported right after parsing, so what it registers
+  (datasets, tokenizers, train specs) is there for our checks;
 - torchtitan-style `--section.key value` CLI overrides apply last (tyro, as upstream).
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import os
 import sys
 import types
@@ -210,23 +215,44 @@ class DiffusionBlocksConfigManager(ConfigManager):
         self.origins: dict[tuple[str, ...], str] = {}
 
     def _maybe_load_toml(self, args: list[str]) -> dict[str, Any] | None:
-        file_path = _config_file_from_args(args)
-        if file_path is None:
-            return None
-        table, self.origins = load_composed_toml(file_path)
+        file_path = _cli_value(args, "job", "config_file")
+        table: dict = {}
+        if file_path:
+            table, self.origins = load_composed_toml(file_path)
+        # the user's JobConfig must be merged before the check knows their sections
+        self.config_cls = self._merge_custom_config(args, table)
         check_against_dataclass(self.config_cls, table, self.origins)
-        return table
+        return table or None
+
+    def _maybe_add_custom_config(self, args: list[str], toml_values) -> type:
+        return self.config_cls  # merged already, in _maybe_load_toml
+
+    def _merge_custom_config(self, args: list[str], table: dict) -> type:
+        """self.config_cls with `[job] custom_config_module`'s JobConfig merged in (CLI first)."""
+        module_path = _cli_value(args, "job", "custom_config_module")
+        job = table.get("job")
+        if not module_path and isinstance(job, dict):
+            module_path = job.get("custom_config_module")
+        if not module_path or not isinstance(module_path, str):
+            return self.config_cls  # a non-string TOML value is reported by the check
+        where = _where(args, self.origins, "job", "custom_config_module")
+        module = _import_for(module_path, "[job] custom_config_module", where)
+        custom = getattr(module, "JobConfig", None)
+        if not (isinstance(custom, type) and dataclasses.is_dataclass(custom)):
+            raise ConfigError(
+                f"{where}: [job] custom_config_module {module_path!r} has no JobConfig dataclass"
+            )
+        return self._merge_configs(self.config_cls, custom)
 
 
-def _config_file_from_args(args: list[str]) -> str | None:
-    names = {"--job.config-file", "--job.config_file"}
+def _cli_value(args: list[str], section: str, key: str) -> str | None:
+    """The value of `--section.key value` or `--section.key=value` (either spelling)."""
     for i, arg in enumerate(args):
-        key, _, value = arg.partition("=")
-        if key in names:
-            if value:
+        flag, eq, value = arg.partition("=")
+        if flag.replace("-", "_") == f"__{section}.{key}":
+            if eq:
                 return value
-            if i + 1 < len(args):
-                return args[i + 1]
+            return args[i + 1] if i + 1 < len(args) else None
     return None
 
 
@@ -238,6 +264,21 @@ def _cli_origin(args: list[str], section: str, key: str) -> str | None:
     return None
 
 
+def _where(args: list[str], origins, section: str, key: str) -> str:
+    """The CLI flag, else the file, that set `[section] key`."""
+    return _cli_origin(args, section, key) or _origin_of((section, key), origins)
+
+
+def _import_for(module_path: str, setting: str, where: str):
+    try:
+        return importlib.import_module(module_path)
+    except ImportError as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"{where}: {setting} {module_path!r} cannot be imported: {reason}"
+        ) from None
+
+
 def parse_job_config(args: list[str] | None = None):
     """Parse CLI args (with --job.config_file) into a validated JobConfig.
 
@@ -247,6 +288,10 @@ def parse_job_config(args: list[str] | None = None):
     manager = DiffusionBlocksConfigManager()
     job_config = manager.parse_args(args)
     origins = dict(manager.origins)
+    # as torchtitan's Trainer does, but before our checks read the registries
+    if job_config.experimental.custom_import:
+        where = _where(args, origins, "experimental", "custom_import")
+        _import_for(job_config.experimental.custom_import, "[experimental] custom_import", where)
     for section_name, check in dblocks_config.SECTION_CHECKS.items():
         section = getattr(job_config, section_name)
         for key in (f.name for f in dataclasses.fields(section)):
