@@ -41,6 +41,15 @@ EXTENDS_KEY = "extends"
 CUSTOM_CONFIG_MODULE = "diffusion_blocks.config"
 
 
+# keys that existed once and now live elsewhere: a config that sets them is told where
+MOVED_KEYS = {
+    ("diffusion_blocks", "max_grad_norm"): (
+        "is gone: gradients are clipped by torchtitan's own key, [training] max_norm "
+        "(default 1.0); set that instead"
+    ),
+}
+
+
 class ConfigError(ValueError):
     """A user mistake in a job config; the message says what and where."""
 
@@ -121,6 +130,8 @@ def check_against_dataclass(
     for key, value in table.items():
         key_path = (*prefix, key)
         where = _origin_of(key_path, origins)
+        if key_path in MOVED_KEYS:
+            raise ConfigError(f"{where}: '{'.'.join(key_path)}' {MOVED_KEYS[key_path]}")
         if key not in valid:
             kind = "section" if not prefix else "key"
             owner = f"[{'.'.join(prefix)}]" if prefix else "the job config"
@@ -285,6 +296,10 @@ def parse_job_config(args: list[str] | None = None):
     Raises ConfigError with a one-paragraph message for any user mistake.
     """
     args = list(sys.argv[1:] if args is None else args)
+    for (section, key), message in MOVED_KEYS.items():
+        flag = _cli_origin(args, section, key)
+        if flag:
+            raise ConfigError(f"{flag}: '{section}.{key}' {message}")
     manager = DiffusionBlocksConfigManager()
     job_config = manager.parse_args(args)
     origins = dict(manager.origins)
