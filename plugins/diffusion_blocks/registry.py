@@ -13,6 +13,7 @@ from typing import Callable
 from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
+from torchtitan.components.tokenizer import build_hf_tokenizer
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.models.llama3 import Transformer
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
@@ -30,13 +31,14 @@ from torchtitan.protocols.train_spec import (
 from .config_loader import ConfigError, origin_of
 from .converter import CONVERTER_NAME, DiffusionBlocksConverter
 from .data.images import build_image_dataloader
-from .data.text import build_tokenizer, register_text_datasets
+from .data.text import build_hf_tokenizer_checked, build_tokenizer, register_text_datasets
 from .metrics import build_blockwise_metrics_processor
 from .models.dit import DiffusionBlocksDiT, dit_flavors, EndToEndDiT
 from .models.llama import DiffusionBlocksLlama, dblocks_llama3_flavors
 from .models.vit import DiffusionBlocksViT, PlainViT, vit_flavors
 from .objectives import build_squared_error_loss
 from .parallelize import parallelize_dblocks_llama, parallelize_vision
+from .partition import BlockPartition
 from .tasks import LanguageModelTask, Task
 from .validation import build_denoiser_validator, build_task_validator
 from .vision_tasks import ImageClassificationTask, ImageGenerationTask
@@ -129,6 +131,9 @@ def resolve_run_spec(job_config) -> RunSpec:
         stock, ours = get_train_spec(name), get_train_spec(STOCK_MODELS[name])
         # the stock model, flavors, data, tokenizer and checkpoint adapter; the
         # block-wise parallelisation, validation and metrics
+        stock_tokenizer = stock.build_tokenizer_fn
+        if stock_tokenizer is build_hf_tokenizer:
+            stock_tokenizer = build_hf_tokenizer_checked
         spec = dataclasses.replace(
             stock,
             parallelize_fn=ours.parallelize_fn,
@@ -136,7 +141,7 @@ def resolve_run_spec(job_config) -> RunSpec:
             build_loss_fn=ours.build_loss_fn,
             build_validator_fn=ours.build_validator_fn,
             build_metrics_processor_fn=ours.build_metrics_processor_fn,
-            build_tokenizer_fn=partial(build_tokenizer, default=stock.build_tokenizer_fn),
+            build_tokenizer_fn=partial(build_tokenizer, default=stock_tokenizer),
         )
     else:
         stock_hint = (
@@ -153,7 +158,9 @@ def resolve_run_spec(job_config) -> RunSpec:
             f"{job_config.model.flavor!r} is not a flavor of {name}; "
             f"available: {sorted(spec.model_args)}"
         )
-    if not enabled:
+    if enabled:  # a partition that does not fit the model fails here, before any work
+        BlockPartition.from_job_config(job_config, spec.model_args[job_config.model.flavor].n_layers)
+    else:
         spec = dataclasses.replace(spec, model_cls=family.end_to_end_model_cls)
     return RunSpec(spec, family, enabled)
 

@@ -34,11 +34,15 @@ TOKENIZERS = {"byte": lambda job_config: ByteTokenizer()}
 
 
 def build_hf_tokenizer_checked(job_config) -> BaseTokenizer:
+    """torchtitan's Hugging Face tokenizer; a missing folder is a one-line error."""
+    from ..config_loader import ConfigError, origin_of
+
     path = job_config.model.hf_assets_path
-    if not os.path.isdir(path):
-        raise ValueError(
-            f"the Hugging Face tokenizer is read from [model] hf_assets_path, but "
-            f"{path!r} does not exist (or set [data] tokenizer = 'byte')"
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")) and not os.path.isdir(path):
+        raise ConfigError(
+            f"{origin_of(job_config, 'model', 'hf_assets_path')}: the Hugging Face "
+            f"tokenizer is read from [model] hf_assets_path = {path!r}, which does not "
+            "exist; point it at a folder with tokenizer.json (or set [data] tokenizer = 'byte')"
         )
     return build_hf_tokenizer(job_config)
 
