@@ -8,7 +8,10 @@
    snapshot and set_pg_timeouts call torch.cuda). `use_device` rebinds them to "cpu"
    and a host device module when the run is on the CPU, so torchtitan's own code runs
    there unchanged: its init_distributed then starts gloo, with `[comm]` honoured.
-   On a CUDA run nothing is touched.
+   torchtitan's profiler context lists `None` as the accelerator activity when there
+   is none, which torch.profiler rejects: on the CPU the Trainer gets
+   `profile_on_host`, the same traces (same schedule, folders and file names) of CPU
+   activity. On a CUDA run nothing is touched.
 
 2. The train spec a block-wise run uses. torchtitan's Trainer looks its spec up by
    `[model] name` and builds CheckpointManager itself. `trainer_overrides` makes that
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import time
 from types import SimpleNamespace
 
 import torch
@@ -33,6 +37,7 @@ import torchtitan.protocols.train_spec as titan_train_spec
 import torchtitan.tools.profiling as titan_profiling
 import torchtitan.tools.utils as titan_utils
 import torchtitan.train as titan_train
+from torchtitan.tools.logging import logger
 
 # (module, names it holds) that read torchtitan's device type / module
 _DEVICE_TYPE_HOLDERS = (titan_utils, titan_metrics, titan_dist_utils, titan_parallel_dims)
@@ -109,6 +114,41 @@ class HostDeviceModule:
 HOST_DEVICE_MODULE = HostDeviceModule()
 
 
+@contextlib.contextmanager
+def profile_on_host(profiling_config, *, global_step: int = 0, base_folder: str = "",
+                    leaf_folder: str = ""):
+    """torchtitan's `maybe_enable_profiling` for a machine without an accelerator: the
+    `[profiling]` schedule (profile_freq, profiler_warmup, profiler_active) and trace
+    files `<save_traces_folder>/iteration_<step>/rank<R>_trace.json`, CPU activity."""
+    if not profiling_config.enable_profiling:
+        yield None
+        return
+    trace_dir = os.path.join(base_folder, profiling_config.save_traces_folder)
+    rank = torch.distributed.get_rank()
+    warmup, active = profiling_config.profiler_warmup, profiling_config.profiler_active
+    wait = profiling_config.profile_freq - (warmup + active)
+    assert wait >= 0, "profile_freq must be greater than or equal to warmup + active"
+
+    def trace_handler(prof):
+        folder = os.path.join(trace_dir, f"iteration_{prof.step_num}", leaf_folder)
+        os.makedirs(folder, exist_ok=True)
+        begin = time.monotonic()
+        prof.export_chrome_trace(os.path.join(folder, f"rank{rank}_trace.json"))
+        logger.info(f"Dumped profiler traces at step {prof.step_num} in "
+                    f"{time.monotonic() - begin:.2f} seconds")
+
+    logger.info(f"Profiling active (CPU activity). Traces will be saved at {trace_dir}")
+    os.makedirs(trace_dir, exist_ok=True)
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU],
+        schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active),
+        on_trace_ready=trace_handler,
+        record_shapes=True,
+    ) as profiler:
+        profiler.step_num = global_step
+        yield profiler
+
+
 def use_device(device_type: str) -> None:
     """Point torchtitan's module-level device names at `device_type` ("cuda" or "cpu")."""
     if device_type == "cuda":
@@ -118,6 +158,7 @@ def use_device(device_type: str) -> None:
         module.device_type = "cpu"
     for module in _DEVICE_MODULE_HOLDERS:
         module.device_module = HOST_DEVICE_MODULE
+    titan_train.maybe_enable_profiling = profile_on_host
 
 
 def running_on_cpu() -> bool:
