@@ -14,6 +14,7 @@ noisy row of x_i share RoPE position i, so noisy row j sits at position j + 1.
 """
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -205,6 +206,16 @@ class DiffusionBlocksLlama(Transformer):
 
 # ---------------------------------------------------------------------------
 # Conversion of a stock Transformer
+
+# The state-dict keys of the modules convert_to_denoiser adds (and only those): a stock
+# llama3 checkpoint lacks exactly these, and the checkpoint loader
+# (diffusion_blocks.checkpoint) leaves them freshly initialised.
+ADDED_BY_CONVERSION = re.compile(r"(sigma_embedder|final_adaln|layers\.\d+\.adaln)\.")
+
+
+def is_added_by_conversion(key: str) -> bool:
+    """True for a state-dict key of a module that convert_to_denoiser adds."""
+    return ADDED_BY_CONVERSION.match(key) is not None
 
 
 def convert_to_denoiser(
