@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torchtitan.components.checkpoint import CheckpointManager, MODEL
 from torchtitan.tools.logging import logger
 
+from .config_loader import ConfigError
 from .models.llama import is_added_by_conversion
 
 ADDED_MODULES = "AdaLN-Zero, sigma embedder, final AdaLN"
@@ -43,7 +44,7 @@ def _first(items: list[str]) -> str:
 def check_against_checkpoint(
     wanted: dict[str, Any], stored: dict[str, Any], path: str
 ) -> None:
-    """Raise ValueError (one line) unless every key of `wanted` is stored with its shape.
+    """Raise ConfigError (one line) unless every key of `wanted` is stored with its shape.
 
     `wanted` maps keys to the model's tensors, `stored` is the checkpoint's
     state_dict_metadata (DCP, or the HF reader's).
@@ -51,7 +52,7 @@ def check_against_checkpoint(
     missing = [k for k in wanted if k not in stored]
     if missing:
         first = missing[0]
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {path} has no {_first(missing)} (this model has {first} as "
             f"{_shape(wanted[first].shape)}); only the modules the DiffusionBlocks "
             f"conversion adds ({ADDED_MODULES}) may be missing: it was saved from "
@@ -72,7 +73,7 @@ def check_against_checkpoint(
         others = (
             f"; other shapes differ too: {_first(mismatched[1:])}" if mismatched[1:] else ""
         )
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {path} stores {first} as {stored_as}, this model has "
             f"{_shape(wanted[first].shape)}{others}: it was saved from another model "
             "shape ([model] flavor / dim / n_layers)"
@@ -163,7 +164,7 @@ def _dcp_metadata(checkpoint_id: str) -> dict[str, Any]:
     try:
         return FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
     except FileNotFoundError as error:
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {checkpoint_id} is not a DCP checkpoint ({error}); for Hugging "
             "Face safetensors set [checkpoint] initial_load_in_hf = true"
         ) from error

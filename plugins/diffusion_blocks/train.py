@@ -61,8 +61,16 @@ def select_device_type(job_config) -> str:
     return "cuda"
 
 
-def check_device_features(job_config, device_type: str) -> None:
-    """torchtitan keys that need CUDA are refused on the CPU rather than ignored."""
+def check_settings(job_config, device_type: str) -> None:
+    """torchtitan keys that cannot act in this run are refused rather than ignored."""
+    validation, training = job_config.validation, job_config.training
+    if validation.enable and validation.seq_len > training.seq_len:
+        raise ConfigError(
+            f"{origin_of(job_config, 'validation', 'seq_len')}: [validation] seq_len = "
+            f"{validation.seq_len} is longer than [training] seq_len = {training.seq_len}, "
+            "the longest sequence the model's position table covers; set it <= "
+            f"{training.seq_len}"
+        )
     if device_type == "cpu" and job_config.profiling.enable_memory_snapshot:
         raise ConfigError(
             f"{origin_of(job_config, 'profiling', 'enable_memory_snapshot')}: "
@@ -123,7 +131,7 @@ class StepTotals:
 class BlockwiseTrainer(Trainer):
     def __init__(self, job_config):
         device_type = select_device_type(job_config)
-        check_device_features(job_config, device_type)
+        check_settings(job_config, device_type)
         titan_compat.use_device(device_type)
         self.run_spec = resolve_run_spec(job_config)
         with titan_compat.trainer_overrides(
