@@ -319,8 +319,20 @@ def parse_job_config(args: list[str] | None = None):
             where = _origin_of((section_name, key), origins)
             raise ConfigError(f"{where}: [{section_name}] {key} {problem}")
     # kept for later checks that need the model (e.g. num_blocks vs n_layers)
+    origins.update(_cli_origins(args))
     job_config.config_origins = origins
     return job_config
+
+
+def _cli_origins(args: list[str]) -> dict[tuple[str, ...], str]:
+    """Every `--section.key` flag on the command line, as the origin of that key."""
+    found = {}
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--") and "." in flag:
+            key_path = tuple(flag[2:].replace("-", "_").split("."))
+            found[key_path] = f"command line ({flag})"
+    return found
 
 
 def origin_of(job_config, section: str, key: str) -> str:

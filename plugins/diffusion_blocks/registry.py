@@ -120,7 +120,18 @@ class RunSpec:
     enabled: bool
 
 
+def check_converters(job_config) -> None:
+    unknown = [c for c in job_config.model.converters if c not in _registry_model_converter_cls]
+    if unknown:
+        raise ConfigError(
+            f"{origin_of(job_config, 'model', 'converters')}: [model] converters "
+            f"{unknown} are not registered model converters; available: "
+            f"{sorted(_registry_model_converter_cls)}"
+        )
+
+
 def resolve_run_spec(job_config) -> RunSpec:
+    check_converters(job_config)
     name = job_config.model.name
     enabled = job_config.diffusion_blocks.enable
     converted = CONVERTER_NAME in job_config.model.converters
