@@ -1,12 +1,16 @@
 """End-to-end vs DiffusionBlocks on a byte-level text corpus (default tinyshakespeare).
 
     python tools/lm_report.py --data ../shared/data/tinyshakespeare.txt \
-        [--steps 500] [--num-blocks 4] [--out outputs/lm_report] [--skip-training]
+        [--job.config_file train_configs/llama3_text.toml] [--steps 500] [--num-blocks 4]
+        [--init-from-e2e] [--out outputs/lm_report] [--skip-training]
 
 1. splits the file: the last 10% (at a line break) is held out for validation;
 2. trains the same debug model end to end for --steps optimizer steps, and with
    DiffusionBlocks for num_blocks x --steps (the random schedule gives every block
    about --steps updates: equal optimizer steps per parameter), warmup scaled alike;
+   with --init-from-e2e also a DiffusionBlocks run that starts from the end-to-end
+   run's weights (`[checkpoint] initial_load_path`; the modules the conversion adds
+   start fresh), with the same B x --steps;
 3. generates continuations of held-out prompts with each model and scores them with
    the END-TO-END model (cross-entropy in nats/byte): the paper's generative
    perplexity idea. The held-out text itself is scored too, as a reference.
@@ -40,9 +44,11 @@ def split_corpus(source: Path, out: Path, val_fraction: float = 0.1) -> tuple[Pa
     return train_path, text[cut:]
 
 
-def common_overrides(train_path: Path, dump: Path, steps: int, warmup: int) -> list[str]:
+def common_overrides(
+    config: Path, train_path: Path, dump: Path, steps: int, warmup: int
+) -> list[str]:
     return [
-        "--job.config_file", str(CONFIG),
+        "--job.config_file", str(config),
         "--training.dataset_path", str(train_path),
         "--job.dump_folder", str(dump),
         "--training.steps", str(steps),
@@ -80,6 +86,11 @@ def score_under(model, prompts, continuations) -> float:
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    parser.add_argument("--job.config_file", dest="config_file", default=str(CONFIG),
+                        help="the LM job config every run starts from (a dblocks_llama3 "
+                             "or a stock llama3 + diffusion_blocks converter config)")
+    parser.add_argument("--init-from-e2e", action="store_true",
+                        help="add a DiffusionBlocks run initialised from the end-to-end run")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--num-blocks", type=int, default=4)
@@ -92,17 +103,28 @@ def main(argv):
     args = parser.parse_args(argv)
 
     out = Path(args.out)
+    config = Path(args.config_file)
     train_path, val_text = split_corpus(Path(args.data), out)
+
+    def blockwise(dump: str) -> list[str]:
+        return common_overrides(
+            config, train_path, out / dump, args.num_blocks * args.steps,
+            args.num_blocks * args.warmup,
+        ) + ["--diffusion_blocks.num_blocks", str(args.num_blocks)]
+
     runs = {
         "end-to-end": (
-            common_overrides(train_path, out / "e2e", args.steps, args.warmup)
+            common_overrides(config, train_path, out / "e2e", args.steps, args.warmup)
             + ["--diffusion_blocks.no_enable"]
         ),
-        f"DiffusionBlocks B={args.num_blocks}": common_overrides(
-            train_path, out / "dblocks", args.num_blocks * args.steps,
-            args.num_blocks * args.warmup,
-        ) + ["--diffusion_blocks.num_blocks", str(args.num_blocks)],
+        f"DiffusionBlocks B={args.num_blocks}": blockwise("dblocks"),
     }
+    if args.init_from_e2e:
+        e2e = parse_job_config(runs["end-to-end"])
+        e2e_weights = Path(e2e.job.dump_folder) / e2e.checkpoint.folder / f"step-{args.steps}"
+        runs[f"DiffusionBlocks B={args.num_blocks}, from the end-to-end weights"] = (
+            blockwise("dblocks_from_e2e") + ["--checkpoint.initial_load_path", str(e2e_weights)]
+        )
     if not args.skip_training:
         for overrides in runs.values():
             train(overrides)
