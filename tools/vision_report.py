@@ -1,17 +1,16 @@
 """Reproduce docs/vision.md's numbers from scratch in one run (CPU, no downloads).
 
-    python tools/vision_report.py [--out outputs/vision_report] [--sequential] [--quick]
-                                  [--seed N] [--phases vit dit]
+    python tools/vision_report.py [--job.config_file CONFIG ...] [--out outputs/vision_report]
+                                  [--sequential] [--quick] [--seed N] [--phases vit dit]
 
-1. ViT on digits: DiffusionBlocks (train_configs/vit_digits.toml) and the plain ViT
-   (vit_digits_e2e.toml) at EQUAL OPTIMIZER UPDATES PER LAYER PARAMETER: with B blocks
-   and the random schedule a block is trained in ~1/B of the steps, so the
-   DiffusionBlocks run gets B x the end-to-end run's steps and warmup (set here from
-   the e2e config, whatever the dblocks config says). Both test accuracies via
-   tools/classify.py.
-2. DiT on digits: the same for dit_digits.toml / dit_digits_e2e.toml; each checkpoint
-   judged by tools/eval_dit.py (sample accuracy and Frechet distance of a CNN trained
-   here; CFG scales 1 and 2) with a PNG grid of samples.
+Each --job.config_file is a DiffusionBlocks config of a vision family (default:
+train_configs/vit_digits.toml and dit_digits.toml); its end-to-end twin is the same
+config with `--diffusion_blocks.no_enable`, at EQUAL OPTIMIZER UPDATES PER LAYER
+PARAMETER: with B blocks and the random schedule a block is trained in ~1/B of the
+steps, so the twin gets 1/B of the config's steps and warmup.
+1. ViT (dblocks_vit): both test accuracies via tools/classify.py.
+2. DiT (dblocks_dit): each checkpoint judged by tools/eval_dit.py (sample accuracy and
+   Frechet distance of a CNN trained here; CFG scales 1 and 2) with a PNG grid.
 
 Each pair trains concurrently (one thread each, 2 cores) unless --sequential. Writes
 <out>/report.md, <out>/report.json, the grids and every run's log; prints the table.
@@ -37,14 +36,23 @@ sys.path.insert(0, str(REPO / "plugins"))
 from diffusion_blocks.config_loader import parse_job_config  # noqa: E402
 
 
+DEFAULT_CONFIGS = ["train_configs/vit_digits.toml", "train_configs/dit_digits.toml"]
+PHASE_OF_MODEL = {"dblocks_vit": "vit", "dblocks_dit": "dit"}
+TWIN = ["--diffusion_blocks.no_enable"]
+
+
 @dataclass
 class Run:
     name: str
     config: str
-    overrides: list[str]
+    model_overrides: list[str]  # what makes this run's model (the twin switch): for evaluation too
+    overrides: list[str]        # training only
 
     def folder(self, out: Path) -> Path:
         return out / self.name
+
+    def config_args(self) -> list[str]:
+        return ["--job.config_file", str(REPO / self.config), *self.model_overrides]
 
 
 def child_env() -> dict[str, str]:
@@ -58,7 +66,7 @@ def child_env() -> dict[str, str]:
 def train_command(run: Run, out: Path) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-        "-m", "diffusion_blocks.train", "--job.config_file", str(REPO / run.config),
+        "-m", "diffusion_blocks.train", *run.config_args(),
         "--job.dump_folder", str(run.folder(out)), *run.overrides,
     ]
 
@@ -97,55 +105,50 @@ def last_json_line(log: Path) -> dict:
     return json.loads(lines[-1])
 
 
-def equal_update_pair(
-    dblocks_config: str, e2e_config: str, quick: bool, seed: int | None
-) -> tuple[Run, Run, dict]:
-    """The e2e run as configured; the dblocks run with B x its steps and warmup."""
-    e2e = parse_job_config(["--job.config_file", str(REPO / e2e_config)])
-    dblocks = parse_job_config(["--job.config_file", str(REPO / dblocks_config)])
+def equal_update_pair(config: str, quick: bool, seed: int | None) -> tuple[Run, Run, dict]:
+    """The DiffusionBlocks run as configured; its twin with 1/B of the steps and warmup."""
+    dblocks = parse_job_config(["--job.config_file", str(REPO / config)])
     num_blocks = dblocks.diffusion_blocks.num_blocks
-    steps = 20 if quick else e2e.training.steps
-    warmup = 5 if quick else e2e.lr_scheduler.warmup_steps
+    steps = 20 if quick else dblocks.training.steps // num_blocks
+    warmup = 5 if quick else dblocks.lr_scheduler.warmup_steps // num_blocks
     common = ["--metrics.log_freq", "10" if quick else "500"]
     if seed is not None:
         common += ["--debug.seed", str(seed), "--diffusion_blocks.seed", str(seed)]
     if quick:
         common += ["--validation.freq", "1000000", "--checkpoint.interval", "1000000"]
-    budget = {"e2e_steps": steps, "dblocks_steps": num_blocks * steps, "num_blocks": num_blocks}
+    budget = {"e2e_steps": steps, "dblocks_steps": num_blocks * steps, "num_blocks": num_blocks,
+              "config": config}
+    stem = Path(config).stem
     return (
-        Run(Path(dblocks_config).stem, dblocks_config, [
+        Run(stem, config, [], [
             "--training.steps", str(num_blocks * steps),
             "--lr_scheduler.warmup_steps", str(num_blocks * warmup), *common]),
-        Run(Path(e2e_config).stem, e2e_config, [
+        Run(f"{stem}_e2e", config, TWIN, [
             "--training.steps", str(steps), "--lr_scheduler.warmup_steps", str(warmup), *common]),
         budget,
     )
 
 
-def vit_phase(out: Path, parallel: bool, quick: bool, seed: int | None) -> dict:
-    dblocks, e2e, budget = equal_update_pair(
-        "train_configs/vit_digits.toml", "train_configs/vit_digits_e2e.toml", quick, seed
-    )
+def vit_phase(config: str, out: Path, parallel: bool, quick: bool, seed: int | None) -> dict:
+    dblocks, e2e, budget = equal_update_pair(config, quick, seed)
     runs = [dblocks, e2e]
     train_seconds = run_all([(train_command(r, out), r.folder(out) / "train.log") for r in runs], parallel)
     results = {"budget": budget}
-    for run, seconds in zip(runs, train_seconds):
+    for key, run, seconds in zip(("dblocks", "e2e"), runs, train_seconds):
         log = run.folder(out) / "classify.log"
-        run_all([([sys.executable, str(REPO / "tools/classify.py"), "--job.config_file", str(REPO / run.config),
+        run_all([([sys.executable, str(REPO / "tools/classify.py"), *run.config_args(),
                    "--checkpoint", str(run.folder(out) / "checkpoint"), "--json"], log)], parallel=False)
-        results[run.name] = {**last_json_line(log), "train_seconds": seconds}
+        results[key] = {**last_json_line(log), "train_seconds": seconds}
     return results
 
 
-def dit_phase(out: Path, parallel: bool, quick: bool, seed: int | None) -> dict:
-    dblocks, e2e, budget = equal_update_pair(
-        "train_configs/dit_digits.toml", "train_configs/dit_digits_e2e.toml", quick, seed
-    )
+def dit_phase(config: str, out: Path, parallel: bool, quick: bool, seed: int | None) -> dict:
+    dblocks, e2e, budget = equal_update_pair(config, quick, seed)
     runs = [dblocks, e2e]
     train_seconds = run_all([(train_command(r, out), r.folder(out) / "train.log") for r in runs], parallel)
     per_class = "5" if quick else "50"
     evals = [
-        ([sys.executable, str(REPO / "tools/eval_dit.py"), "--job.config_file", str(REPO / r.config),
+        ([sys.executable, str(REPO / "tools/eval_dit.py"), *r.config_args(),
           "--checkpoint", str(r.folder(out) / "checkpoint"), "--samples-per-class", per_class,
           "--cfg-scale", "2.0", "1.0", "--grid", str(out / f"{r.name}_samples.png"), "--json"],
          r.folder(out) / "eval_dit.log")
@@ -153,16 +156,16 @@ def dit_phase(out: Path, parallel: bool, quick: bool, seed: int | None) -> dict:
     ]
     eval_seconds = run_all(evals, parallel)
     results = {"budget": budget}
-    for run, train_s, eval_s in zip(runs, train_seconds, eval_seconds):
-        results[run.name] = {**last_json_line(run.folder(out) / "eval_dit.log"),
-                             "train_seconds": train_s, "eval_seconds": eval_s}
+    for key, run, train_s, eval_s in zip(("dblocks", "e2e"), runs, train_seconds, eval_seconds):
+        results[key] = {**last_json_line(run.folder(out) / "eval_dit.log"),
+                        "train_seconds": train_s, "eval_seconds": eval_s}
     return results
 
 
 def vit_markdown(vit: dict) -> list[str]:
-    budget, dblocks, e2e = vit["budget"], vit["vit_digits"], vit["vit_digits_e2e"]
+    budget, dblocks, e2e = vit["budget"], vit["dblocks"], vit["e2e"]
     return [
-        f"ViT on digits (test split, {dblocks['num_examples']} images), equal optimizer "
+        f"ViT, `{budget['config']}` (test split, {dblocks['num_examples']} images), equal optimizer "
         f"updates per layer parameter: DiffusionBlocks B = {budget['num_blocks']} trained "
         f"{budget['dblocks_steps']} steps, end-to-end {budget['e2e_steps']} steps.",
         "",
@@ -179,9 +182,9 @@ def vit_markdown(vit: dict) -> list[str]:
 
 
 def dit_markdown(dit: dict) -> list[str]:
-    budget, dblocks, e2e = dit["budget"], dit["dit_digits"], dit["dit_digits_e2e"]
+    budget, dblocks, e2e = dit["budget"], dit["dblocks"], dit["e2e"]
     lines = [
-        f"DiT on digits, DiffusionBlocks B = {budget['num_blocks']} trained "
+        f"DiT, `{budget['config']}`, DiffusionBlocks B = {budget['num_blocks']} trained "
         f"{budget['dblocks_steps']} steps, end-to-end {budget['e2e_steps']} steps; "
         f"{dblocks['num_samples']} class-conditional samples each, {dblocks['sampling_steps']} "
         f"Euler steps. Judge: a CNN trained here on the training split (test accuracy "
@@ -205,15 +208,16 @@ def dit_markdown(dit: dict) -> list[str]:
 
 def markdown(report: dict, command: str) -> str:
     lines = [f"Command: `{command}` ({report['total_minutes']:.1f} min wall on this machine).", ""]
-    if "vit" in report:
-        lines += vit_markdown(report["vit"])
-    if "dit" in report:
-        lines += dit_markdown(report["dit"])
+    for phase, results in report["phases"]:
+        lines += vit_markdown(results) if phase == "vit" else dit_markdown(results)
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--job.config_file", dest="configs", action="append", default=None,
+                        help="a DiffusionBlocks dblocks_vit / dblocks_dit config (repeatable; "
+                             f"default: {' '.join(DEFAULT_CONFIGS)})")
     parser.add_argument("--out", default=str(REPO / "outputs" / "vision_report"))
     parser.add_argument("--sequential", action="store_true", help="one training at a time")
     parser.add_argument("--quick", action="store_true", help="a few steps each: pipeline check only")
@@ -225,11 +229,18 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python tools/vision_report.py", *sys.argv[1:]])
     started = time.perf_counter()
-    report = {}
-    for phase in args.phases:
+    report = {"phases": []}
+    for config in args.configs or DEFAULT_CONFIGS:
+        name = parse_job_config(["--job.config_file", str(REPO / config)]).model.name
+        if name not in PHASE_OF_MODEL:
+            parser.error(f"--job.config_file {config}: [model] name = {name!r}; this report "
+                         f"trains {sorted(PHASE_OF_MODEL)} configs")
+        phase = PHASE_OF_MODEL[name]
+        if phase not in args.phases:
+            continue
         run_phase = vit_phase if phase == "vit" else dit_phase
-        report[phase] = run_phase(out, not args.sequential, args.quick, args.seed)
-        print(f"{phase} phase done after {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+        report["phases"].append((phase, run_phase(config, out, not args.sequential, args.quick, args.seed)))
+        print(f"{config} done after {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     report["total_minutes"] = (time.perf_counter() - started) / 60
     text = markdown(report, command)
     (out / "report.json").write_text(json.dumps(report, indent=2))
