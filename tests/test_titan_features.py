@@ -415,3 +415,21 @@ def test_run_train_sh_with_torchtitans_train_file_variable(tmp_path):
                       "--checkpoint.no_enable", "--metrics.no_enable_tensorboard")
     h.check_ok(proc)
     assert [r["step"] for r in training_rows(tmp_path)] == [1, 2]
+
+
+# ---------------------------------------------------------------------------
+# Model args: torchtitan's Trainer logs json.dumps(asdict(model_args))
+
+
+@pytest.mark.parametrize("config", ["llama3_debug.toml", "llama3_torchtitan_debug_dblocks.toml",
+                                    "vit_digits.toml", "dit_digits.toml"])
+def test_model_args_are_json_serialisable(config):
+    import dataclasses
+
+    from diffusion_blocks.registry import resolve_run_spec
+
+    job_config = parse_job_config(["--job.config_file", str(REPO / "train_configs" / config)])
+    args = resolve_run_spec(job_config).spec.model_args[job_config.model.flavor]
+    args.update_from_config(job_config)
+    text = json.dumps(dataclasses.asdict(args))
+    assert json.loads(text)["n_layers"] == args.n_layers
