@@ -341,32 +341,21 @@ def origin_of(job_config, section: str, key: str) -> str:
     return _origin_of((section, key), origins)
 
 
+# user mistakes and runs stopped on purpose: one line on stderr and this exit code
+EXIT_CODES = {ConfigError: 2, FloatingPointError: 1}
+
+
 def exit_on_config_error(fn):
-    """Decorator for entry points: a ConfigError becomes one message and exit code 2."""
+    """Decorator for entry points: a ConfigError (exit code 2) or a run stopped on a
+    non-finite value (FloatingPointError, exit code 1) ends in its one-line message."""
 
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
-        except ConfigError as e:
+        except tuple(EXIT_CODES) as e:
             print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
-    return wrapper
-
-
-def exit_on_user_error(fn):
-    """As exit_on_config_error; a training run that stops on a non-finite value
-    (FloatingPointError) ends with its one-line message and exit code 1."""
-    checked = exit_on_config_error(fn)
-
-    def wrapper(*a, **kw):
-        try:
-            return checked(*a, **kw)
-        except FloatingPointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
+            code = next(c for kind, c in EXIT_CODES.items() if isinstance(e, kind))
+            raise SystemExit(code) from None
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__

@@ -37,7 +37,7 @@ from torchtitan.tools.logging import init_logger, logger
 
 from . import block_parallel, titan_compat
 from .checkpoint import BlockwiseCheckpointManager
-from .config_loader import ConfigError, exit_on_user_error, origin_of, parse_job_config
+from .config_loader import ConfigError, exit_on_config_error, origin_of, parse_job_config
 from .metrics import BLOCKWISE_PREFIX
 from .parallelize import check_supported_parallelism
 from .registry import resolve_run_spec
@@ -434,7 +434,7 @@ def blockwise_flops_per_token(model, seq_len: int, end_to_end_flops: int) -> int
     return int(scaled)
 
 
-@exit_on_user_error
+@exit_on_config_error
 def main(argv: list[str] | None = None) -> None:
     """What torchtitan's `main(TrainerClass)` does (train, or write a seed checkpoint;
     close; destroy the process group), with our composable, checked config."""
