@@ -348,6 +348,22 @@ def test_max_norm_is_the_clipping_key(make_trainer):
     assert float(clipped) == pytest.approx(0.001, rel=1e-3)
 
 
+def test_non_finite_gradient_norm_stops_before_the_optimizer_steps(make_trainer):
+    trainer = make_trainer("--diffusion_blocks.block_schedule", "round_robin")
+    steps(trainer, 1)
+    with torch.no_grad():
+        trainer.model.norm.weight.fill_(float("nan"))  # every block's output is NaN now
+    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n != "norm.weight"}
+    (optimizer,) = list(trainer.optimizers)
+    counts = [float(s["step"]) for s in optimizer.state.values()]
+    with pytest.raises(FloatingPointError, match="gradient norm is nan at step 2 .block 1."):
+        steps(trainer, 1)
+    assert [float(s["step"]) for s in optimizer.state.values()] == counts
+    for name, p in trainer.model.named_parameters():
+        if name != "norm.weight":
+            assert torch.equal(p.detach(), params[name]), f"{name} was stepped"
+
+
 def test_memory_snapshot_is_refused_on_the_cpu(process_group, tmp_path):
     job_config = parse_job_config([
         "--job.config_file", str(h.DEBUG_TOML), "--job.dump_folder", str(tmp_path),
