@@ -68,12 +68,15 @@ def test_losses_of_both_modes():
     sigma = torch.tensor([0.01, 0.1, 1.0, 10.0])
     out = task.denoiser_loss(model, {"input": images}, labels, 1, sigma, torch.Generator())
     weights = diffusion.loss_weight(sigma, 0.5)
-    assert out.num_items == 4 and out.loss > 0 and out.unweighted > 0
-    assert out.loss > weights.min() * out.unweighted  # w(sigma) up-weights small sigma
+    # sums over the items (the trainer divides by the global item count)
+    assert out.num_items == 4 and out.loss_sum > 0 and out.unweighted_sum > 0
+    loss, unweighted = out.loss_sum / out.num_items, out.unweighted_sum / out.num_items
+    assert loss > weights.min() * unweighted  # w(sigma) up-weights small sigma
     twin, _ = build_on_cpu("vit_digits_e2e.toml")
     assert isinstance(twin, PlainViT)
     e2e = task.end_to_end_loss(twin, {"input": images}, labels, {}, torch.Generator())
-    assert torch.isclose(e2e.loss, F.cross_entropy(twin(images), labels))
+    assert e2e.num_items == 4
+    assert torch.isclose(e2e.loss_sum / e2e.num_items, F.cross_entropy(twin(images), labels))
     assert twin.classify(images).shape == (4, 10)
 
 
