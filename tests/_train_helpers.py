@@ -1,15 +1,19 @@
-"""Helpers for tests/test_train_loop.py.
+"""Helpers for the train-loop tests (test_train_loop, test_offload, test_block_parallel,
+test_config, test_vision_train).
 
 Two roles:
 - imported by the tests: free ports, launching `diffusion_blocks.train` (or this file)
-  under torchrun in a subprocess, reading metrics.jsonl and the per-rank records;
+  under torchrun in a subprocess, reading metrics.jsonl (torchtitan's MetricsProcessor
+  rows plus ours, see `training_rows` and the key names below) and the per-rank records;
 - run as a script under torchrun (`python -m torch.distributed.run ... tests/_train_helpers.py
-  <trainer args>`): a test-only launcher that builds the real `BlockwiseTrainer`,
-  instruments it and, after training, writes `rank<R>.json` into $DBLOCKS_TEST_RECORD_DIR
-  with what THIS rank did at every step: the block its own schedule proposed (before
-  rank 0's broadcast), the block train_step trained, the layers whose forward ran, the
-  layers whose parameters got a gradient, the loss; plus how the model was built
-  (class, FSDP, DTensor parameters, compiled layers).
+  <trainer args>`): a test-only launcher that runs `diffusion_blocks.train.main` itself
+  with the real `BlockwiseTrainer`, instrumented, and after training writes
+  `rank<R>.json` into $DBLOCKS_TEST_RECORD_DIR with what THIS rank did at every step:
+  the block its own schedule proposed (before rank 0's broadcast), the block train_step
+  trained, the layers whose forward ran, the layers whose parameters got a gradient,
+  the loss and unweighted loss the trainer logged, the gradient norm clip_gradients
+  returned, checksums of the local shards; plus how the model was built (class, FSDP,
+  DTensor parameters, compiled layers, offload).
 """
 
 import json
@@ -84,6 +88,44 @@ def check_ok(proc: subprocess.CompletedProcess) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# metrics.jsonl / TensorBoard keys: torchtitan's MetricsProcessor's, and ours
+LOSS = "loss_metrics/global_avg_loss"  # the w(sigma)-weighted loss, global mean
+MAX_LOSS = "loss_metrics/global_max_loss"
+GRAD_NORM = "grad_norm"
+LR = "lr"
+PREFIX = "diffusion_blocks/"
+CE = PREFIX + "ce"                     # the unweighted CE (LM, ViT)
+MSE = PREFIX + "mse"                   # the unweighted squared error (DiT)
+BLOCK = PREFIX + "block"
+SIGMA = PREFIX + "sigma_mean"
+
+
+def steps_key(block: int) -> str:
+    return f"{PREFIX}steps_block{block}"
+
+
+def running_key(block: int, unweighted: str = "ce") -> str:
+    return f"{PREFIX}running_{unweighted}_block{block}"
+
+
+def is_training_row(row: dict) -> bool:
+    return LOSS in row
+
+
+def training_rows(path: Path) -> list[dict]:
+    """The training rows of a metrics.jsonl (validation rows share the file)."""
+    return [r for r in read_jsonl(path) if is_training_row(r)]
+
+
+def validation_rows(path: Path) -> list[dict]:
+    return [r for r in read_jsonl(path) if not is_training_row(r)]
+
+
+def block_steps(row: dict, num_blocks: int) -> list[int]:
+    """Steps taken per block so far, as logged in one training row."""
+    return [row[steps_key(b)] for b in range(num_blocks)]
 
 
 def read_records(record_dir: Path, world_size: int) -> list[dict]:
@@ -192,12 +234,47 @@ def _instrument(trainer, record: dict) -> None:
 
         trainer.checkpointer.save = save
 
+    # what the trainer computes in a step, as it computes it
+    grad_norms: list[float] = []
+    original_clip = trainer.clip_gradients
+
+    def clip_gradients():
+        norm = original_clip()
+        grad_norms.append(float(norm))
+        return norm
+
+    trainer.clip_gradients = clip_gradients
+
+    local_losses: list[float] = []
+    original_forward_backward = trainer.forward_backward_step
+
+    def forward_backward_step(**kwargs):
+        loss = original_forward_backward(**kwargs)
+        local_losses.append(float(loss))
+        return loss
+
+    trainer.forward_backward_step = forward_backward_step
+
+    logged: dict = {}
+    original_log = trainer.metrics_processor.log
+
+    def log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
+        logged.update(loss=float(global_avg_loss), grad_norm=float(grad_norm),
+                      extra=dict(extra_metrics or {}))
+        return original_log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
+
+    trainer.metrics_processor.log = log
+    unweighted_key = PREFIX + trainer.family.task.unweighted_name
+
     original_train_step = trainer.train_step
 
     def train_step(data_iterator):
         calls.clear()
         proposals.clear()
-        metrics = original_train_step(data_iterator)
+        grad_norms.clear()
+        local_losses.clear()
+        logged.clear()
+        returned = original_train_step(data_iterator)
         grad_layers = sorted(
             {
                 int(name.split(".")[1])
@@ -205,59 +282,70 @@ def _instrument(trainer, record: dict) -> None:
                 if name.startswith("layers.") and p.grad is not None
             }
         )
+        assert len(grad_norms) == 1, grad_norms
         record["steps"].append(
             {
                 "step": trainer.step,
+                "returned": returned,
                 "proposed_block": proposals[0] if proposals else None,
-                "block": metrics.get("block"),
-                "loss": metrics["loss"],
-                "ce": metrics["ce"],
+                "block": trainer.block,
+                # the global loss / unweighted loss the trainer logged on this rank
+                # (None when the step was not logged), this rank's share of the loss
+                # (sum over microbatches of local loss sum / global items)
+                "loss": logged.get("loss"),
+                "ce": logged.get("extra", {}).get(unweighted_key),
+                "logged_block": logged.get("extra", {}).get(BLOCK),
+                "local_loss": sum(local_losses),
+                "microbatches": len(local_losses),
                 "ran_layers": sorted(int(n) for n, c in calls.items() if c > 0),
                 "grad_layers": grad_layers,
                 "grads_are_dtensors": all(
                     isinstance(p.grad, DTensor) for p in params.values() if p.grad is not None
                 ),
-                "grad_norm": metrics["grad_norm"],
+                "grad_norm": grad_norms[0],
+                "logged_grad_norm": logged.get("grad_norm"),
                 **checksums(),
             }
         )
-        return metrics
+        return returned
 
     trainer.train_step = train_step
 
 
+def _finish(trainer, record: dict) -> None:
+    record["finished_step"] = trainer.step
+    record["ntokens_seen"] = trainer.ntokens_seen
+    layer_params = {id(p) for p in trainer.model.layers.parameters()}
+    record["layer_state_devices"] = sorted({
+        str(v.device) for opt in trainer.optimizers.optimizers
+        for p, state in opt.state.items() if id(p) in layer_params
+        for v in state.values() if hasattr(v, "device") and v.dim() > 0
+    })
+    if trainer.enabled:
+        record["block_steps"] = list(trainer.block_stats.steps)
+
+
 def launch(argv: list[str]) -> None:
-    import torch.distributed as dist
-    from torchtitan.tools.logging import init_logger
-
+    """`diffusion_blocks.train.main(argv)` itself, with its BlockwiseTrainer instrumented."""
     from diffusion_blocks import train
-    from diffusion_blocks.config_loader import parse_job_config
 
-    init_logger()
     record_dir = Path(os.environ[RECORD_ENV])
     record_dir.mkdir(parents=True, exist_ok=True)
-    job_config = parse_job_config(argv)
-    record: dict = {}
-    trainer = None
-    try:
-        trainer = train.BlockwiseTrainer(job_config)
-        _instrument(trainer, record)
-        trainer.train()
-        record["finished_step"] = trainer.step
-        layer_params = {id(p) for p in trainer.model.layers.parameters()}
-        record["layer_state_devices"] = sorted({
-            str(v.device) for opt in trainer.optimizers.optimizers
-            for p, state in opt.state.items() if id(p) in layer_params
-            for v in state.values() if hasattr(v, "device") and v.dim() > 0
-        })
-        if trainer.enabled:
-            record["block_steps"] = list(trainer.block_stats.steps)
-        (record_dir / f"rank{trainer.rank}.json").write_text(json.dumps(record))
-    finally:
-        if trainer is not None:
-            trainer.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+    class InstrumentedTrainer(train.BlockwiseTrainer):
+        def __init__(self, job_config):
+            super().__init__(job_config)
+            self.test_record: dict = {}
+            _instrument(self, self.test_record)
+
+        def train(self):
+            super().train()
+            _finish(self, self.test_record)
+            path = record_dir / f"rank{self.rank}.json"
+            path.write_text(json.dumps(self.test_record))
+
+    train.BlockwiseTrainer = InstrumentedTrainer
+    train.main(argv)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ import statistics
 
 import pytest
 
-from _train_helpers import DEBUG_TOML, TINY, check_ok, read_jsonl, read_records, torchrun
+from _train_helpers import (
+    BLOCK, CE, DEBUG_TOML, TINY, block_steps, check_ok, read_records, torchrun, training_rows,
+)
 
 STEPS = 16
 CHECKPOINT_INTERVAL = 8
@@ -48,9 +50,10 @@ def test_shared_parameters_identical_on_every_rank_after_each_step(block_paralle
             assert step_a["shared_checksum"] == step_b["shared_checksum"], step_a["step"]
         # and the shared modules did train
         assert records[a]["steps"][-1]["shared_checksum"] != records[a]["initial"]["shared_checksum"]
-    # the global loss and clip norm are the same on every rank
+    # the global loss (as logged) and clip norm are the same on every rank
     for step in range(STEPS):
-        assert len({r["steps"][step]["loss"] for r in records}) == 1
+        losses = {r["steps"][step]["loss"] for r in records}
+        assert len(losses) == 1 and None not in losses, losses
         assert len({r["steps"][step]["grad_norm"] for r in records}) == 1
 
 
@@ -90,13 +93,16 @@ def test_loss_statistics_match_the_single_group_random_schedule(block_parallel_r
         "--lr_scheduler.warmup_steps", "3",
     ], nproc=4)
     check_ok(proc)
-    random_rows = read_jsonl(tmp_path / "metrics.jsonl")
-    parallel_rows = read_jsonl(dump / "metrics.jsonl")
-    assert parallel_rows[-1]["block_steps"] == [STEPS, STEPS]
-    assert sum(random_rows[-1]["block_steps"]) == STEPS
+    random_rows = training_rows(tmp_path / "metrics.jsonl")
+    parallel_rows = training_rows(dump / "metrics.jsonl")
+    assert len(parallel_rows) == len(random_rows) == STEPS
+    assert block_steps(parallel_rows[-1], 2) == [STEPS, STEPS]
+    assert sum(block_steps(random_rows[-1], 2)) == STEPS
+    # every block trains every step: no single block to log
+    assert all(BLOCK not in r for r in parallel_rows) and all(BLOCK in r for r in random_rows)
 
     def mean_ce(rows, part):
-        return statistics.mean(r["ce"] for r in part(rows))
+        return statistics.mean(r[CE] for r in part(rows))
 
     first = lambda rows: rows[:3]  # noqa: E731
     last = lambda rows: rows[-6:]  # noqa: E731

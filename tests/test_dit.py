@@ -91,7 +91,7 @@ def test_end_to_end_twin_is_one_denoiser_over_all_sigma():
     assert model.partition.training_interval(0) == (0.002, 80.0)
     images, labels = torch.rand(8, 1, 8, 8) * 2 - 1, torch.arange(8)
     out = task.end_to_end_loss(model, {"input": images}, labels, {}, torch.Generator().manual_seed(0))
-    assert out.num_items == 8 and out.loss > 0 and torch.isfinite(out.loss)
+    assert out.num_items == 8 and out.loss_sum > 0 and torch.isfinite(out.loss_sum)
     blocks, _ = build_on_cpu("dit_digits.toml")
     assert type(blocks) is DiffusionBlocksDiT
     assert [list(r) for r in blocks.partition.layer_ranges] == [[0, 1], [2, 3]]
@@ -109,7 +109,10 @@ def test_weighted_l2_loss_of_one_block():
     z = images + sigma[:, None, None, None] * noise
     c_skip = diffusion.c_skip(sigma, 0.5)[:, None, None, None]
     se = (c_skip * z - images).pow(2).flatten(1).mean(1)
-    torch.testing.assert_close(out.loss, (diffusion.loss_weight(sigma, 0.5) * se).mean())
+    # a sum over the images (the trainer divides by the global image count)
+    assert out.num_items == 4
+    torch.testing.assert_close(out.loss_sum, (diffusion.loss_weight(sigma, 0.5) * se).sum())
+    torch.testing.assert_close(out.unweighted_sum, se.sum())
 
 
 def test_paper_shapes_parse_and_build_on_meta():

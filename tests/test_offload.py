@@ -7,7 +7,9 @@ tools/bench_memory.py and tools/estimate_memory.py report on a GPU."""
 
 import pytest
 
-from _train_helpers import DEBUG_TOML, TINY, check_ok, read_jsonl, read_records, torchrun
+from _train_helpers import (
+    BLOCK, DEBUG_TOML, GRAD_NORM, LOSS, TINY, check_ok, read_records, torchrun, training_rows,
+)
 from diffusion_blocks.config import DiffusionBlocks
 from diffusion_blocks.config_loader import ConfigError, parse_job_config
 from diffusion_blocks.parallelize import offloads_inactive_blocks
@@ -29,13 +31,14 @@ def run(tmp_path, offload: str, record: bool):
 
 
 def test_offloaded_training_matches_resident_training(tmp_path):
-    on = read_jsonl(run(tmp_path, "on", record=True) / "metrics.jsonl")
-    off = read_jsonl(run(tmp_path, "off", record=False) / "metrics.jsonl")
-    assert [r["block"] for r in on] == [0, 0, 1, 1, 2, 2, 3, 3]
+    on = training_rows(run(tmp_path, "on", record=True) / "metrics.jsonl")
+    off = training_rows(run(tmp_path, "off", record=False) / "metrics.jsonl")
+    assert [r[BLOCK] for r in on] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [r[BLOCK] for r in off] == [0, 0, 1, 1, 2, 2, 3, 3]
     # same math; torchtitan's resident path buckets the embedding and head as their own
     # FSDP units, so float reductions differ in order: equal to float32 round-off
-    assert [r["loss"] for r in on] == pytest.approx([r["loss"] for r in off], rel=1e-5)
-    assert [r["grad_norm"] for r in on] == pytest.approx([r["grad_norm"] for r in off], rel=1e-5)
+    assert [r[LOSS] for r in on] == pytest.approx([r[LOSS] for r in off], rel=1e-5)
+    assert [r[GRAD_NORM] for r in on] == pytest.approx([r[GRAD_NORM] for r in off], rel=1e-5)
 
     for record in read_records(tmp_path / "on" / "records", 2):
         assert record["offloaded_layers"] == 8      # every layer unit lives on the host
@@ -64,7 +67,8 @@ def test_bad_offload_value_is_reported(write_toml):
 
 @pytest.mark.parametrize("offload", ["off", "on"])
 def test_fsdp_gradients_equal_single_process_gradients(tmp_path, offload):
-    """The reduced gradient is the mean over ranks, whichever FSDP path built the model."""
+    """Each rank's loss sum over the global item count, summed over ranks by FSDP, is the
+    single-process mean gradient, whichever FSDP path built the model."""
     import json
     import subprocess
     import sys

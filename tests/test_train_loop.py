@@ -6,6 +6,7 @@ single-process unit tests build the real BlockwiseTrainer in this process (one g
 process group of size 1 for the whole module).
 """
 
+import gc
 import math
 import os
 import shutil
@@ -22,11 +23,14 @@ from diffusion_blocks import train
 from diffusion_blocks.config_loader import parse_job_config
 from diffusion_blocks.schedules import build_block_schedule
 
-METRIC_KEYS = {
-    "step", "loss", "ce", "grad_norm", "lr", "block", "sigma_mean", "block_steps",
-    "throughput(items/s)", "memory/peak(GiB)",
-}
 NUM_BLOCKS = 4  # llama3_debug.toml: 8 layers, 4 blocks of 2
+# keys of every training row: torchtitan's MetricsProcessor's and ours
+METRIC_KEYS = {
+    "step", h.LOSS, h.MAX_LOSS, h.GRAD_NORM, h.LR, "n_tokens_seen", "throughput(tps)",
+    "tflops", "mfu(%)", "time_metrics/end_to_end(s)", "memory/max_reserved(GiB)",
+    h.CE, h.BLOCK, h.SIGMA,
+    *(h.steps_key(b) for b in range(NUM_BLOCKS)),
+}
 
 
 def debug_args(dump_folder: Path, steps: int, *extra: str) -> list[str]:
@@ -65,7 +69,7 @@ def fsdp_run(tmp_path_factory):
     return {
         "folder": folder,
         "records": h.read_records(folder / "records", 2),
-        "metrics": h.read_jsonl(folder / "metrics.jsonl"),
+        "metrics": h.training_rows(folder / "metrics.jsonl"),
         "output": h.output_of(proc),
     }
 
@@ -86,7 +90,7 @@ def reference_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run_a")
     proc = h.torchrun(debug_args(folder, 10, *RESUME_ARGS), timeout=300)
     h.check_ok(proc)
-    return folder, h.read_jsonl(folder / "metrics.jsonl")
+    return folder, h.training_rows(folder / "metrics.jsonl")
 
 
 # ---------------------------------------------------------------------------
@@ -112,7 +116,7 @@ def test_two_process_fsdp_run_trains_the_same_block_on_every_rank(fsdp_run):
             # this rank's own schedule proposed the block that was trained (the
             # broadcast from rank 0 changed nothing), only that block's layers ran
             # forward and only they got gradients
-            assert s["proposed_block"] == s["block"]
+            assert s["proposed_block"] == s["block"] == s["logged_block"]
             expected = layers_of(s["block"], record["layer_ranges"])
             assert s["ran_layers"] == expected, s
             assert s["grad_layers"] == expected, s
@@ -130,9 +134,11 @@ def test_two_process_fsdp_run_trains_the_same_block_on_every_rank(fsdp_run):
     # rank 0's log agrees with the per-rank records
     metrics = fsdp_run["metrics"]
     assert [m["step"] for m in metrics] == list(range(1, 21))
-    assert [m["block"] for m in metrics] == blocks
-    assert [m["loss"] for m in metrics] == [s["loss"] for s in rank0["steps"]]
-    assert rank0["block_steps"] == rank1["block_steps"] == metrics[-1]["block_steps"]
+    assert [m[h.BLOCK] for m in metrics] == blocks
+    assert [m[h.LOSS] for m in metrics] == [s["loss"] for s in rank0["steps"]]
+    # both ranks logged the same global loss
+    assert [s["loss"] for s in rank0["steps"]] == [s["loss"] for s in rank1["steps"]]
+    assert rank0["block_steps"] == rank1["block_steps"] == h.block_steps(metrics[-1], NUM_BLOCKS)
 
 
 # ---------------------------------------------------------------------------
@@ -162,8 +168,9 @@ def test_compiled_run_passes_on_cpu(tmp_path, write_toml):
         assert math.isfinite(s["loss"])
         expected = layers_of(s["block"], record["layer_ranges"])
         assert s["ran_layers"] == s["grad_layers"] == expected, s
-    metrics = h.read_jsonl(folder / "metrics.jsonl")
-    assert [m["block_steps"] for m in metrics] == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]
+    metrics = h.training_rows(folder / "metrics.jsonl")
+    assert [h.block_steps(m, NUM_BLOCKS) for m in metrics] == [
+        [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]
 
 
 # ---------------------------------------------------------------------------
@@ -177,14 +184,14 @@ def test_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path):
 
     folder_b = tmp_path / "run_b"
     h.check_ok(h.torchrun(debug_args(folder_b, 5, *RESUME_ARGS), timeout=300))
-    first = h.read_jsonl(folder_b / "metrics.jsonl")
+    first = h.training_rows(folder_b / "metrics.jsonl")
     assert [m["step"] for m in first] == [1, 2, 3, 4, 5]
     # steps 1-5 are the same run as A's (seeded); at least one block was never
     # trained before the checkpoint, so it has no optimizer updates in it
-    assert [m["loss"] for m in first] == pytest.approx([m["loss"] for m in metrics_a[:5]], rel=1e-6)
-    assert 0 in first[-1]["block_steps"], "precondition: a block untrained at step 5"
+    assert [m[h.LOSS] for m in first] == pytest.approx([m[h.LOSS] for m in metrics_a[:5]], rel=1e-6)
+    assert 0 in h.block_steps(first[-1], NUM_BLOCKS), "precondition: a block untrained at step 5"
 
-    # the block-choice generator is part of the checkpoint
+    # the block-choice, sigma and noise generators are part of the checkpoint
     import torch.distributed.checkpoint as dcp
 
     keys = set(
@@ -192,20 +199,24 @@ def test_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path):
         .read_metadata().state_dict_metadata
     )
     assert "train_state.block_schedule.generator" in keys
-    assert "train_state.step" in keys
+    assert {"train_state.step", "train_state.ntokens_seen", "train_state.sigma_rng_rank0",
+            "train_state.noise_rng_rank0"} <= keys
 
     resumed = h.torchrun(debug_args(folder_b, 10, *RESUME_ARGS), timeout=300)
     h.check_ok(resumed)
     assert "Loading the checkpoint from" in h.output_of(resumed)
-    assert "Training starts at step 6 of 10" in h.output_of(resumed)
-    second = h.read_jsonl(folder_b / "metrics.jsonl")[5:]  # the file is appended to
+    assert "Training starts at step 6" in h.output_of(resumed)
+    second = h.training_rows(folder_b / "metrics.jsonl")[5:]  # the file is appended to
     assert [m["step"] for m in second] == [6, 7, 8, 9, 10]
     reference = metrics_a[5:]
     # the resumed run draws the blocks A drew (the generator was restored, not reseeded)
-    assert [m["block"] for m in second] == [m["block"] for m in reference]
-    assert [m["block_steps"] for m in second] == [m["block_steps"] for m in reference]
+    assert [m[h.BLOCK] for m in second] == [m[h.BLOCK] for m in reference]
+    assert [h.block_steps(m, NUM_BLOCKS) for m in second] == [
+        h.block_steps(m, NUM_BLOCKS) for m in reference]
     for got, want in zip(second, reference):
-        for key in ("loss", "ce", "grad_norm", "sigma_mean", "lr"):
+        # the token count continues from the checkpoint
+        assert got["n_tokens_seen"] == want["n_tokens_seen"], got["step"]
+        for key in (h.LOSS, h.CE, h.GRAD_NORM, h.SIGMA, h.LR):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=0), (got["step"], key)
 
 
@@ -215,10 +226,12 @@ def test_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def process_group():
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
+    """The rendezvous env of one process; torchtitan's Trainer starts the (gloo) process
+    group from it on first use, later trainers reuse it. The environment torchtitan
+    writes (its NCCL / flight-recorder variables) is restored afterwards."""
     if dist.is_initialized():
         pytest.skip("a process group already exists in this pytest process")
+    saved = dict(os.environ)
     os.environ.update(
         RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(h.free_port()),
@@ -226,11 +239,9 @@ def process_group():
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    os.environ.clear()
+    os.environ.update(saved)
+    gc.enable()
 
 
 @pytest.fixture
@@ -246,21 +257,43 @@ def make_trainer(process_group, tmp_path):
         trainers.append(trainer)
         return trainer
 
-    yield make
-    for trainer in trainers:
-        trainer.close()
+    try:
+        yield make
+    finally:
+        for trainer in trainers:
+            trainer.close()
+        # torchtitan's Trainer takes over garbage collection (gc.disable()); give it back
+        gc.enable()
 
 
 def force_block(trainer, block: int) -> None:
     trainer.choose_block = lambda: block
 
 
+def data_of(trainer):
+    """The trainer's data iterator, as its train() builds it (counts tokens)."""
+    return trainer.batch_generator(trainer.dataloader)
+
+
 def run_step(trainer, data_iterator, block: int) -> dict:
+    """One train_step on `block`; returns what the trainer logged for it (log_freq 1):
+    loss (global weighted mean), grad_norm, lr and our extra metrics."""
     force_block(trainer, block)
+    logged = {}
+    original = trainer.metrics_processor.log
+
+    def log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
+        logged.update(extra_metrics or {}, loss=global_avg_loss, grad_norm=grad_norm)
+        return original(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
+
+    trainer.metrics_processor.log = log
     trainer.step += 1
-    metrics = trainer.train_step(data_iterator)
-    assert metrics["block"] == block
-    return metrics
+    try:
+        assert trainer.train_step(data_iterator) is None
+    finally:
+        trainer.metrics_processor.log = original
+    assert trainer.block == block and logged[h.BLOCK] == block
+    return logged
 
 
 def block_of_param(name: str, layer_ranges) -> int | None:
@@ -297,7 +330,7 @@ def test_inactive_blocks_are_untouched_by_a_train_step(make_trainer):
     model, ranges = trainer.model, trainer.model.partition.layer_ranges
     params = dict(model.named_parameters())
     assert {block_of_param(n, ranges) for n in params} == {None, 0, 1, 2, 3}
-    data = iter(trainer.dataloader)
+    data = data_of(trainer)
 
     snapshots, trained = [], set()
     for active in (1, 2):  # two steps: block 1, then block 2
@@ -359,7 +392,7 @@ def test_only_the_active_blocks_layers_run(make_trainer):
                     lambda *_, i=int(layer_id): calls.update([i])
                 )
             )
-    data = iter(trainer.dataloader)
+    data = data_of(trainer)
     try:
         for block in (2, 0, 3, 1):
             calls.clear()
@@ -421,15 +454,15 @@ def test_random_schedule_is_reproducible_and_uniform():
 
 def test_logged_block_steps_count_the_blocks_trained(fsdp_run, reference_run):
     for metrics in (fsdp_run["metrics"], reference_run[1]):
-        blocks = [m["block"] for m in metrics]
-        assert [m["block_steps"] for m in metrics] == cumulative_counts(blocks, NUM_BLOCKS)
-        assert sum(metrics[-1]["block_steps"]) == len(metrics)
+        blocks = [m[h.BLOCK] for m in metrics]
+        logged = [h.block_steps(m, NUM_BLOCKS) for m in metrics]
+        assert logged == cumulative_counts(blocks, NUM_BLOCKS)
+        assert sum(logged[-1]) == len(metrics)
     # and the trainer's own final tally (per rank) matches the log
+    final = h.block_steps(fsdp_run["metrics"][-1], NUM_BLOCKS)
     for record in fsdp_run["records"]:
-        assert record["block_steps"] == fsdp_run["metrics"][-1]["block_steps"]
-    assert f"Training done: steps per block {fsdp_run['metrics'][-1]['block_steps']}" in (
-        fsdp_run["output"]
-    )
+        assert record["block_steps"] == final
+    assert f"Training done: steps per block {final}" in fsdp_run["output"]
 
 
 # ---------------------------------------------------------------------------
@@ -449,9 +482,13 @@ def test_end_to_end_baseline_trains_stock_llama3_with_next_token_ce(tmp_path):
     assert record["model_mro"][0] == "Transformer"
     assert "DiffusionBlocksLlama" not in record["model_mro"]
     for s in record["steps"]:
-        assert s["block"] is None
+        assert s["block"] is None and s["proposed_block"] is None
         assert s["ran_layers"] == s["grad_layers"] == list(range(8))  # all layers
-    losses = [m["loss"] for m in h.read_jsonl(folder / "metrics.jsonl")]
+    rows = h.training_rows(folder / "metrics.jsonl")
+    assert all(h.BLOCK not in m and h.SIGMA not in m for m in rows)
+    # the logged loss is the plain next-token CE
+    assert all(m[h.LOSS] == pytest.approx(m[h.CE], rel=1e-5) for m in rows)
+    losses = [m[h.LOSS] for m in rows]
     assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, losses
@@ -462,7 +499,7 @@ def test_end_to_end_loss_is_next_token_cross_entropy(make_trainer):
 
     trainer = make_trainer("--diffusion_blocks.no_enable")
     assert type(trainer.model) is Transformer
-    inputs, labels = next(iter(trainer.dataloader))
+    inputs, labels = next(data_of(trainer))
     tokens = inputs["input"]
     assert torch.equal(tokens[:, 1:], labels[:, :-1])  # labels are the next tokens
     out = trainer.family.task.end_to_end_loss(
@@ -471,8 +508,10 @@ def test_end_to_end_loss_is_next_token_cross_entropy(make_trainer):
     with torch.no_grad():
         logits = trainer.model(tokens)
         expected = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-    assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    # sums over the tokens: the mean is the next-token CE
     assert out.num_items == labels.numel()
+    assert float(out.loss_sum.detach() / out.num_items) == pytest.approx(float(expected), rel=1e-5)
+    assert float(out.unweighted_sum / out.num_items) == pytest.approx(float(expected), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------
@@ -521,12 +560,19 @@ def test_resuming_with_a_different_num_blocks_fails_clearly(reference_run, tmp_p
 def test_metrics_jsonl_and_tensorboard(fsdp_run):
     metrics = fsdp_run["metrics"]
     assert len(metrics) == 20
+    assert len(h.read_jsonl(fsdp_run["folder"] / "metrics.jsonl")) == 20  # no other rows
     for m in metrics:
         assert METRIC_KEYS <= set(m), METRIC_KEYS - set(m)
-        for key in METRIC_KEYS - {"block_steps"}:
+        for key in METRIC_KEYS - {"mfu(%)"}:
             assert isinstance(m[key], (int, float)) and math.isfinite(m[key]), key
-        assert m["memory/peak(GiB)"] > 0 and m["throughput(items/s)"] > 0
-        assert 0 <= m["block"] < NUM_BLOCKS and len(m["block_steps"]) == NUM_BLOCKS
+        assert m["mfu(%)"] is None  # no peak FLOPS for a host CPU
+        assert m["memory/max_reserved(GiB)"] > 0 and m["throughput(tps)"] > 0
+        assert 0 <= m[h.BLOCK] < NUM_BLOCKS
+        # 2 ranks x 2 sequences x 32 tokens per step, counted by torchtitan
+        assert m["n_tokens_seen"] == 2 * 2 * 32 * m["step"]
+        # the running CE of every block trained so far
+        trained = [b for b, n in enumerate(h.block_steps(m, NUM_BLOCKS)) if n > 0]
+        assert {b for b in range(NUM_BLOCKS) if h.running_key(b) in m} == set(trained)
 
     events = list((fsdp_run["folder"] / "tb").rglob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file"
@@ -538,9 +584,10 @@ def test_metrics_jsonl_and_tensorboard(fsdp_run):
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
             scalars.setdefault(tag, []).extend(accumulator.Scalars(tag))
-    for tag in ("loss", "ce", "grad_norm", "lr", "block", "blocks/steps_block0"):
+    for tag in (h.LOSS, h.CE, h.GRAD_NORM, h.LR, h.BLOCK, h.SIGMA, h.steps_key(0)):
         assert tag in scalars, sorted(scalars)
-    assert sorted(e.step for e in scalars["loss"]) == list(range(1, 21))
-    by_step = {e.step: e.value for e in scalars["loss"]}
-    for m in metrics:
-        assert by_step[m["step"]] == pytest.approx(m["loss"], rel=1e-6)
+    assert sorted(e.step for e in scalars[h.LOSS]) == list(range(1, 21))
+    for tag in (h.LOSS, h.CE, h.BLOCK):
+        by_step = {e.step: e.value for e in scalars[tag]}
+        for m in metrics:
+            assert by_step[m["step"]] == pytest.approx(m[tag], rel=1e-6), tag

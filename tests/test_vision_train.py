@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from _train_helpers import BLOCK, CE, LOSS, MSE, training_rows
 from conftest import REPO
 
 TINY = [
@@ -72,10 +73,12 @@ def test_vit_two_process_run_trains_blocks_logs_accuracy_and_checkpoints(vit_run
     folder, log = vit_run
     assert "world size 2" in log and "DiffusionBlocks B=2" in log
     rows = records(folder)
-    steps = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(r["block"] in (0, 1) for r in steps)
+    steps = training_rows(folder / "metrics.jsonl")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(r[BLOCK] in (0, 1) for r in steps)
+    assert all(CE in r for r in steps)
     evals = [r for r in rows if "eval/test_accuracy" in r]
-    assert [r["step"] for r in evals] == [2, 4] and all(0 <= r["eval/test_accuracy"] <= 1 for r in evals)
+    # torchtitan's validation steps: step 1 and every [validation] freq (2) steps
+    assert [r["step"] for r in evals] == [1, 2, 4] and all(0 <= r["eval/test_accuracy"] <= 1 for r in evals)
     assert (folder / "checkpoint" / "step-2" / ".metadata").is_file()
     assert (folder / "checkpoint" / "step-4" / ".metadata").is_file()
     assert "eval/test_accuracy" in tensorboard_tags(folder)["scalars"]
@@ -95,10 +98,13 @@ def test_classify_tool_reads_the_checkpoint(vit_run):
 def test_dit_two_process_run_writes_a_sample_grid(dit_run):
     folder, log = dit_run
     assert "world size 2" in log
-    assert (folder / "samples" / "step-2.png").is_file() and (folder / "samples" / "step-4.png").is_file()
+    # a grid at each of torchtitan's validation steps (1 and every 2)
+    assert sorted(p.name for p in (folder / "samples").iterdir()) == [
+        "step-1.png", "step-2.png", "step-4.png"]
     assert "eval/samples" in tensorboard_tags(folder)["images"]
-    rows = records(folder)
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    steps = training_rows(folder / "metrics.jsonl")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(r[BLOCK] in (0, 1) for r in steps)
+    assert all(MSE in r for r in steps)
 
 
 def test_sample_images_tool_writes_one_row_per_class(dit_run, tmp_path):
@@ -118,8 +124,8 @@ def test_end_to_end_twins_train_in_the_same_loop(config, tmp_path):
     log = train(config, tmp_path, 1)
     assert "end-to-end (diffusion_blocks disabled)" in log
     rows = records(tmp_path)
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
-    assert all("block" not in r for r in rows)
+    assert [r["step"] for r in rows if LOSS in r] == [1, 2, 3, 4]
+    assert all(BLOCK not in r for r in rows)
     if config.startswith("vit"):
         out = json.loads(tool("classify.py", "--job.config_file", str(REPO / "train_configs" / config),
                               "--checkpoint", str(tmp_path / "checkpoint"), "--json"))

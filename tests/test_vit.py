@@ -66,14 +66,23 @@ def test_losses_of_both_modes():
     images, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     model, _ = build_on_cpu("vit_digits.toml")
     sigma = torch.tensor([0.01, 0.1, 1.0, 10.0])
-    out = task.denoiser_loss(model, {"input": images}, labels, 1, sigma, torch.Generator())
+    out = task.denoiser_loss(model, {"input": images}, labels, 1, sigma, torch.Generator().manual_seed(0))
     weights = diffusion.loss_weight(sigma, 0.5)
-    assert out.num_items == 4 and out.loss > 0 and out.unweighted > 0
-    assert out.loss > weights.min() * out.unweighted  # w(sigma) up-weights small sigma
+    # sums over the items (the trainer divides by the global item count)
+    assert out.num_items == 4 and out.loss_sum > 0 and out.unweighted_sum > 0
+    noise = torch.randn(4, model.model_args.dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(images, block=1, sigma_B=sigma, labels_B=labels, noise_BD=noise).logits_BK
+    ce_B = F.cross_entropy(logits, labels, reduction="none")
+    torch.testing.assert_close(out.loss_sum.detach(), (weights * ce_B).sum())
+    torch.testing.assert_close(out.unweighted_sum, ce_B.sum())
+    loss, unweighted = out.loss_sum / out.num_items, out.unweighted_sum / out.num_items
+    assert loss > weights.min() * unweighted  # w(sigma) up-weights small sigma
     twin, _ = build_on_cpu("vit_digits_e2e.toml")
     assert isinstance(twin, PlainViT)
     e2e = task.end_to_end_loss(twin, {"input": images}, labels, {}, torch.Generator())
-    assert torch.isclose(e2e.loss, F.cross_entropy(twin(images), labels))
+    assert e2e.num_items == 4
+    assert torch.isclose(e2e.loss_sum / e2e.num_items, F.cross_entropy(twin(images), labels))
     assert twin.classify(images).shape == (4, 10)
 
 

@@ -8,8 +8,7 @@ import torch
 from conftest import REPO
 from diffusion_blocks.config_loader import parse_job_config
 from diffusion_blocks.inference import load_model
-from diffusion_blocks.registry import model_family
-from torchtitan.protocols.train_spec import get_train_spec
+from diffusion_blocks.registry import resolve_run_spec
 
 
 def job_config(config: str, *overrides: str):
@@ -17,8 +16,8 @@ def job_config(config: str, *overrides: str):
 
 
 def build_on_cpu(config: str, *overrides: str, seed: int = 0):
-    """The config's model (denoiser or twin) through the train loop's build_model
-    (one process, no activation checkpointing), freshly initialised."""
+    """The config's model (denoiser or twin) through model_factory.build_model, as the
+    trainer builds it (one process, no activation checkpointing), freshly initialised."""
     torch.manual_seed(seed)
     cfg = job_config(config, *overrides)
     model, _ = load_model(cfg, None, torch.device("cpu"))
@@ -26,13 +25,13 @@ def build_on_cpu(config: str, *overrides: str, seed: int = 0):
 
 
 def build_on_meta(cfg):
-    """The config's model class on the meta device (as the loop builds it)."""
-    spec = get_train_spec(cfg.model.name)
+    """The config's model class (denoiser or twin, as the run spec resolves it) on the
+    meta device, as the trainer builds it."""
+    spec = resolve_run_spec(cfg).spec
     args = copy.deepcopy(spec.model_args[cfg.model.flavor])
     args.update_from_config(cfg)
-    cls = spec.model_cls if cfg.diffusion_blocks.enable else model_family(cfg.model.name).end_to_end_model_cls
     with torch.device("meta"):
-        return cls(args)
+        return spec.model_cls(args)
 
 
 class LayerCallRecorder:

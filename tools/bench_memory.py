@@ -20,20 +20,22 @@ import argparse
 import gc
 import json
 import math
+import os
+import socket
 import sys
 
 import torch
 import torch.distributed as dist
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
+from diffusion_blocks.config_loader import exit_on_user_error, parse_job_config
 from diffusion_blocks.memory import (
     count_saved_activations,
     estimate_step,
     peak_device_bytes,
     resident_bytes,
 )
-from diffusion_blocks.train import BlockwiseTrainer
+from diffusion_blocks.train import BlockwiseTrainer, SINGLE_PROCESS_ENV
 
 MiB = 2**20
 
@@ -48,6 +50,17 @@ def parse_args(argv):
     return parser.parse_known_args(argv)
 
 
+def single_process_defaults() -> None:
+    """What torchrun sets, for a plain `python tools/bench_memory.py` (one process);
+    torchtitan's Trainer starts the process group from it."""
+    for key, value in SINGLE_PROCESS_ENV.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
 def measure(config_args: list[str], steps: int) -> dict:
     job_config = parse_job_config(config_args)
     estimate = estimate_step(job_config, dist.get_world_size() if dist.is_initialized() else 1)
@@ -57,7 +70,7 @@ def measure(config_args: list[str], steps: int) -> dict:
     trainer = BlockwiseTrainer(job_config)
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
-    data_iterator = iter(trainer.dataloader)
+    data_iterator = trainer.batch_generator(trainer.dataloader)  # as train() iterates
     activation, resident = 0, 0
     try:
         for _ in range(steps):
@@ -123,9 +136,10 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@exit_on_config_error
+@exit_on_user_error
 def main(argv):
     args, config_args = parse_args(argv)
+    single_process_defaults()
     blocks = [int(b) for b in args.blocks.split(",") if b]
     rows = benchmark_rows(config_args, blocks, args.ac.split(","), args.steps)
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -13,6 +13,8 @@ torchtitan's table). Wall-clock figures: noisy on shared machines, never used in
 import argparse
 import gc
 import json
+import os
+import socket
 import sys
 import time
 
@@ -21,9 +23,20 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
-from diffusion_blocks.train import BlockwiseTrainer
+from diffusion_blocks.config_loader import exit_on_user_error, parse_job_config
+from diffusion_blocks.train import BlockwiseTrainer, SINGLE_PROCESS_ENV
 from torchtitan.tools.utils import get_peak_flops
+
+
+def single_process_defaults() -> None:
+    """What torchrun sets, for a plain `python tools/bench_throughput.py` (one process);
+    torchtitan's Trainer starts the process group from it."""
+    for key, value in SINGLE_PROCESS_ENV.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
 def step_flops(trainer: BlockwiseTrainer) -> float:
@@ -39,7 +52,7 @@ def step_flops(trainer: BlockwiseTrainer) -> float:
             out = task.denoiser_loss(trainer.model, inputs, labels, 0, sigma, trainer.noise_generator)
         else:
             out = task.end_to_end_loss(trainer.model, inputs, labels, {}, trainer.noise_generator)
-        out.loss.backward()
+        (out.loss_sum / out.num_items).backward()  # the mean loss over the batch
     trainer.optimizers.zero_grad()
     return float(counter.get_total_flops())
 
@@ -49,12 +62,13 @@ def measure(config_args: list[str], steps: int, warmup: int) -> dict:
     job_config.checkpoint.enable = False
     job_config.metrics.enable_tensorboard = False
     trainer = BlockwiseTrainer(job_config)
-    data_iterator = iter(trainer.dataloader)
+    # as the trainer's train() iterates (counts items into ntokens_seen)
+    data_iterator = trainer.batch_generator(trainer.dataloader)
     try:
         for _ in range(warmup):
             trainer.step += 1
             trainer.train_step(data_iterator)
-        items_before = trainer.items_seen
+        items_before = trainer.ntokens_seen
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -64,7 +78,8 @@ def measure(config_args: list[str], steps: int, warmup: int) -> dict:
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-        items_per_s = (trainer.items_seen - items_before) / elapsed / dist.get_world_size()
+        # ntokens_seen counts this rank's items (tokens, or images for vision)
+        items_per_s = (trainer.ntokens_seen - items_before) / elapsed
         mfu = None
         if trainer.device.type == "cuda":
             flops_per_step = step_flops(trainer)
@@ -79,7 +94,7 @@ def measure(config_args: list[str], steps: int, warmup: int) -> dict:
     return {"items_per_s": items_per_s, "seconds_per_step": elapsed / steps, "mfu": mfu}
 
 
-@exit_on_config_error
+@exit_on_user_error
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-blocks", type=int, default=4)
@@ -88,6 +103,7 @@ def main(argv):
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--json", action="store_true")
     args, config_args = parser.parse_known_args(argv)
+    single_process_defaults()
     rows = []
     for mode in args.modes.split(","):
         compile_args = ["--compile.enable"] if mode == "compiled" else ["--compile.no_enable"]
@@ -98,7 +114,10 @@ def main(argv):
         rows.append({"compile": mode, "mode": "e2e", "num_blocks": 1, **e2e, "ratio_to_e2e": 1.0})
         rows.append({"compile": mode, "mode": "dblocks", "num_blocks": args.num_blocks, **dblocks,
                      "ratio_to_e2e": dblocks["items_per_s"] / e2e["items_per_s"]})
-    if dist.is_initialized() and dist.get_rank() != 0:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank != 0:
         return
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -138,6 +138,7 @@ class BlockwiseTrainer(Trainer):
             job_config.model.name, self.run_spec.spec, BlockwiseCheckpointManager
         ):
             super().__init__(job_config)
+        init_empty_optimizer_state(self.optimizers)  # resumable while a block is untrained
 
         self.model = self.model_parts[0]
         self.family, self.enabled = self.run_spec.family, self.run_spec.enabled
@@ -414,6 +415,41 @@ class BlockwiseTrainer(Trainer):
 
     def validation_due(self) -> bool:
         return self.job_config.validation.enable and self.validator.should_validate(self.step)
+
+
+@torch.no_grad()
+def init_empty_optimizer_state(optimizers) -> None:
+    """Give every parameter that has no optimizer state Adam's fresh state (step 0,
+    zero moments), exactly what Adam would create lazily on its first update.
+
+    Blocks that have not been trained yet otherwise have no state, so a checkpoint
+    lacks their keys, and DCP cannot resume from it ("Missing key in checkpoint
+    state_dict: optimizer.state.layers.N...": the loading side initialises state for
+    every parameter). A parameter without a gradient is still skipped by Adam, so an
+    inactive block is neither moved nor decayed and its step count stays 0.
+    """
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    for optimizer in optimizers:
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in optimizer.param_groups:
+            on_device = group.get("capturable") or group.get("fused")
+            for p in group["params"]:
+                if len(optimizer.state[p]) > 0:
+                    continue
+                state = optimizer.state[p]
+                state["step"] = (
+                    torch.zeros((), dtype=_get_scalar_dtype(is_fused=group.get("fused")),
+                                device=p.device)
+                    if on_device else torch.tensor(0.0, dtype=_get_scalar_dtype())
+                )
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group.get("amsgrad"):
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
 
 
 def blockwise_flops_per_token(model, seq_len: int, end_to_end_flops: int) -> int:
