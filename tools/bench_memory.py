@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.config_loader import exit_on_user_error, parse_job_config
+from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
 from diffusion_blocks.memory import (
     count_saved_activations,
     estimate_step,
@@ -136,7 +136,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@exit_on_user_error
+@exit_on_config_error
 def main(argv):
     args, config_args = parse_args(argv)
     single_process_defaults()

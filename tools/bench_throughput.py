@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.config_loader import exit_on_user_error, parse_job_config
+from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
 from diffusion_blocks.train import BlockwiseTrainer, SINGLE_PROCESS_ENV
 from torchtitan.tools.utils import get_peak_flops
 
@@ -94,7 +94,7 @@ def measure(config_args: list[str], steps: int, warmup: int) -> dict:
     return {"items_per_s": items_per_s, "seconds_per_step": elapsed / steps, "mfu": mfu}
 
 
-@exit_on_user_error
+@exit_on_config_error
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-blocks", type=int, default=4)
