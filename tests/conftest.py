@@ -1,4 +1,6 @@
+import gc
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -22,3 +24,28 @@ def write_toml(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """The rendezvous env of one process, for trainers built in the test process:
+    torchtitan's Trainer starts the (gloo) process group from it on first use, later
+    trainers reuse it. The environment torchtitan writes (its NCCL / flight-recorder
+    variables) is restored afterwards, and the garbage collector torchtitan's Trainer
+    disables is turned back on."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this pytest process")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    saved = dict(os.environ)
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+    gc.enable()

@@ -10,17 +10,13 @@ max_norm`, `[comm]` (fake backend) and the run_train.sh launcher. Multi-step run
 through torchrun in subprocesses; single-step checks build the trainer in this process.
 """
 
-import gc
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 import _train_helpers as h
@@ -169,25 +165,6 @@ def test_metrics_processor_figures_and_tensorboard_tags(stock_run):
 
 # ---------------------------------------------------------------------------
 # Trainers in this process (one gloo group of size 1 for the module)
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this pytest process")
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(h.free_port()))
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    gc.enable()  # torchtitan's Trainer disables the collector for its process
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture

@@ -8,14 +8,12 @@ process group of size 1 for the whole module).
 
 import gc
 import math
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import _train_helpers as h
@@ -222,26 +220,6 @@ def test_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path):
 
 # ---------------------------------------------------------------------------
 # In-process trainers (one gloo process group of size 1 for the module)
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """The rendezvous env of one process; torchtitan's Trainer starts the (gloo) process
-    group from it on first use, later trainers reuse it. The environment torchtitan
-    writes (its NCCL / flight-recorder variables) is restored afterwards."""
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this pytest process")
-    saved = dict(os.environ)
-    os.environ.update(
-        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(h.free_port()),
-    )
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
-    gc.enable()
 
 
 @pytest.fixture

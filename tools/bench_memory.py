@@ -19,7 +19,6 @@ Run it under torchrun for several processes; figures are per device.
 import argparse
 import gc
 import json
-import math
 import os
 import socket
 import sys

@@ -6,7 +6,6 @@ and the trainer divides each loss by the global item count. In block-parallel ru
 layers reduce within their group and the shared modules over all B groups, so the
 shared modules divide by B (block_parallel.py)."""
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
