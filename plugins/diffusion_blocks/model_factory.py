@@ -4,6 +4,8 @@ model class on meta, model converters, parallelisation, materialisation, init.""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from torchtitan.config import TORCH_DTYPE_MAP
@@ -18,7 +20,7 @@ def build_model(job_config, device: torch.device, parallel_dims: ParallelDims, p
     """Returns (model, model_args, run_spec). `parallelize(model)` replaces the spec's
     parallelize_fn when given."""
     run = resolve_run_spec(job_config)
-    model_args = run.spec.model_args[job_config.model.flavor]
+    model_args = copy.deepcopy(run.spec.model_args[job_config.model.flavor])
     model_args.update_from_config(job_config)
     with torch.device("meta"), titan_utils.set_default_dtype(
         TORCH_DTYPE_MAP[job_config.training.dtype]
