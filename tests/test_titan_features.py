@@ -341,6 +341,14 @@ def test_non_finite_gradient_norm_stops_before_the_optimizer_steps(make_trainer)
             assert torch.equal(p.detach(), params[name]), f"{name} was stepped"
 
 
+def test_the_old_clipping_key_points_to_max_norm(write_toml):
+    config = write_toml("old.toml", f'extends = "{h.DEBUG_TOML}"\n[diffusion_blocks]\nmax_grad_norm = 0.5\n')
+    with pytest.raises(ConfigError, match=r"old.toml: 'diffusion_blocks.max_grad_norm' is gone.*\[training\] max_norm"):
+        parse_job_config(["--job.config_file", str(config)])
+    with pytest.raises(ConfigError, match=r"command line \(--diffusion_blocks.max_grad_norm\).*max_norm"):
+        parse_job_config(["--job.config_file", str(h.DEBUG_TOML), "--diffusion_blocks.max_grad_norm", "0.5"])
+
+
 def test_memory_snapshot_is_refused_on_the_cpu(process_group, tmp_path):
     job_config = parse_job_config([
         "--job.config_file", str(h.DEBUG_TOML), "--job.dump_folder", str(tmp_path),
