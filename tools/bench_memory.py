@@ -19,8 +19,6 @@ Run it under torchrun for several processes; figures are per device.
 import argparse
 import gc
 import json
-import os
-import socket
 import sys
 
 import torch
@@ -34,7 +32,7 @@ from diffusion_blocks.memory import (
     peak_device_bytes,
     resident_bytes,
 )
-from diffusion_blocks.train import BlockwiseTrainer, SINGLE_PROCESS_ENV
+from diffusion_blocks.train import BlockwiseTrainer, use_single_process_env
 
 MiB = 2**20
 
@@ -47,17 +45,6 @@ def parse_args(argv):
                         help="steps per configuration (default: max(B, 2))")
     parser.add_argument("--json", action="store_true")
     return parser.parse_known_args(argv)
-
-
-def single_process_defaults() -> None:
-    """What torchrun sets, for a plain `python tools/bench_memory.py` (one process);
-    torchtitan's Trainer starts the process group from it."""
-    for key, value in SINGLE_PROCESS_ENV.items():
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
 def measure(config_args: list[str], steps: int) -> dict:
@@ -138,7 +125,7 @@ def format_table(rows: list[dict]) -> str:
 @exit_on_config_error
 def main(argv):
     args, config_args = parse_args(argv)
-    single_process_defaults()
+    use_single_process_env()
     blocks = [int(b) for b in args.blocks.split(",") if b]
     rows = benchmark_rows(config_args, blocks, args.ac.split(","), args.steps)
     if not dist.is_initialized() or dist.get_rank() == 0:

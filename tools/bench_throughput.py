@@ -13,8 +13,6 @@ torchtitan's table). Wall-clock figures: noisy on shared machines, never used in
 import argparse
 import gc
 import json
-import os
-import socket
 import sys
 import time
 
@@ -24,19 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
-from diffusion_blocks.train import BlockwiseTrainer, SINGLE_PROCESS_ENV
+from diffusion_blocks.train import BlockwiseTrainer, use_single_process_env
 from torchtitan.tools.utils import get_peak_flops
-
-
-def single_process_defaults() -> None:
-    """What torchrun sets, for a plain `python tools/bench_throughput.py` (one process);
-    torchtitan's Trainer starts the process group from it."""
-    for key, value in SINGLE_PROCESS_ENV.items():
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
 def step_flops(trainer: BlockwiseTrainer) -> float:
@@ -103,7 +90,7 @@ def main(argv):
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--json", action="store_true")
     args, config_args = parser.parse_known_args(argv)
-    single_process_defaults()
+    use_single_process_env()
     rows = []
     for mode in args.modes.split(","):
         compile_args = ["--compile.enable"] if mode == "compiled" else ["--compile.no_enable"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,17 @@ from .schedules import build_block_schedule
 # what torchrun sets; a plain `python -m diffusion_blocks.train` is one process
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                       "MASTER_ADDR": "127.0.0.1"}
+
+
+def use_single_process_env() -> None:
+    """Fill in what torchrun would set, for a launch without it (one process; a free
+    local port); torchtitan's Trainer starts the process group from it."""
+    for key, value in SINGLE_PROCESS_ENV.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
 def select_device_type(job_config) -> str:
@@ -475,9 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     """What torchtitan's `main(TrainerClass)` does (train, or write a seed checkpoint;
     close; destroy the process group), with our composable, checked config."""
     init_logger()
-    for key, value in SINGLE_PROCESS_ENV.items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    use_single_process_env()
     job_config = parse_job_config(argv)
     trainer = None
     try:
