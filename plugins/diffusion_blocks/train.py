@@ -124,7 +124,7 @@ class BlockStats:
 class StepTotals:
     """Per-block sums of one step on this rank: unweighted loss, items, sigma, samples."""
 
-    sums_BK: torch.Tensor
+    sums_B4: torch.Tensor
 
     @classmethod
     def zeros(cls, num_rows: int, device) -> "StepTotals":
@@ -133,10 +133,10 @@ class StepTotals:
     def add(self, row: int, unweighted_sum, num_items, sigma_B: torch.Tensor | None) -> None:
         sigma_sum = float(sigma_B.sum()) if sigma_B is not None else 0.0
         samples = len(sigma_B) if sigma_B is not None else 0
-        self.sums_BK[row] += torch.stack([
+        self.sums_B4[row] += torch.stack([
             unweighted_sum.detach().double(), num_items.double(),
-            torch.tensor(sigma_sum, dtype=torch.float64, device=self.sums_BK.device),
-            torch.tensor(float(samples), dtype=torch.float64, device=self.sums_BK.device),
+            torch.tensor(sigma_sum, dtype=torch.float64, device=self.sums_B4.device),
+            torch.tensor(float(samples), dtype=torch.float64, device=self.sums_B4.device),
         ])
 
 
@@ -381,7 +381,7 @@ class BlockwiseTrainer(Trainer):
 
     def update_block_stats(self) -> dict[str, float]:
         """Sum this step's per-block totals over all ranks; update the per-block stats."""
-        totals = self.step_totals.sums_BK
+        totals = self.step_totals.sums_B4
         if dist.get_world_size() > 1:
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
         unweighted, items, sigma_sum, samples = totals.sum(0).tolist()
