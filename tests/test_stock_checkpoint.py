@@ -119,6 +119,15 @@ def assert_started_from(model, stock: Transformer, before: dict[str, torch.Tenso
         assert not model.layers[str(i)].adaln.linear.weight.any()
 
 
+def one_line_load_error(checkpointer) -> str:
+    """The message of the ValueError that `checkpointer.load()` raises; one line."""
+    with pytest.raises(ValueError) as error:
+        checkpointer.load()
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
 @pytest.fixture
 def logs(caplog):
     caplog.set_level(logging.INFO)
@@ -161,11 +170,7 @@ def test_initial_load_of_another_model_shape_names_key_and_both_shapes(tmp_path)
     before = snapshot(model)
     checkpointer = manager(model, tmp_path / "run", initial_load_path=path)
 
-    with pytest.raises(ValueError) as error:
-        checkpointer.load()
-
-    message = str(error.value)
-    assert "\n" not in message
+    message = one_line_load_error(checkpointer)
     assert f"checkpoint {path} stores tok_embeddings.weight as (2048, 128)" in message
     assert "this model has (2048, 256)" in message
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -177,11 +182,7 @@ def test_initial_load_missing_a_stock_key_names_it(tmp_path):
     path = save_dcp(state_dict, tmp_path / "no_norm")
     checkpointer = manager(denoiser(), tmp_path / "run", initial_load_path=path)
 
-    with pytest.raises(ValueError) as error:
-        checkpointer.load()
-
-    message = str(error.value)
-    assert "\n" not in message
+    message = one_line_load_error(checkpointer)
     assert f"checkpoint {path} has no norm.weight" in message
     assert "(256,)" in message
 
@@ -298,10 +299,6 @@ def test_initial_load_in_hf_of_another_model_shape(tmp_path):
         sd_adapter=Llama3StateDictAdapter(model.model_args, None),
     )
 
-    with pytest.raises(ValueError) as error:
-        checkpointer.load()
-
-    message = str(error.value)
-    assert "\n" not in message
+    message = one_line_load_error(checkpointer)
     assert f"checkpoint {path} stores model.embed_tokens.weight as (2048, 128)" in message
     assert "this model has (2048, 256)" in message
