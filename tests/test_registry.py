@@ -2,7 +2,6 @@ import pytest
 import torch
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.config import DiffusionBlocks
 from diffusion_blocks.config_loader import parse_job_config
 from diffusion_blocks.models.llama import DenoiserLayer, DiffusionBlocksLlama
 from torchtitan.distributed import ParallelDims
