@@ -5,12 +5,12 @@ import torch
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.config import DiffusionBlocks
-from diffusion_blocks.models.llama import (
+from diffusion_blocks.models.llama3.model import (
     denoiser_dense_mask,
     denoiser_positions,
     DiffusionBlocksLlama,
-    dblocks_llama3_flavors,
 )
+from diffusion_blocks.models.llama3.args import dblocks_llama3_flavors
 from diffusion_blocks.partition import BlockPartition
 
 SEQ = 12

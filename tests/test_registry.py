@@ -3,7 +3,7 @@ import torch
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.config_loader import parse_job_config
-from diffusion_blocks.models.llama import DenoiserLayer, DiffusionBlocksLlama
+from diffusion_blocks.models.llama3.model import DenoiserLayer, DiffusionBlocksLlama
 from torchtitan.distributed import ParallelDims
 from torchtitan.models.llama3 import llama3_args, Transformer
 from torchtitan.protocols.model_converter import build_model_converters
@@ -68,7 +68,7 @@ def test_converter_keeps_stock_weights_and_adds_conditioning(write_toml):
     x = torch.randn(2, 8, 256)
     cond = model.sigma_embedder(torch.tensor([0.1, -0.5]))
     layer = model.layers["3"]
-    from diffusion_blocks.models.llama import denoiser_dense_mask, denoiser_positions
+    from diffusion_blocks.models.llama3.model import denoiser_dense_mask, denoiser_positions
 
     out = layer(x, cond, model.freqs_cis, denoiser_dense_mask(4, x.device), denoiser_positions(4, x.device))
     assert torch.equal(out, x)

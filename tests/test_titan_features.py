@@ -227,7 +227,7 @@ def load_stock_weights(step_folder: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_started_from_stock(trainer, stock: dict[str, torch.Tensor]) -> None:
-    from diffusion_blocks.models.llama import is_added_by_conversion
+    from diffusion_blocks.models.llama3.model import is_added_by_conversion
 
     before = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     assert trainer.checkpointer.load()

@@ -2,8 +2,8 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_blocks import diffusion
-from diffusion_blocks.models.vit import DiffusionBlocksViT, PlainViT
-from diffusion_blocks.vision_tasks import ImageClassificationTask
+from diffusion_blocks.models.vit.model import DiffusionBlocksViT, PlainViT
+from diffusion_blocks.models.vit.task import ImageClassificationTask
 from torchtitan.protocols.train_spec import get_train_spec
 from vision_helpers import build_on_cpu, build_on_meta, job_config, LayerCallRecorder
 

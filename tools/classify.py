@@ -20,7 +20,7 @@ import diffusion_blocks  # noqa: F401  (registers the train specs)
 from diffusion_blocks.config_loader import ConfigError, exit_on_config_error, parse_job_config
 from diffusion_blocks.data.images import load_job_split
 from diffusion_blocks.inference import load_model
-from diffusion_blocks.vision_tasks import count_correct
+from diffusion_blocks.models.vit.task import count_correct
 
 
 def parse_args(argv):

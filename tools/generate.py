@@ -15,7 +15,7 @@ import torch
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
-from diffusion_blocks.generation import DecodingConfig, generate
+from diffusion_blocks.models.llama3.sampler import DecodingConfig, generate
 from diffusion_blocks.inference import load_for_inference
 
 

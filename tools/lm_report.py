@@ -27,7 +27,7 @@ import torch
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.config_loader import parse_job_config
-from diffusion_blocks.generation import DecodingConfig, generate
+from diffusion_blocks.models.llama3.sampler import DecodingConfig, generate
 from diffusion_blocks.inference import load_for_inference
 from diffusion_blocks.objectives import per_sample_cross_entropy
 

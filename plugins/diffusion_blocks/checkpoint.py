@@ -9,7 +9,7 @@ or a Hugging Face Llama checkpoint (safetensors, read through the train spec's
 (`[checkpoint] initial_load_path` or `initial_load_in_hf` with
 `initial_load_model_only = true`, before the run's checkpoint folder exists). There it
 loads every weight the checkpoint has, leaves the modules added by the conversion
-(`models.llama.is_added_by_conversion`) as initialised, and refuses, with one line,
+(`models.llama3.model.is_added_by_conversion`) as initialised, and refuses, with one line,
 any other missing key or any weight stored with another shape than the model's.
 Resumes, seed checkpoints (step 0), saves and the async modes are torchtitan's.
 """
@@ -26,7 +26,7 @@ from torchtitan.components.checkpoint import CheckpointManager, MODEL
 from torchtitan.tools.logging import logger
 
 from .config_loader import ConfigError
-from .models.llama import is_added_by_conversion
+from .models.llama3.model import is_added_by_conversion
 
 ADDED_MODULES = "AdaLN-Zero, sigma embedder, final AdaLN"
 SHOWN_KEYS = 3

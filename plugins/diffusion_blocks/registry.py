@@ -1,5 +1,5 @@
-"""Registration with torchtitan's registries (train specs, model converters, datasets),
-and which spec, model family and model class a job config trains.
+"""Registration with torchtitan's registries (the families' train specs, the model
+converter, datasets), and which spec, model family and model class a job config trains.
 
 `import diffusion_blocks` calls `register_all()` once."""
 
@@ -8,15 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
-from torchtitan.components.loss import build_cross_entropy_loss
-from torchtitan.components.lr_scheduler import build_lr_schedulers
-from torchtitan.components.optimizer import build_optimizers
 from torchtitan.components.tokenizer import build_hf_tokenizer
-from torchtitan.hf_datasets.text_datasets import build_text_dataloader
-from torchtitan.models.llama3 import Transformer
-from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 from torchtitan.protocols.model_converter import (
     _registry_model_converter_cls,
     register_model_converter,
@@ -29,84 +22,21 @@ from torchtitan.protocols.train_spec import (
 )
 
 from .config_loader import ConfigError, origin_of
-from .converter import CONVERTER_NAME, DiffusionBlocksConverter
-from .data.images import build_image_dataloader
 from .data.text import build_hf_tokenizer_checked, build_tokenizer, register_text_datasets
-from .metrics import build_blockwise_metrics_processor
-from .models.dit import DiffusionBlocksDiT, dit_flavors, EndToEndDiT
-from .models.llama import DiffusionBlocksLlama, dblocks_llama3_flavors
-from .models.vit import DiffusionBlocksViT, PlainViT, vit_flavors
-from .objectives import build_squared_error_loss
-from .parallelize import parallelize_dblocks_llama, parallelize_vision
+from .family import ModelFamily
+from .models import dit, llama3, vit
+from .models.llama3.converter import CONVERTER_NAME, DiffusionBlocksConverter
 from .partition import BlockPartition
-from .tasks import LanguageModelTask, Task
-from .validation import build_denoiser_validator, build_task_validator
-from .vision_tasks import ImageClassificationTask, ImageGenerationTask
-
-
-def _blockwise_train_spec(
-    model_cls, flavors, parallelize_fn, build_dataloader_fn, build_tokenizer_fn,
-    build_loss_fn, build_validator_fn, state_dict_adapter=None,
-) -> TrainSpec:
-    """torchtitan's optimizer and LR-scheduler builders; no pipelining (one block a step)."""
-    return TrainSpec(
-        model_cls=model_cls,
-        model_args=flavors,
-        parallelize_fn=parallelize_fn,
-        pipelining_fn=None,
-        build_optimizers_fn=build_optimizers,
-        build_lr_schedulers_fn=build_lr_schedulers,
-        build_dataloader_fn=build_dataloader_fn,
-        build_tokenizer_fn=build_tokenizer_fn,
-        build_loss_fn=build_loss_fn,
-        build_validator_fn=build_validator_fn,
-        build_metrics_processor_fn=build_blockwise_metrics_processor,
-        state_dict_adapter=state_dict_adapter,
-    )
-
-
-def dblocks_llama3_train_spec() -> TrainSpec:
-    return _blockwise_train_spec(
-        DiffusionBlocksLlama, dblocks_llama3_flavors(), parallelize_dblocks_llama,
-        build_text_dataloader, build_tokenizer, build_cross_entropy_loss,
-        partial(build_denoiser_validator, LanguageModelTask()), Llama3StateDictAdapter,
-    )
-
-
-def dblocks_vit_train_spec() -> TrainSpec:
-    return _blockwise_train_spec(
-        DiffusionBlocksViT, vit_flavors(), parallelize_vision,
-        build_image_dataloader, None, build_cross_entropy_loss,
-        partial(build_task_validator, ImageClassificationTask().evaluate),
-    )
-
-
-def dblocks_dit_train_spec() -> TrainSpec:
-    return _blockwise_train_spec(
-        DiffusionBlocksDiT, dit_flavors(), parallelize_vision,
-        build_image_dataloader, None, build_squared_error_loss,
-        partial(build_task_validator, ImageGenerationTask().evaluate),
-    )
-
-
-@dataclass(frozen=True)
-class ModelFamily:
-    """A block-partitioned train spec and what the train loop needs beside it."""
-
-    build_train_spec: Callable[[], TrainSpec]
-    end_to_end_model_cls: type      # the same architecture without DiffusionBlocks
-    task: Task
-
 
 FAMILIES: dict[str, ModelFamily] = {
-    "dblocks_llama3": ModelFamily(dblocks_llama3_train_spec, Transformer, LanguageModelTask()),
-    "dblocks_vit": ModelFamily(dblocks_vit_train_spec, PlainViT, ImageClassificationTask()),
-    "dblocks_dit": ModelFamily(dblocks_dit_train_spec, EndToEndDiT, ImageGenerationTask()),
+    family.name: family for family in (llama3.FAMILY, vit.FAMILY, dit.FAMILY)
 }
 
 # stock torchtitan train specs that `[model] converters = ["diffusion_blocks"]` turns
 # into a DiffusionBlocks family's denoiser
-STOCK_MODELS: dict[str, str] = {"llama3": "dblocks_llama3"}
+STOCK_MODELS: dict[str, str] = {
+    stock: family.name for family in FAMILIES.values() for stock in family.stock_models
+}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""How each model family turns a batch into a loss, with and without DiffusionBlocks.
+"""The task protocol: how a model family turns a batch into a loss, with and without
+DiffusionBlocks. Each family's task lives in its folder (models/<family>/task.py).
 
 A task keeps the train loop free of per-architecture if-chains: the loop picks the
 block and the sigmas, the task noises the target, runs the model and scores it. Losses
@@ -12,7 +13,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .objectives import cross_entropy_sums, LossSums, weighted_cross_entropy_sums
+from .objectives import LossSums
+
+EVAL_SEED = 1234  # the generator seed of evaluation-time sampling
 
 
 @dataclass
@@ -45,23 +48,3 @@ class Task(Protocol):
         self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
         extra_kwargs: dict[str, Any], generator: torch.Generator,
     ) -> LossSums: ...
-
-
-class LanguageModelTask:
-    """Autoregressive LM: noisy rows denoise the next tokens' normalised embeddings."""
-
-    unweighted_name = "ce"
-
-    def denoiser_loss(self, model, inputs, labels, block, sigma_B, generator):
-        tokens_BT = inputs["input"]
-        dim = model.tok_embeddings.weight.shape[-1]
-        noise_BTD = torch.randn(
-            (*labels.shape, dim), generator=generator, device=labels.device
-        )
-        logits = model(tokens_BT, labels, block=block, sigma_B=sigma_B, noise_BTD=noise_BTD)
-        return weighted_cross_entropy_sums(
-            logits, labels, sigma_B, model.partition.schedule.sigma_data
-        )
-
-    def end_to_end_loss(self, model, inputs, labels, extra_kwargs, generator):
-        return cross_entropy_sums(model(inputs["input"], **extra_kwargs), labels)

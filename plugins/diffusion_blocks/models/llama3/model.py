@@ -13,9 +13,7 @@ columns <= j (i.e. the tokens before the one it denoises) and itself. Clean x_i 
 noisy row of x_i share RoPE position i, so noisy row j sits at position j + 1.
 """
 
-import dataclasses
 import re
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -23,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from torchtitan.models.attention import FlexAttentionWrapper
-from torchtitan.models.llama3 import llama3_args, Transformer, TransformerModelArgs
+from torchtitan.models.llama3 import Transformer
 from torchtitan.models.llama3.model.model import (
     apply_rotary_emb,
     Attention,
@@ -31,9 +29,10 @@ from torchtitan.models.llama3.model.model import (
     TransformerBlock,
 )
 
-from .. import diffusion
-from ..partition import BlockPartition
-from .conditioning import AdaLNModulation, FinalAdaLN, modulate, SigmaEmbedder
+from ... import diffusion
+from ...partition import BlockPartition
+from ..conditioning import AdaLNModulation, FinalAdaLN, modulate, SigmaEmbedder
+from .args import DiffusionBlocksLlamaArgs
 
 
 # ---------------------------------------------------------------------------
@@ -104,18 +103,6 @@ class DenoiserLayer(TransformerBlock):
         h_BSD = x_BSD + gate_a.unsqueeze(1) * attn_out
         ffn_out = self.feed_forward(modulate(self.ffn_norm(h_BSD), shift_m, scale_m))
         return h_BSD + gate_m.unsqueeze(1) * ffn_out
-
-
-@dataclass
-class DiffusionBlocksLlamaArgs(TransformerModelArgs):
-    partition: BlockPartition | None = None
-    """Filled from `[diffusion_blocks]` by update_from_config."""
-    adaln_cond_dim: int = 256
-
-    def update_from_config(self, job_config, **kwargs) -> None:
-        super().update_from_config(job_config, **kwargs)
-        self.partition = BlockPartition.from_job_config(job_config, self.n_layers)
-        self.adaln_cond_dim = job_config.diffusion_blocks.adaln_cond_dim
 
 
 class Denoised(NamedTuple):
@@ -257,35 +244,3 @@ def init_denoiser_modules(model: DiffusionBlocksLlama) -> None:
     model.final_adaln.init_weights()
     for layer in model.layers.values():
         layer.adaln.init_weights()
-
-
-# ---------------------------------------------------------------------------
-# Flavors
-
-
-def _as_dblocks_args(args: TransformerModelArgs, **overrides) -> DiffusionBlocksLlamaArgs:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
-    values.update(overrides)
-    return DiffusionBlocksLlamaArgs(**values)
-
-
-def dblocks_llama3_flavors() -> dict[str, DiffusionBlocksLlamaArgs]:
-    """torchtitan's llama3 flavors with their stock shapes (debugmodel: 6 layers), plus
-    our own names: 8-layer debug models (B = 2, 4, 8 split evenly), DESIGN.md's measured
-    anchor shape and Llama 3.2 1B (the memory benchmarks' sizes)."""
-    flavors = {name: _as_dblocks_args(args) for name, args in llama3_args.items()}
-    flavors["debugmodel_8l"] = _as_dblocks_args(llama3_args["debugmodel"], n_layers=8, n_heads=8)
-    flavors["debugmodel_8l_flex_attn"] = _as_dblocks_args(
-        llama3_args["debugmodel_flex_attn"], n_layers=8, n_heads=8
-    )
-    flavors["250M"] = DiffusionBlocksLlamaArgs(
-        dim=1024, n_layers=16, n_heads=16, vocab_size=32000, rope_theta=500000
-    )
-    flavors["1B"] = DiffusionBlocksLlamaArgs(
-        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5,
-        multiple_of=256, vocab_size=128256, rope_theta=500000,
-    )
-    # varlen attention packs documents; the 2T denoiser sequence has its own mask
-    flavors.pop("debugmodel_varlen_attn", None)
-    flavors.pop("8B_varlen", None)
-    return flavors

@@ -15,38 +15,15 @@ with sigma from the global truncated log-normal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-
-from .. import diffusion
-from ..partition import BlockPartition
-from ..sampling import classifier_free_guidance, euler_sample
-from .conditioning import FinalAdaLN, SigmaEmbedder
-from .vision_layers import (
-    AdaLNZeroLayer,
-    ImageTransformerArgs,
-    PatchEmbed,
-    sincos_positions_2d,
-    unpatchify,
-)
-
-
-@dataclass
-class DiTArgs(ImageTransformerArgs):
-    dim: int = 128
-    label_dropout: float = 0.1
-    """Filled from `[diffusion_blocks]` by update_from_config."""
-
-    def update_from_config(self, job_config, **kwargs) -> None:
-        super().update_from_config(job_config, **kwargs)
-        self.label_dropout = job_config.diffusion_blocks.label_dropout
-
-    def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
-        nparams = sum(p.numel() for p in model.parameters())
-        return nparams, 6 * nparams * self.grid_size**2
+from ... import diffusion
+from ...partition import BlockPartition
+from ...sampling import classifier_free_guidance, euler_sample
+from ..conditioning import FinalAdaLN, SigmaEmbedder
+from ..vision_layers import AdaLNZeroLayer, PatchEmbed, sincos_positions_2d, unpatchify
+from .args import DiTArgs
 
 
 class DiffusionBlocksDiT(nn.Module):
@@ -163,23 +140,3 @@ class EndToEndDiT(DiffusionBlocksDiT):
     def __init__(self, args: DiTArgs):
         super().__init__(args)
         self.partition = single_block_partition(args.partition.schedule, args.n_layers)
-
-
-def dit_flavors() -> dict[str, DiTArgs]:
-    return {
-        # 8x8 grey digits: trains in minutes on a CPU
-        "digits": DiTArgs(
-            image_size=8, in_channels=1, patch_size=2, num_classes=10,
-            dim=128, n_layers=4, n_heads=4,
-        ),
-        # DiT paper shapes. S/2 on CIFAR-10 images (the paper's CIFAR run),
-        # L/2 on ImageNet-256 SD-VAE latents (32 x 32 x 4).
-        "DiT-S/2": DiTArgs(
-            image_size=32, in_channels=3, patch_size=2, num_classes=10,
-            dim=384, n_layers=12, n_heads=6,
-        ),
-        "DiT-L/2": DiTArgs(
-            image_size=32, in_channels=4, patch_size=2, num_classes=1000,
-            dim=1024, n_layers=24, n_heads=16,
-        ),
-    }

@@ -14,37 +14,17 @@ final logits, read at sigma_min by the block owning it (as the official code doe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-from .. import diffusion
-from ..sampling import euler_sample
-from .conditioning import FinalAdaLN, SigmaEmbedder
-from .vision_layers import AdaLNZeroLayer, ImageTransformerArgs, PatchEmbed, PreNormLayer
-
-
-@dataclass
-class ViTArgs(ImageTransformerArgs):
-    sampling_steps_per_block: int = 1
-    """Filled from `[diffusion_blocks]` by update_from_config."""
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
-
-    def update_from_config(self, job_config, **kwargs) -> None:
-        super().update_from_config(job_config, **kwargs)
-        self.sampling_steps_per_block = job_config.diffusion_blocks.sampling_steps_per_block
-
-    def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
-        nparams = sum(p.numel() for p in model.parameters())
-        tokens = self.num_patches + 1
-        return nparams, 6 * nparams * tokens
+from ... import diffusion
+from ...sampling import euler_sample
+from ..conditioning import FinalAdaLN, SigmaEmbedder
+from ..vision_layers import AdaLNZeroLayer, PatchEmbed, PreNormLayer
+from .args import ViTArgs
 
 
 class ViTDenoised(NamedTuple):
@@ -182,22 +162,3 @@ class PlainViT(ViTShared):
     @torch.no_grad()
     def classify(self, images_BCHW: torch.Tensor, generator=None, steps_per_block=None):
         return self(images_BCHW)
-
-
-def vit_flavors() -> dict[str, ViTArgs]:
-    return {
-        # 8x8 grey digits, 16 patches: trains in minutes on a CPU
-        "digits": ViTArgs(
-            image_size=8, in_channels=1, patch_size=2, num_classes=10,
-            dim=64, n_layers=4, n_heads=4,
-        ),
-        # the paper's CIFAR shape (12 layers, width 128, 4 heads, patch 4)
-        "cifar100": ViTArgs(
-            image_size=32, in_channels=3, patch_size=4, num_classes=100,
-            dim=128, n_layers=12, n_heads=4,
-        ),
-        "cifar10": ViTArgs(
-            image_size=32, in_channels=3, patch_size=4, num_classes=10,
-            dim=128, n_layers=12, n_heads=4,
-        ),
-    }

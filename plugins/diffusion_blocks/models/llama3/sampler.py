@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import diffusion
+from ... import diffusion
 
 
 @dataclass(frozen=True)

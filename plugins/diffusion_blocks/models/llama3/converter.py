@@ -6,8 +6,8 @@ from torch import nn
 from torchtitan.models.llama3 import Transformer
 from torchtitan.tools.logging import logger
 
-from .models.llama import convert_to_denoiser, DiffusionBlocksLlama
-from .partition import BlockPartition
+from ...partition import BlockPartition
+from .model import convert_to_denoiser, DiffusionBlocksLlama
 
 CONVERTER_NAME = "diffusion_blocks"
 

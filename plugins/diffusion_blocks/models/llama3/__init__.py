@@ -1,0 +1,31 @@
+"""Autoregressive Llama denoiser (`dblocks_llama3`) on torchtitan's llama3 layers; a
+stock `llama3` with `[model] converters = ["diffusion_blocks"]` trains the same way."""
+
+from functools import partial
+
+from torchtitan.components.loss import build_cross_entropy_loss
+from torchtitan.hf_datasets.text_datasets import build_text_dataloader
+from torchtitan.models.llama3 import Transformer
+from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
+from torchtitan.protocols.train_spec import TrainSpec
+
+from ...data.text import build_tokenizer
+from ...family import blockwise_train_spec, ModelFamily
+from ...parallelize import parallelize_dblocks_llama
+from ...validation import build_denoiser_validator
+from .args import dblocks_llama3_flavors
+from .model import DiffusionBlocksLlama
+from .task import LanguageModelTask
+
+
+def get_train_spec() -> TrainSpec:
+    return blockwise_train_spec(
+        DiffusionBlocksLlama, dblocks_llama3_flavors(), parallelize_dblocks_llama,
+        build_text_dataloader, build_tokenizer, build_cross_entropy_loss,
+        partial(build_denoiser_validator, LanguageModelTask()), Llama3StateDictAdapter,
+    )
+
+
+FAMILY = ModelFamily(
+    "dblocks_llama3", get_train_spec, Transformer, LanguageModelTask(), stock_models=("llama3",)
+)

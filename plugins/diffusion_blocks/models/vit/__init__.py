@@ -1,0 +1,25 @@
+"""ViT classifier (`dblocks_vit`): the blocks denoise the label embedding."""
+
+from functools import partial
+
+from torchtitan.components.loss import build_cross_entropy_loss
+from torchtitan.protocols.train_spec import TrainSpec
+
+from ...data.images import build_image_dataloader
+from ...family import blockwise_train_spec, ModelFamily
+from ...parallelize import parallelize_vision
+from ...validation import build_task_validator
+from .args import vit_flavors
+from .model import DiffusionBlocksViT, PlainViT
+from .task import ImageClassificationTask
+
+
+def get_train_spec() -> TrainSpec:
+    return blockwise_train_spec(
+        DiffusionBlocksViT, vit_flavors(), parallelize_vision,
+        build_image_dataloader, None, build_cross_entropy_loss,
+        partial(build_task_validator, ImageClassificationTask().evaluate),
+    )
+
+
+FAMILY = ModelFamily("dblocks_vit", get_train_spec, PlainViT, ImageClassificationTask())
