@@ -4,13 +4,17 @@ import torch
 from PIL import Image
 
 from diffusion_blocks.data.images import (
+    build_image_dataloader,
+    CropFlip,
     ImageShape,
+    load_job_split,
     load_split,
     ShuffledImageDataset,
     sharded_batches,
     stratified_holdout,
 )
 from torchtitan.components.dataloader import ParallelAwareDataloader
+from vision_helpers import job_config
 
 GREY8 = ImageShape(channels=1, size=8, num_classes=10)
 
@@ -152,3 +156,116 @@ def test_evaluation_batches_cover_each_image_once_with_equal_counts():
             seen += labels[valid].tolist()
     assert len(set(counts)) == 1
     assert sorted(seen) == sorted(split.labels_N.tolist())
+
+
+def shifted(image_CHW, dy, dx, padding):
+    """The image padded by `padding` black (-1) pixels per side, cropped at (dy, dx)."""
+    _, h, w = image_CHW.shape
+    padded = torch.full((image_CHW.shape[0], h + 2 * padding, w + 2 * padding), -1.0)
+    padded[:, padding : padding + h, padding : padding + w] = image_CHW
+    return padded[:, dy : dy + h, dx : dx + w]
+
+
+def crop_flips_giving(out, image, padding):
+    """Every (dy, dx, flip) for which crop + flip of `image` is `out`."""
+    side = 2 * padding + 1
+    return [
+        (dy, dx, flip) for dy in range(side) for dx in range(side) for flip in (False, True)
+        if torch.equal(out, shifted(image, dy, dx, padding).flip(-1) if flip else shifted(image, dy, dx, padding))
+    ]
+
+
+def test_crop_flip_keeps_the_shape_and_shifts_or_mirrors_the_image():
+    torch.manual_seed(0)
+    image = torch.rand(3, 8, 6) * 1.8 - 0.9  # no pixel is black
+    original = image.clone()
+    augment = CropFlip(padding=2, seed=0)
+    seen = set()
+    for index in range(200):
+        out = augment(image, 0, index)
+        assert out.shape == image.shape
+        matches = crop_flips_giving(out, image, 2)
+        assert len(matches) == 1, index
+        seen.add(matches[0])
+    assert {(dy, dx) for dy, dx, _ in seen} == {(dy, dx) for dy in range(5) for dx in range(5)}
+    assert {flip for *_, flip in seen} == {False, True}
+    assert torch.equal(image, original)  # the source is never written to
+
+
+def test_crop_flip_is_seeded_by_seed_epoch_and_index():
+    image = torch.rand(1, 8, 8)
+    draws = lambda seed, epoch: torch.stack([CropFlip(4, seed)(image, epoch, i) for i in range(20)])
+    assert torch.equal(draws(0, 0), draws(0, 0))
+    assert not torch.equal(draws(0, 0), draws(1, 0))
+    assert not torch.equal(draws(0, 0), draws(0, 1))  # new crops every epoch
+
+
+def test_stream_augments_each_image_by_its_epoch_and_index():
+    split = load_split("digits", None, "test", GREY8, 0.2)
+    split.images_NCHW, split.labels_N = split.images_NCHW[:12], split.labels_N[:12]
+    augment = CropFlip(4, seed=5)
+    stream = iter(ShuffledImageDataset(split, 1, 2, seed=5, augment=augment))
+    plain = ShuffledImageDataset(split, 1, 2, seed=5)
+    for epoch in range(3):  # 6 images per rank and epoch
+        for i in plain.epoch_indices(epoch).tolist():
+            image = next(stream)[0]["input"]
+            assert torch.equal(image, augment(split.images_NCHW[i], epoch, i))
+
+
+def tiny_npz(path):
+    """20 training and 10 test 8x8 grey images, classes 0..9."""
+    generator = np.random.default_rng(0)
+    np.savez(
+        path, images=generator.integers(0, 256, (20, 8, 8), dtype=np.uint8), labels=np.arange(20) % 10,
+        test_images=generator.integers(0, 256, (10, 8, 8), dtype=np.uint8), test_labels=np.arange(10),
+    )
+    return str(path)
+
+
+def training_inputs(cfg, batches=3, state=None):
+    loader = build_image_dataloader(1, 0, None, cfg)
+    if state is not None:
+        loader.load_state_dict(state)
+    it = iter(loader)
+    return [next(it)[0]["input"] for _ in range(batches)], loader
+
+
+def test_augmentation_changes_training_images_by_seed_and_never_test_images(tmp_path):
+    path = tiny_npz(tmp_path / "tiny.npz")
+    data = ["--training.dataset", "npz", "--training.dataset_path", path, "--training.local_batch_size", "8"]
+    plain = job_config("vit_digits.toml", *data)
+    assert plain.data.augment == "none"  # the digits recipe: no augmentation
+    augmented = job_config("vit_digits.toml", *data, "--data.augment", "crop_flip")
+    reseeded = job_config("vit_digits.toml", *data, "--data.augment", "crop_flip", "--data.shuffle_seed", "1")
+    train_before = load_job_split(plain, "train").images_NCHW.clone()
+    raw, _ = training_inputs(plain)
+    assert all(split_rows(train_before, batch) is not None for batch in raw)  # unchanged images
+    crops, _ = training_inputs(augmented, batches=5)  # crosses an epoch (20 images)
+    # the same images in the same order, each cropped and maybe flipped
+    for raw_batch, crop_batch in zip(raw, crops):
+        assert crop_batch.shape == (8, 1, 8, 8)
+        assert all(crop_flips_giving(c, r, 4) for r, c in zip(raw_batch, crop_batch))
+    assert not any(torch.equal(a, b) for a, b in zip(raw, crops))
+    assert torch.equal(training_inputs(augmented, batches=5)[0][4], crops[4])  # seeded
+    assert not torch.equal(training_inputs(reseeded)[0][0], crops[0])
+    # a resumed stream draws the same crops
+    _, loader = training_inputs(augmented, batches=2)
+    resumed, _ = training_inputs(augmented, batches=3, state=loader.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(resumed, crops[2:5]))
+    # neither split is changed: the training images stay, the test split is never augmented
+    assert torch.equal(load_job_split(augmented, "train").images_NCHW, train_before)
+    with np.load(path) as archive:
+        expected_test = torch.from_numpy(archive["test_images"]).float()[:, None] / 127.5 - 1
+    torch.testing.assert_close(load_job_split(augmented, "test").images_NCHW, expected_test)
+    assert torch.equal(load_job_split(augmented, "test").images_NCHW, load_job_split(plain, "test").images_NCHW)
+
+
+def split_rows(images_NCHW, batch):
+    """The row of `images_NCHW` equal to each image of `batch` (None if one is missing)."""
+    rows = []
+    for image in batch:
+        hits = [i for i, candidate in enumerate(images_NCHW) if torch.equal(candidate, image)]
+        if not hits:
+            return None
+        rows.append(hits[0])
+    return rows

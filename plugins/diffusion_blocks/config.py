@@ -12,6 +12,7 @@ from .diffusion import NoiseSchedule, PARTITIONS
 
 BLOCK_SCHEDULES = ("random", "round_robin", "sequential")  # see schedules.py
 DEVICES = ("auto", "cpu", "cuda")
+AUGMENTATIONS = ("none", "crop_flip")  # see data/images.py
 OFFLOAD_MODES = ("auto", "on", "off")
 
 
@@ -96,7 +97,17 @@ class Data:
     a seeded permutation, is the test split and never trained on."""
 
     shuffle_seed: int = 0
-    """Seed of the image data's per-epoch shuffle (the same order on every rank)."""
+    """Seed of the image data's per-epoch shuffle (the same order on every rank) and of
+    its augmentation."""
+
+    augment: str = "none"
+    """Augmentation of the image TRAINING stream (never the test split): 'none', or
+    'crop_flip': a random crop_padding-pixel-shifted crop of the black-padded image and
+    a horizontal flip with probability 1/2 (the CIFAR recipe), drawn from shuffle_seed,
+    the epoch and the image index, so a run (and a resumed run) sees the same crops."""
+
+    crop_padding: int = 4
+    """Pixels of black padding per side for augment = 'crop_flip'."""
 
 
 @dataclass
@@ -108,10 +119,23 @@ class Training:
 
 
 @dataclass
+class Model:
+    """Merged into torchtitan's [model] section: overrides of the flavor's model args,
+    for models that have them (the ViT); unset keeps the flavor's value."""
+
+    dropout: float | None = None
+    """Hidden dropout (embeddings, attention output, MLP output), training only."""
+
+    attention_dropout: float | None = None
+    """Dropout on the attention probabilities, training only."""
+
+
+@dataclass
 class JobConfig:
     diffusion_blocks: DiffusionBlocks = field(default_factory=DiffusionBlocks)
     data: Data = field(default_factory=Data)
     training: Training = field(default_factory=Training)
+    model: Model = field(default_factory=Model)
 
 
 def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
@@ -196,7 +220,36 @@ def check_data(section: Data) -> list[tuple[str, str]]:
         problems.append(
             ("holdout_fraction", f"must lie in (0, 1), got {section.holdout_fraction}")
         )
+    if section.augment not in AUGMENTATIONS:
+        problems.append(("augment", f"{section.augment!r} is not one of {list(AUGMENTATIONS)}"))
+    if section.crop_padding < 0:
+        problems.append(("crop_padding", f"must be >= 0, got {section.crop_padding}"))
     return problems
+
+
+def check_model(section) -> list[tuple[str, str]]:
+    problems = []
+    for key in ("dropout", "attention_dropout"):
+        value = getattr(section, key)
+        if value is None:
+            continue
+        if not 0.0 <= value < 1.0:
+            problems.append((key, f"must lie in [0, 1), got {value}"))
+        elif not _flavor_has(section, key):
+            problems.append((key, f"is not a model arg of {section.name!r}; only the ViT has dropout"))
+    return problems
+
+
+def _flavor_has(section, key: str) -> bool:
+    """Whether the train spec's flavor has model arg `key` (True when the spec is
+    unknown here: torchtitan reports that itself)."""
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    try:
+        args = get_train_spec(section.name).model_args[section.flavor]
+    except (KeyError, ValueError):
+        return True
+    return hasattr(args, key)
 
 
 def check_training(section) -> list[tuple[str, str]]:
@@ -209,6 +262,7 @@ SECTION_CHECKS = {
     "diffusion_blocks": check_diffusion_blocks,
     "data": check_data,
     "training": check_training,
+    "model": check_model,
 }
 
 

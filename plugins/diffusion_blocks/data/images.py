@@ -16,6 +16,8 @@ seeded choice) is the test split. Training batches come from torchtitan's
 ParallelAwareDataloader over `ShuffledImageDataset`: infinite, reshuffled each epoch
 identically on every rank, each data-parallel rank taking its own share, and Stateful
 so a checkpoint resumes mid-epoch. Batches are `({"input": images_BCHW}, labels_B)`.
+`[data] augment = "crop_flip"` crops and flips the training stream's images (`CropFlip`);
+the test split is never augmented.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset
 
@@ -294,12 +297,43 @@ def load_job_split(job_config, split: str) -> ImageSplit:
 # Training stream and evaluation batches
 
 
+class CropFlip:
+    """The CIFAR training augmentation: pad `padding` black (-1) pixels per side, take
+    a random crop of the original size, flip it horizontally with probability 1/2.
+    The draw depends only on (seed, epoch, image index): the same on every rank count
+    and after a resume, a new crop for the same image every epoch."""
+
+    def __init__(self, padding: int, seed: int):
+        self.padding, self.seed = padding, seed
+
+    def __call__(self, image_CHW: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
+        mixed = ((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) * 7919 + 1
+        generator = torch.Generator().manual_seed(mixed % 2**63)
+        dy, dx = torch.randint(0, 2 * self.padding + 1, (2,), generator=generator).tolist()
+        flip = bool(torch.randint(0, 2, (), generator=generator))
+        _, height, width = image_CHW.shape
+        p = self.padding
+        crop = F.pad(image_CHW, (p, p, p, p), value=-1.0)[:, dy : dy + height, dx : dx + width]
+        return crop.flip(-1) if flip else crop
+
+
+def training_augmentation(data_config) -> CropFlip | None:
+    """`[data] augment` as a callable (image, epoch, index) -> image, or None."""
+    if data_config.augment == "crop_flip":
+        return CropFlip(data_config.crop_padding, data_config.shuffle_seed)
+    return None
+
+
 class ShuffledImageDataset(IterableDataset, Stateful):
     """Endless (image, label) stream. Every epoch is a fresh permutation, the same on
     every rank; rank r takes positions r, r + W, ... of it (the tail that does not
-    divide by W is dropped so ranks stay in step)."""
+    divide by W is dropped so ranks stay in step). `augment(image, epoch, index)`, when
+    given, transforms each image as it is yielded (the split itself is never changed)."""
 
-    def __init__(self, split: ImageSplit, dp_rank: int, dp_world_size: int, seed: int):
+    def __init__(
+        self, split: ImageSplit, dp_rank: int, dp_world_size: int, seed: int,
+        augment: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+    ):
         if len(split) < dp_world_size:
             raise ValueError(
                 f"{len(split)} training images cannot feed {dp_world_size} data-parallel ranks"
@@ -307,6 +341,7 @@ class ShuffledImageDataset(IterableDataset, Stateful):
         self.split = split
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
         self.seed = seed
+        self.augment = augment
         self.epoch, self.position = 0, 0
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
@@ -321,7 +356,10 @@ class ShuffledImageDataset(IterableDataset, Stateful):
             while self.position < len(indices):
                 i = int(indices[self.position])
                 self.position += 1
-                yield {"input": self.split.images_NCHW[i]}, self.split.labels_N[i]
+                image = self.split.images_NCHW[i]
+                if self.augment is not None:
+                    image = self.augment(image, self.epoch, i)
+                yield {"input": image}, self.split.labels_N[i]
             self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, int]:
@@ -337,7 +375,7 @@ def build_image_dataloader(
     """TrainSpec.build_dataloader_fn for the vision models (tokenizer unused)."""
     dataset = ShuffledImageDataset(
         load_job_split(job_config, "train"), dp_rank, dp_world_size,
-        seed=job_config.data.shuffle_seed,
+        seed=job_config.data.shuffle_seed, augment=training_augmentation(job_config.data),
     )
     return ParallelAwareDataloader(
         dataset,
