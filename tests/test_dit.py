@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from diffusion_blocks import diffusion
 from diffusion_blocks.models.dit import DiffusionBlocksDiT, EndToEndDiT
 from diffusion_blocks.models.vision_layers import patchify, unpatchify
 from diffusion_blocks.sampling import classifier_free_guidance
@@ -168,11 +167,13 @@ def test_weighted_l2_loss_of_one_block():
     # at init D = c_skip z; recompute the loss from the same noise
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
     z = images + sigma[:, None, None, None] * noise
-    c_skip = diffusion.c_skip(sigma, 0.5)[:, None, None, None]
+    c_skip = edm_factors(sigma)[0]
     se = (c_skip * z - images).pow(2).flatten(1).mean(1)
+    # w(sigma) = (s^2 + sd^2) / (s sd)^2 = 1 / s^2 + 1 / sd^2, by hand for sd = 0.5
+    weights = torch.tensor([404.0, 104.0, 29.0, 4 + 1 / 0.09])
     # a sum over the images (the trainer divides by the global image count)
     assert out.num_items == 4
-    torch.testing.assert_close(out.loss_sum, (diffusion.loss_weight(sigma, 0.5) * se).sum())
+    torch.testing.assert_close(out.loss_sum, (weights * se).sum())
     torch.testing.assert_close(out.unweighted_sum, se.sum())
 
 
