@@ -57,11 +57,13 @@ def layers_of(block: int, layer_ranges) -> list[int]:
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    """2 processes, gloo, FSDP2, random schedule, 20 steps, TensorBoard on."""
+    """2 processes, gloo, FSDP2, random schedule, 20 steps, TensorBoard on. Rank 1's
+    schedule is skewed (it proposes rank 0's block + 1 at every step): only rank 0's
+    broadcast makes the ranks train the same block."""
     folder = tmp_path_factory.mktemp("fsdp")
     proc = h.torchrun(
         debug_args(folder, 20, "--checkpoint.no_enable", "--metrics.enable_tensorboard"),
-        nproc=2, record_dir=folder / "records", timeout=300,
+        nproc=2, record_dir=folder / "records", timeout=300, skew_blocks=True,
     )
     h.check_ok(proc)
     return {
@@ -111,13 +113,17 @@ def test_two_process_fsdp_run_trains_the_same_block_on_every_rank(fsdp_run):
         assert all(s["grads_are_dtensors"] for s in record["steps"])
         for s in record["steps"]:
             assert math.isfinite(s["loss"]) and math.isfinite(s["ce"])
-            # this rank's own schedule proposed the block that was trained (the
-            # broadcast from rank 0 changed nothing), only that block's layers ran
-            # forward and only they got gradients
-            assert s["proposed_block"] == s["block"] == s["logged_block"]
+            # only the trained block's layers ran forward and only they got gradients
+            assert s["block"] == s["logged_block"]
             expected = layers_of(s["block"], record["layer_ranges"])
             assert s["ran_layers"] == expected, s
             assert s["grad_layers"] == expected, s
+    # rank 0 trained the block its own schedule proposed; rank 1's (skewed) schedule
+    # proposed another block at EVERY step, and rank 1 trained rank 0's block anyway:
+    # the broadcast decided, not the identically seeded generators
+    for s0, s1 in zip(rank0["steps"], rank1["steps"]):
+        assert s0["proposed_block"] == s0["block"] == s1["block"], (s0, s1)
+        assert s1["proposed_block"] == (s0["block"] + 1) % NUM_BLOCKS != s1["block"], (s0, s1)
 
     per_rank = [
         [(s["block"], s["ran_layers"], s["grad_layers"]) for s in r["steps"]]
@@ -231,7 +237,7 @@ def make_trainer(process_group, tmp_path):
             tmp_path / f"trainer{len(trainers)}", 10,
             "--checkpoint.no_enable", "--metrics.no_enable_tensorboard", *extra,
         )
-        trainer = train.BlockwiseTrainer(parse_job_config(args))
+        trainer = train.BlockwiseTrainer(parse_job_config([*h.CPU, *args]))
         trainers.append(trainer)
         return trainer
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from torchtitan.components.dataloader import DataloaderExhaustedError
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.train import Trainer
@@ -285,6 +286,23 @@ class BlockwiseTrainer(Trainer):
             dist.broadcast(chosen, src=0)
             block = int(chosen.item())
         return block
+
+    def batch_generator(self, data_iterable):
+        """torchtitan's, except that running out of data stops the run with an error.
+        torchtitan ends the run there as if it were done (a warning, exit 0, no
+        checkpoint of the steps since the last interval save). The text and image
+        datasets re-loop; only a finite dataloader gets here."""
+        try:
+            yield from super().batch_generator(data_iterable)
+        except DataloaderExhaustedError:
+            training = self.job_config.training
+            raise ConfigError(
+                f"{origin_of(self.job_config, 'training', 'steps')}: the training data ran "
+                f"out at step {self.step} of [training] steps = {training.steps} "
+                f"([training] dataset {training.dataset!r} is finite); step {self.step} was "
+                "not trained and nothing after the last checkpoint was saved. Lower "
+                "[training] steps or give the dataloader more data"
+            ) from None
 
     def post_dataloading_process(self, input_dict, labels):
         if self.enabled:  # the denoiser builds its own [clean ; noisy] attention mask
