@@ -133,17 +133,28 @@ def png_bytes(value: int) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not_an_image"])
-def test_image_folder_names_the_first_unreadable_file(tmp_path, damage):
+def truncated_png() -> bytes:
+    """Header and the start of the pixel data: Pillow opens it, fails when decoding."""
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    return buffer.getvalue()[: len(buffer.getvalue()) * 2 // 3]
+
+
+@pytest.mark.parametrize("damage,reason", [
+    ("truncated", "image file is truncated"),
+    ("not_an_image", "cannot identify image file"),
+])
+def test_image_folder_names_the_first_unreadable_file(tmp_path, damage, reason):
     for label in ("a", "b"):
         (tmp_path / label).mkdir()
         for i in range(3):
             (tmp_path / label / f"{i}.png").write_bytes(png_bytes(50 * i))
-    good = png_bytes(7)
-    bad = good[: len(good) // 2] if damage == "truncated" else b"hello, not a png"
+    bad = truncated_png() if damage == "truncated" else b"hello, not a png"
     (tmp_path / "b" / "1.png").write_bytes(bad)
     (tmp_path / "b" / "2.png").write_bytes(bad)
-    with pytest.raises(ValueError, match=f"^{tmp_path / 'b' / '1.png'} is not a readable image"):
+    first = tmp_path / "b" / "1.png"
+    with pytest.raises(ValueError, match=f"^{first} is not a readable image: {reason}"):
         load_split("image_folder", str(tmp_path), "train", GREY8, 0.2)
 
 

@@ -175,7 +175,16 @@ def image_folder(bad_file: str | None = None, bad_bytes: bytes = b"") -> Callabl
 
 
 def truncated_png() -> bytes:
-    return png_bytes()[:30]
+    """A PNG whose header reads but whose pixel data stops two thirds in (Pillow opens
+    it and fails only when it decodes)."""
+    import numpy as np
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    return data[: len(data) * 2 // 3]
 
 
 TEXT_FILE = '[training]\ndataset = "text_file"\ndataset_path = "data.txt"\n'
@@ -357,7 +366,7 @@ PROBES: list[Probe] = [
     # image data
     probe("png_truncated", "train", toml=FOLDER, base=VIT,
           files={"images": image_folder("1/img_3.png", truncated_png())},
-          expect="{dir}/images/1/img_3.png is not a readable image"),
+          expect="{dir}/images/1/img_3.png is not a readable image: image file is truncated"),
     probe("png_not_an_image", "train", toml=FOLDER, base=VIT,
           files={"images": image_folder("0/img_5.png", b"not a png at all")},
           expect="{dir}/images/0/img_5.png is not a readable image"),
