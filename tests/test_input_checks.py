@@ -44,6 +44,8 @@ def one_line_error(*args, **kwargs) -> str:
     ("[lr_scheduler]\nwarmup_steps = -5\n", "[lr_scheduler] warmup_steps must be >= 0, got -5"),
     ("[training.dataloader]\nnum_workers = -1\n", "[training] dataloader.num_workers must be >= 0"),
     ("[validation]\nenable = true\nsteps = 0\n", "[validation] validation steps must be positive or -1"),
+    # image data for the language model failed in torchtitan's dataloader
+    ('[training]\ndataset = "digits"\n', "[training] dataset 'digits' is not a registered text dataset"),
 ])
 def test_value_out_of_range_names_file_section_key_and_range(write_toml, text, expected):
     path = write_toml("bad.toml", f'extends = "{DEBUG_TOML}"\n{text}')

@@ -222,6 +222,9 @@ PROBES: list[Probe] = [
     probe("model_unknown_flavor", "train", "--model.flavor", "huge", expect="[model] flavor = 'huge'"),
     probe("converter_unknown", "train", toml='[model]\nconverters = ["nope"]\n',
           expect=(JOB, "['nope'] are not registered")),
+    probe("stock_llama3_without_tokenizer", "train", toml='[model]\nname = "llama3"\nflavor = "debugmodel"\n'
+          'converters = ["diffusion_blocks"]\n[data]\ntokenizer = "auto"\n[diffusion_blocks]\nnum_blocks = 3\n',
+          expect="[model] hf_assets_path = './tests/assets/tokenizer', which does not exist"),
     probe("hf_tokenizer_missing", "train", "--data.tokenizer", "hf", "--model.hf_assets_path",
           "{dir}/no_tokenizer", expect=(cli("--model.hf_assets_path"), "does not exist")),
     # [diffusion_blocks] and [data]: finite and in range
@@ -332,13 +335,17 @@ PROBES: list[Probe] = [
           expect=JOB + "[activation_checkpoint] mode"),
     # datasets: registered; paths read from the folder of the config that names them
     probe("dataset_unknown", "train", "--training.dataset", "c5", expect="[training] dataset 'c5'"),
+    probe("dataset_images_for_the_lm", "train", "--training.dataset", "digits",
+          expect="[training] dataset 'digits' is not a registered text dataset"),
+    probe("dataset_text_for_the_vit", "train", "--training.dataset", "synthetic_text", base=VIT,
+          expect="[training] dataset 'synthetic_text' is not a registered image dataset"),
     probe("dataset_path_missing", "train", toml=TEXT_FILE,
           expect=(JOB + "[training] dataset_path", "{dir}/data.txt does not exist")),
     probe("dataset_path_missing_cli", "train", "--training.dataset", "text_file",
           "--training.dataset_path", "corpus.txt",
           expect=(cli("--training.dataset_path"), "{dir}/cwd/corpus.txt does not exist")),
     probe("dataset_path_not_set", "train", "--training.dataset", "text_file",
-          expect="[training] dataset_path is not set"),
+          expect=(cli("--training.dataset"), "[training] dataset = 'text_file' needs a dataset_path")),
     probe("dataset_path_in_parent", "train", toml='extends = "sub/parent.toml"\n',
           files={"sub/parent.toml": 'extends = "{dir}/tiny.toml"\n' + TEXT_FILE,
                  "data.txt": "beside the child, not beside the parent\n"},

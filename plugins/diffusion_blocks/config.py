@@ -254,17 +254,12 @@ def local_datasets() -> dict[str, str]:
 
 
 def dataset_problems(section) -> list[tuple[str, str]]:
-    """`dataset` must be registered, and a local-file dataset needs a `dataset_path`
-    (whether it exists is `dataset_path_problems`', for the entry points that read it)."""
-    from .data.images import IMAGE_DATASETS
-    from torchtitan.hf_datasets.text_datasets import DATASETS
-
-    known = sorted({*DATASETS, *IMAGE_DATASETS})
-    if section.dataset not in known:
-        return [("dataset", f"{section.dataset!r} is not a registered dataset; available: {known}")]
+    """A local-file dataset needs a `dataset_path` (whether the dataset is registered
+    for the model is check_dataset_registered's; whether the path exists is
+    dataset_path_problems', for the entry points that read it)."""
     what = local_datasets().get(section.dataset)
     if what and not section.dataset_path:
-        return [("dataset_path", f"is not set; dataset = {section.dataset!r} reads {what}")]
+        return [("dataset", f"= {section.dataset!r} needs a dataset_path: {what}")]
     return []
 
 
@@ -413,8 +408,37 @@ def check_memory_budget_needs_compile(job_config) -> list[tuple[str, str, str]]:
     return []
 
 
+def check_dataset_registered(job_config) -> list[tuple[str, str, str]]:
+    """[training] dataset (and an enabled [validation] dataset of a text model) must be
+    registered for the kind of data the model's train spec reads: torchtitan's text
+    datasets, or our image datasets."""
+    from torchtitan.hf_datasets.text_datasets import DATASETS
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    from .data.images import build_image_dataloader, IMAGE_DATASETS
+
+    name = job_config.model.name
+    try:
+        spec = get_train_spec(name)
+    except (ValueError, ImportError):
+        return []  # not a model we train: resolve_run_spec says so, with the choices
+    images = spec.build_dataloader_fn is build_image_dataloader
+    registry, kind = (IMAGE_DATASETS, "image") if images else (DATASETS, "text")
+    # image models validate on the training dataset's test split
+    sections = ["training"] if images or not job_config.validation.enable else ["training", "validation"]
+    problems = []
+    for section in sections:
+        dataset = getattr(job_config, section).dataset
+        if dataset not in registry:
+            problems.append((section, "dataset", (
+                f"{dataset!r} is not a registered {kind} dataset ([model] name {name!r} reads "
+                f"{kind} data); available: {sorted(registry)}"
+            )))
+    return problems
+
+
 # checks that read several sections: (section, key, problem) triples
-JOB_CHECKS = [check_memory_budget_needs_compile]
+JOB_CHECKS = [check_memory_budget_needs_compile, check_dataset_registered]
 
 
 def layers_per_block(section: DiffusionBlocks, n_layers: int) -> list[int]:
