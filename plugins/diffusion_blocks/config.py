@@ -412,7 +412,7 @@ def check_dataset_registered(job_config) -> list[tuple[str, str, str]]:
     """[training] dataset (and an enabled [validation] dataset of a text model) must be
     registered for the kind of data the model's train spec reads: torchtitan's text
     datasets, or our image datasets."""
-    from torchtitan.hf_datasets.text_datasets import DATASETS
+    from torchtitan.hf_datasets.text_datasets import build_text_dataloader, DATASETS
     from torchtitan.protocols.train_spec import get_train_spec
 
     from .data.images import build_image_dataloader, IMAGE_DATASETS
@@ -422,6 +422,8 @@ def check_dataset_registered(job_config) -> list[tuple[str, str, str]]:
         spec = get_train_spec(name)
     except (ValueError, ImportError):
         return []  # not a model we train: resolve_run_spec says so, with the choices
+    if spec.build_dataloader_fn not in (build_text_dataloader, build_image_dataloader):
+        return []  # a dataloader of the user's: its datasets are its own
     images = spec.build_dataloader_fn is build_image_dataloader
     registry, kind = (IMAGE_DATASETS, "image") if images else (DATASETS, "text")
     # image models validate on the training dataset's test split
