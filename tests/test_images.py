@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -87,14 +89,27 @@ def test_npz_uint8_and_float_with_explicit_test(tmp_path):
     assert test.images_NCHW.eq(0.0).all() and test.labels_N.tolist() == [2, 1]
 
 
+LABELS2 = np.zeros(2, np.int64)
+
+
 @pytest.mark.parametrize(
     "arrays,fragment",
     [
-        ({"images": np.full((2, 8, 8), 3.0), "labels": np.zeros(2)}, "must lie in [0, 1]"),
-        ({"pixels": np.zeros((2, 8, 8), np.uint8), "labels": np.zeros(2)}, "lacks ['images']"),
-        ({"images": np.zeros((2, 8, 8), np.uint8), "labels": np.zeros(3)}, "2 'images' but 3 'labels'"),
-        ({"images": np.zeros((2, 4, 4), np.uint8), "labels": np.zeros(2)}, "flavor expects (1, 8, 8)"),
+        ({"images": np.full((2, 8, 8), 3.0), "labels": LABELS2}, "must lie in [0, 1]"),
+        ({"pixels": np.zeros((2, 8, 8), np.uint8), "labels": LABELS2}, "lacks ['images']"),
+        ({"images": np.zeros((2, 8, 8), np.uint8), "labels": np.zeros(3, np.int64)}, "2 'images' but 3 'labels'"),
+        ({"images": np.zeros((2, 4, 4), np.uint8), "labels": LABELS2}, "flavor expects (1, 8, 8)"),
         ({"images": np.zeros((2, 8, 8), np.uint8), "labels": np.array([0, 12])}, "has 10 classes"),
+        ({"images": np.zeros((2, 8, 8), np.uint8), "labels": np.array([0, -1])}, "labels in [-1, 0]"),
+        # float labels would be truncated (2.7 -> 2): refused, even when whole
+        ({"images": np.zeros((2, 8, 8), np.uint8), "labels": np.array([0.0, 2.7])}, "'labels' has dtype float64"),
+        ({"images": np.zeros((2, 8, 8), np.uint8), "labels": np.zeros(2)}, "class labels must be integers"),
+        ({"images": np.zeros((2, 8, 8), np.uint8), "labels": np.zeros((2, 1), np.int64)}, "expected (N,) class indices"),
+        # NaN compares false with every bound: it passed the [0, 1] check before
+        ({"images": np.where(np.eye(8) > 0, np.nan, 0.5)[None].repeat(2, 0), "labels": LABELS2},
+         "16 non-finite pixels (nan at index (0, 0, 0))"),
+        ({"images": np.full((2, 8, 8), np.inf), "labels": LABELS2}, "non-finite pixels (inf"),
+        ({"images": np.zeros((2, 8, 8), np.uint8), "labels": np.array([0, None])}, "'labels' cannot be read"),
     ],
 )
 def test_npz_mistakes_are_explained(tmp_path, arrays, fragment):
@@ -102,7 +117,57 @@ def test_npz_mistakes_are_explained(tmp_path, arrays, fragment):
     np.savez(path, **arrays)
     with pytest.raises(ValueError) as info:
         load_split("npz", str(path), "train", GREY8, 0.2)
-    assert fragment in str(info.value)
+    assert fragment in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (b"PK\x03\x04 not really a zip", "is not a readable .npz archive"),
+    (b"", "is not a readable .npz archive"),
+])
+def test_npz_that_is_not_an_archive_is_named(tmp_path, content, fragment):
+    path = tmp_path / "broken.npz"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"^{path} {fragment}"):
+        load_split("npz", str(path), "train", GREY8, 0.2)
+
+
+def png_bytes(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), value).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def truncated_png() -> bytes:
+    """Header and the start of the pixel data: Pillow opens it, fails when decoding."""
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    return buffer.getvalue()[: len(buffer.getvalue()) * 2 // 3]
+
+
+@pytest.mark.parametrize("damage,reason", [
+    ("truncated", "image file is truncated"),
+    ("not_an_image", "cannot identify image file"),
+])
+def test_image_folder_names_the_first_unreadable_file(tmp_path, damage, reason):
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            (tmp_path / label / f"{i}.png").write_bytes(png_bytes(50 * i))
+    bad = truncated_png() if damage == "truncated" else b"hello, not a png"
+    (tmp_path / "b" / "1.png").write_bytes(bad)
+    (tmp_path / "b" / "2.png").write_bytes(bad)
+    first = tmp_path / "b" / "1.png"
+    with pytest.raises(ValueError, match=f"^{first} is not a readable image: {reason}"):
+        load_split("image_folder", str(tmp_path), "train", GREY8, 0.2)
+
+
+def test_image_folder_class_without_images_is_named(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "0.png").write_bytes(png_bytes(9))
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ValueError, match=f"class folder {tmp_path / 'b'} holds no images"):
+        load_split("image_folder", str(tmp_path), "train", GREY8, 0.2)
 
 
 def test_unknown_dataset_and_missing_path_are_explained():

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 import diffusion_blocks  # noqa: F401
+from diffusion_blocks.bounds import AT_LEAST_1, choice_list_arg, NON_NEGATIVE, number_arg, number_list_arg
 from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
 from diffusion_blocks.memory import (
     count_saved_activations,
@@ -37,18 +38,23 @@ from diffusion_blocks.train import BlockwiseTrainer, use_single_process_env
 MiB = 2**20
 
 
+AC_MODES = ("none", "full", "selective")  # [activation_checkpoint] mode values it compares
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--blocks", default="2,4,8", help="comma-separated B values")
-    parser.add_argument("--ac", default="none,full", help="activation checkpointing modes")
-    parser.add_argument("--steps", type=int, default=0,
+    parser.add_argument("--blocks", type=number_list_arg(int, AT_LEAST_1), default="2,4,8",
+                        help="comma-separated B values")
+    parser.add_argument("--ac", type=choice_list_arg(AC_MODES), default="none,full",
+                        help="activation checkpointing modes")
+    parser.add_argument("--steps", type=number_arg(int, NON_NEGATIVE), default=0,
                         help="steps per configuration (default: max(B, 2))")
     parser.add_argument("--json", action="store_true")
     return parser.parse_known_args(argv)
 
 
 def measure(config_args: list[str], steps: int) -> dict:
-    job_config = parse_job_config(config_args)
+    job_config = parse_job_config(config_args, reads_data=True)
     estimate = estimate_step(job_config, dist.get_world_size() if dist.is_initialized() else 1)
     job_config.checkpoint.enable = False
     job_config.metrics.enable_tensorboard = False
@@ -126,8 +132,7 @@ def format_table(rows: list[dict]) -> str:
 def main(argv):
     args, config_args = parse_args(argv)
     use_single_process_env()
-    blocks = [int(b) for b in args.blocks.split(",") if b]
-    rows = benchmark_rows(config_args, blocks, args.ac.split(","), args.steps)
+    rows = benchmark_rows(config_args, args.blocks, args.ac, args.steps)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     if dist.is_initialized():

@@ -14,21 +14,27 @@ import sys
 import torch
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
+from diffusion_blocks.bounds import AT_LEAST_1, NON_NEGATIVE, number_arg, SEED
+from diffusion_blocks.config_loader import ConfigError, exit_on_config_error, parse_job_config
 from diffusion_blocks.models.llama3.sampler import DecodingConfig, generate
 from diffusion_blocks.inference import load_for_inference
+
+
+LANGUAGE_MODELS = ("dblocks_llama3", "llama3")  # llama3: with the diffusion_blocks converter
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--prompt", default="")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--steps-per-block", type=int, default=None,
+    parser.add_argument("--max-new-tokens", type=number_arg(int, AT_LEAST_1), default=64)
+    parser.add_argument("--steps-per-block", type=number_arg(int, AT_LEAST_1), default=None,
                         help="default: [diffusion_blocks] sampling_steps_per_block")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=number_arg(float, NON_NEGATIVE), default=0.0,
+                        help="0 = greedy")
+    parser.add_argument("--top-k", type=number_arg(int, NON_NEGATIVE), default=0,
+                        help="0 = the whole vocabulary")
+    parser.add_argument("--seed", type=number_arg(int, SEED), default=0)
     return parser.parse_known_args(argv)
 
 
@@ -36,12 +42,21 @@ def parse_args(argv):
 def main(argv):
     args, config_args = parse_args(argv)
     job_config = parse_job_config(config_args)
+    if job_config.model.name not in LANGUAGE_MODELS:
+        raise ConfigError(
+            f"tools/generate.py generates text with {' or '.join(LANGUAGE_MODELS)} models; "
+            f"the config's [model] name is {job_config.model.name!r}"
+        )
     try:
         model, tokenizer, step_folder = load_for_inference(job_config, args.checkpoint)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     steps = args.steps_per_block or job_config.diffusion_blocks.sampling_steps_per_block
+    if args.top_k > tokenizer.get_vocab_size():
+        raise ConfigError(
+            f"--top-k {args.top_k} is larger than the vocabulary ({tokenizer.get_vocab_size()} tokens)"
+        )
     decoding = DecodingConfig(
         max_new_tokens=args.max_new_tokens, steps_per_block=steps,
         temperature=args.temperature, top_k=args.top_k, seed=args.seed,

@@ -6,14 +6,25 @@ Our config loader always merges this one, so users need not name it in their TOM
 """
 
 
+import math
+import os
 from dataclasses import dataclass, field
 
-from .diffusion import NoiseSchedule, PARTITIONS
+from .bounds import (
+    ANY_FINITE, AT_LEAST_1, Bounds, bounds_problems, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL,
+)
+from .diffusion import lognormal_cdf, NoiseSchedule, PARTITIONS
 
 BLOCK_SCHEDULES = ("random", "round_robin", "sequential")  # see schedules.py
 DEVICES = ("auto", "cpu", "cuda")
 AUGMENTATIONS = ("none", "crop_flip")  # see data/images.py
 OFFLOAD_MODES = ("auto", "on", "off")
+OPTIMIZERS = ("Adam", "AdamW")  # what torchtitan's build_optimizers builds
+# parallelisms a block-wise step cannot use (it trains one block with data parallelism)
+SINGLE_DEGREE_PARALLELISMS = (
+    "tensor_parallel_degree", "context_parallel_degree", "pipeline_parallel_degree",
+    "expert_parallel_degree",
+)
 
 
 @dataclass
@@ -138,14 +149,31 @@ class JobConfig:
     model: Model = field(default_factory=Model)
 
 
+# one Bounds per numeric key; keys that need each other are checked below
+DIFFUSION_BLOCKS_BOUNDS = {
+    "num_blocks": AT_LEAST_1,
+    "overlap": Bounds(low=0, high=0.5),
+    "sigma_min": POSITIVE,
+    "sigma_max": POSITIVE,
+    "p_mean": ANY_FINITE,
+    "p_std": POSITIVE,
+    "sigma_data": POSITIVE,
+    "seed": SEED,
+    "sampling_steps_per_block": AT_LEAST_1,
+    "adaln_cond_dim": NON_NEGATIVE,
+    "sampling_steps": AT_LEAST_1,
+    "cfg_scale": NON_NEGATIVE,  # 1 = no guidance
+    "label_dropout": Bounds(low=0, high=1, high_open=True),
+}
+# the least share of the log-normal that must fall on [sigma_min, sigma_max]
+MIN_SIGMA_MASS = 1e-6
+
+
 def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
     """Model-independent checks. Returns (key, problem) pairs; empty when valid."""
-    problems: list[tuple[str, str]] = []
-    if section.num_blocks < 1:
-        problems.append(("num_blocks", f"must be >= 1, got {section.num_blocks}"))
-    if not 0.0 <= section.overlap <= 0.5:
-        problems.append(("overlap", f"must lie in [0, 0.5], got {section.overlap}"))
-    if not 0.0 < section.sigma_min < section.sigma_max:
+    problems = bounds_problems(section, DIFFUSION_BLOCKS_BOUNDS)
+    bad = {key for key, _ in problems}
+    if not bad & {"sigma_min", "sigma_max"} and section.sigma_min >= section.sigma_max:
         problems.append(
             (
                 "sigma_min",
@@ -153,10 +181,18 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
                 f"sigma_max={section.sigma_max}",
             )
         )
-    if section.p_std <= 0:
-        problems.append(("p_std", f"must be > 0, got {section.p_std}"))
-    if section.sigma_data <= 0:
-        problems.append(("sigma_data", f"must be > 0, got {section.sigma_data}"))
+    elif not bad & {"sigma_min", "sigma_max", "p_mean", "p_std"}:
+        schedule = section.noise_schedule()
+        mass = lognormal_cdf(section.sigma_max, schedule) - lognormal_cdf(section.sigma_min, schedule)
+        if mass < MIN_SIGMA_MASS:
+            problems.append((
+                "p_mean",
+                f"and p_std put {mass:.3g} of ln(sigma) ~ N(p_mean={section.p_mean}, "
+                f"p_std={section.p_std}^2) on [sigma_min, sigma_max] = [{section.sigma_min}, "
+                f"{section.sigma_max}]; move p_mean inside [ln sigma_min, ln sigma_max] = "
+                f"[{math.log(section.sigma_min):.3g}, {math.log(section.sigma_max):.3g}] "
+                "or widen p_std",
+            ))
     if section.partition not in PARTITIONS:
         problems.append(
             ("partition", f"{section.partition!r} is not one of {sorted(PARTITIONS)}")
@@ -176,23 +212,6 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
     if section.block_parallel and section.block_schedule != "random":
         problems.append(
             ("block_parallel", "trains every block every step; leave block_schedule at 'random'")
-        )
-    if section.adaln_cond_dim < 0:
-        problems.append(("adaln_cond_dim", f"must be >= 0, got {section.adaln_cond_dim}"))
-    if section.sampling_steps_per_block < 1:
-        problems.append(
-            (
-                "sampling_steps_per_block",
-                f"must be >= 1, got {section.sampling_steps_per_block}",
-            )
-        )
-    if section.sampling_steps < 1:
-        problems.append(("sampling_steps", f"must be >= 1, got {section.sampling_steps}"))
-    if section.cfg_scale < 0:
-        problems.append(("cfg_scale", f"must be >= 0 (1 = no guidance), got {section.cfg_scale}"))
-    if not 0.0 <= section.label_dropout < 1.0:
-        problems.append(
-            ("label_dropout", f"must lie in [0, 1), got {section.label_dropout}")
         )
     if section.layers_per_block and len(section.layers_per_block) != section.num_blocks:
         problems.append(
@@ -216,14 +235,13 @@ def check_data(section: Data) -> list[tuple[str, str]]:
     problems = []
     if section.tokenizer not in allowed:
         problems.append(("tokenizer", f"{section.tokenizer!r} is not one of {allowed}"))
-    if not 0.0 < section.holdout_fraction < 1.0:
-        problems.append(
-            ("holdout_fraction", f"must lie in (0, 1), got {section.holdout_fraction}")
-        )
+    problems += bounds_problems(section, {
+        "holdout_fraction": Bounds(low=0, high=1, low_open=True, high_open=True),
+        "shuffle_seed": SEED,
+        "crop_padding": NON_NEGATIVE,
+    })
     if section.augment not in AUGMENTATIONS:
         problems.append(("augment", f"{section.augment!r} is not one of {list(AUGMENTATIONS)}"))
-    if section.crop_padding < 0:
-        problems.append(("crop_padding", f"must be >= 0, got {section.crop_padding}"))
     return problems
 
 
@@ -252,10 +270,167 @@ def _flavor_has(section, key: str) -> bool:
     return hasattr(args, key)
 
 
+# ---------------------------------------------------------------------------
+# torchtitan's sections: values its code would take and fail on late (a division by
+# zero mid-run, a torch traceback) or not at all (a run of 0 steps)
+
+
 def check_training(section) -> list[tuple[str, str]]:
+    problems = []
     if section.device not in DEVICES:
-        return [("device", f"{section.device!r} is not one of {list(DEVICES)}")]
+        problems.append(("device", f"{section.device!r} is not one of {list(DEVICES)}"))
+    problems += bounds_problems(section, {
+        "steps": AT_LEAST_1,
+        "local_batch_size": AT_LEAST_1,
+        "global_batch_size": Bounds(low=1, special=(-1,), special_meaning="local x data-parallel"),
+        "seq_len": AT_LEAST_1,
+        "max_norm": Bounds(low=0, low_open=True, allow_inf=True),  # inf: no clipping
+        "gc_freq": AT_LEAST_1,
+        "dataloader.num_workers": NON_NEGATIVE,
+        "dataloader.prefetch_factor": AT_LEAST_1,
+    })
+    loader = section.dataloader
+    if loader.num_workers == 0 and loader.prefetch_factor is not None:
+        problems.append(("dataloader.prefetch_factor", "needs dataloader.num_workers > 0"))
+    if loader.num_workers == 0 and loader.persistent_workers:
+        problems.append(("dataloader.persistent_workers", "needs dataloader.num_workers > 0"))
+    return problems + dataset_problems(section)
+
+
+def local_datasets() -> dict[str, str]:
+    """Our datasets whose dataset_path names local files: what the path must be."""
+    from .data.images import LOCAL_IMAGE_DATASETS
+    from .data.text import LOCAL_TEXT_DATASETS
+
+    return {**LOCAL_TEXT_DATASETS, **LOCAL_IMAGE_DATASETS}
+
+
+def dataset_problems(section) -> list[tuple[str, str]]:
+    """A local-file dataset needs a `dataset_path` (whether the dataset is registered
+    for the model is check_dataset_registered's; whether the path exists is
+    dataset_path_problems', for the entry points that read it)."""
+    what = local_datasets().get(section.dataset)
+    if what and not section.dataset_path:
+        return [("dataset", f"= {section.dataset!r} needs a dataset_path: {what}")]
     return []
+
+
+def dataset_path_problems(job_config) -> list[tuple[str, str, str]]:
+    """The local dataset files a run reads must exist (config_loader has resolved the
+    paths against the config files that set them)."""
+    local = local_datasets()
+    problems = []
+    for name in ("training", "validation"):
+        section = getattr(job_config, name)
+        if name == "validation" and not section.enable:
+            continue
+        path = section.dataset_path
+        if section.dataset in local and path and not os.path.exists(path):
+            problems.append((name, "dataset_path", (
+                f"{path} does not exist (dataset = {section.dataset!r} reads "
+                f"{local[section.dataset]}; a relative path is read from the folder of the "
+                "config file that sets it)"
+            )))
+    return problems
+
+
+def check_optimizer(section) -> list[tuple[str, str]]:
+    problems = []
+    if section.name not in OPTIMIZERS:
+        problems.append(("name", f"{section.name!r} is not one of {list(OPTIMIZERS)}"))
+    return problems + bounds_problems(section, {
+        "lr": NON_NEGATIVE,
+        "beta1": Bounds(low=0, high=1, high_open=True),
+        "beta2": Bounds(low=0, high=1, high_open=True),
+        "eps": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
+    })
+
+
+def check_lr_scheduler(section) -> list[tuple[str, str]]:
+    return bounds_problems(section, {
+        "warmup_steps": NON_NEGATIVE,
+        "total_steps": AT_LEAST_1,
+        "decay_ratio": UNIT_INTERVAL,
+        "min_lr_factor": UNIT_INTERVAL,
+    })
+
+
+def check_checkpoint(section) -> list[tuple[str, str]]:
+    problems = bounds_problems(section, {
+        "interval": AT_LEAST_1,
+        # torchtitan keeps >= 2: the newest may still be being written
+        "keep_latest_k": Bounds(low=2, special=(0,), special_meaning="keep all"),
+        "load_step": Bounds(low=0, special=(-1,), special_meaning="the newest"),
+    })
+    path = section.initial_load_path
+    if section.enable and path and not os.path.isdir(path):
+        problems.append((
+            "initial_load_path",
+            f"{path} is not a folder (a DCP step-N folder, or a Hugging Face folder with "
+            "initial_load_in_hf; read from the working directory, as torchtitan does)",
+        ))
+    return problems
+
+
+def check_metrics(section) -> list[tuple[str, str]]:
+    return bounds_problems(section, {"log_freq": AT_LEAST_1})
+
+
+def check_validation(section) -> list[tuple[str, str]]:
+    if not section.enable:
+        return []
+    problems = bounds_problems(section, {
+        "freq": AT_LEAST_1,
+        "steps": Bounds(low=1, special=(-1,), special_meaning="the whole validation set"),
+        "local_batch_size": AT_LEAST_1,
+        "seq_len": AT_LEAST_1,
+    })
+    return problems + dataset_problems(section)
+
+
+def check_profiling(section) -> list[tuple[str, str]]:
+    if not section.enable_profiling:
+        return []
+    problems = bounds_problems(section, {
+        "profile_freq": AT_LEAST_1, "profiler_active": AT_LEAST_1, "profiler_warmup": NON_NEGATIVE,
+    })
+    if not problems and section.profile_freq < section.profiler_warmup + section.profiler_active:
+        problems.append((
+            "profile_freq",
+            f"must be >= profiler_warmup + profiler_active = "
+            f"{section.profiler_warmup + section.profiler_active}, got {section.profile_freq}",
+        ))
+    return problems
+
+
+def check_comm(section) -> list[tuple[str, str]]:
+    return bounds_problems(section, {
+        "init_timeout_seconds": AT_LEAST_1,
+        "train_timeout_seconds": AT_LEAST_1,
+        "trace_buf_size": NON_NEGATIVE,
+    })
+
+
+def check_parallelism(section) -> list[tuple[str, str]]:
+    problems = bounds_problems(section, {
+        "data_parallel_replicate_degree": AT_LEAST_1,
+        "data_parallel_shard_degree": Bounds(low=1, special=(-1,), special_meaning="the rest"),
+    })
+    for key in SINGLE_DEGREE_PARALLELISMS:
+        degree = getattr(section, key)
+        if degree != 1:
+            problems.append((
+                key,
+                f"= {degree}: DiffusionBlocks trains one block per step with data "
+                "parallelism (FSDP2); set it to 1 and use data_parallel_shard_degree / "
+                "data_parallel_replicate_degree",
+            ))
+    return problems
+
+
+def check_activation_checkpoint(section) -> list[tuple[str, str]]:
+    return bounds_problems(section, {"memory_budget": UNIT_INTERVAL})
 
 
 SECTION_CHECKS = {
@@ -263,7 +438,62 @@ SECTION_CHECKS = {
     "data": check_data,
     "training": check_training,
     "model": check_model,
+    "optimizer": check_optimizer,
+    "lr_scheduler": check_lr_scheduler,
+    "checkpoint": check_checkpoint,
+    "metrics": check_metrics,
+    "validation": check_validation,
+    "profiling": check_profiling,
+    "comm": check_comm,
+    "parallelism": check_parallelism,
+    "activation_checkpoint": check_activation_checkpoint,
 }
+
+
+def check_memory_budget_needs_compile(job_config) -> list[tuple[str, str, str]]:
+    ac, compile_config = job_config.activation_checkpoint, job_config.compile
+    if ac.mode == "memory_budget" and not (
+        compile_config.enable and "model" in compile_config.components
+    ):
+        return [("activation_checkpoint", "mode",
+                 "= 'memory_budget' works on the compiled model: set [compile] enable = true "
+                 "(with 'model' in components) or pick another mode")]
+    return []
+
+
+def check_dataset_registered(job_config) -> list[tuple[str, str, str]]:
+    """[training] dataset (and an enabled [validation] dataset of a text model) must be
+    registered for the kind of data the model's train spec reads: torchtitan's text
+    datasets, or our image datasets."""
+    from torchtitan.hf_datasets.text_datasets import build_text_dataloader, DATASETS
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    from .data.images import build_image_dataloader, IMAGE_DATASETS
+
+    name = job_config.model.name
+    try:
+        spec = get_train_spec(name)
+    except (ValueError, ImportError):
+        return []  # not a model we train: resolve_run_spec says so, with the choices
+    if spec.build_dataloader_fn not in (build_text_dataloader, build_image_dataloader):
+        return []  # a dataloader of the user's: its datasets are its own
+    images = spec.build_dataloader_fn is build_image_dataloader
+    registry, kind = (IMAGE_DATASETS, "image") if images else (DATASETS, "text")
+    # image models validate on the training dataset's test split
+    sections = ["training"] if images or not job_config.validation.enable else ["training", "validation"]
+    problems = []
+    for section in sections:
+        dataset = getattr(job_config, section).dataset
+        if dataset not in registry:
+            problems.append((section, "dataset", (
+                f"{dataset!r} is not a registered {kind} dataset ([model] name {name!r} reads "
+                f"{kind} data); available: {sorted(registry)}"
+            )))
+    return problems
+
+
+# checks that read several sections: (section, key, problem) triples
+JOB_CHECKS = [check_memory_budget_needs_compile, check_dataset_registered]
 
 
 def layers_per_block(section: DiffusionBlocks, n_layers: int) -> list[int]:

@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
     close; destroy the process group), with our composable, checked config."""
     init_logger()
     use_single_process_env()
-    job_config = parse_job_config(argv)
+    job_config = parse_job_config(argv, reads_data=True)
     trainer = None
     try:
         trainer = BlockwiseTrainer(job_config)
