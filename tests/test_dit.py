@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from diffusion_blocks import diffusion
 from diffusion_blocks.models.dit.model import DiffusionBlocksDiT, EndToEndDiT
 from diffusion_blocks.models.vision_layers import patchify, unpatchify
 from diffusion_blocks.sampling import classifier_free_guidance
