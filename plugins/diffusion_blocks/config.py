@@ -66,7 +66,8 @@ class DiffusionBlocks:
     """LM: draw one sigma per noisy row (token) instead of one per sequence; each noisy
     row is conditioned (AdaLN) on its own sigma and its CE weighted by its own w(sigma).
     The clean rows then get the zero condition vector (no noise level), in training and
-    sampling alike. False keeps the per-sequence path."""
+    sampling alike. Costs each layer's AdaLN Linear per row instead of per sequence.
+    False keeps the per-sequence path."""
 
     target_embedding_scale: float = 1.0
     """LM: the norm of the clean embedding (target y and clean rows) =

@@ -214,7 +214,8 @@ class BlockwiseTrainer(Trainer):
         config = self.job_config
         section = config.diffusion_blocks
         mode = (
-            f"DiffusionBlocks B={self.num_blocks} ({section.block_schedule} schedule, "
+            f"DiffusionBlocks B={self.num_blocks} ({section.block_schedule} schedule"
+            f"{f' {section.block_weights}' if section.block_weights else ''}, "
             f"{section.partition} partition, overlap {section.overlap})"
             if self.enabled else "end-to-end (diffusion_blocks disabled)"
         )
