@@ -57,10 +57,12 @@ class DiffusionBlocks:
     draw from the log-normal; held-out validation always scores with it."""
 
     sampling_sigma_max: float = 0.0
-    """The sigma the samplers start from (`BlockPartition.sampling_start_sigma`), in
-    (sigma_min, sigma_max]; 0 = sigma_max. Below sigma_max the sampling grid spreads
-    its steps over [sigma_min, sampling_sigma_max] and blocks wholly above it are
-    skipped. Training is unchanged."""
+    """LM: the sigma text sampling starts from, in (sigma_min, sigma_max]; 0 = sigma_max.
+    The sampler reads it as `BlockPartition.sampling_start_sigma` and passes it to
+    `sampling_plan(num_steps, start_sigma=...)`, whose grid then spreads its steps over
+    [sigma_min, sampling_sigma_max] (blocks wholly above it take no step); the starting
+    noise is `initial_noise_std(start)`. Training is unchanged; the ViT and DiT
+    samplers start at sigma_max."""
 
     sigma_per_token: bool = False
     """LM: draw one sigma per noisy row (token) instead of one per sequence; each noisy
