@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from .bounds import (
     ANY_FINITE, AT_LEAST_1, Bounds, bounds_problems, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL,
 )
-from .diffusion import lognormal_cdf, NoiseSchedule, PARTITIONS
+from .diffusion import lognormal_cdf, NoiseSchedule, PARTITIONS, SIGMA_LAWS
+from .schedules import BLOCK_SCHEDULES
 
-BLOCK_SCHEDULES = ("random", "round_robin", "sequential")  # see schedules.py
 DEVICES = ("auto", "cpu", "cuda")
 AUGMENTATIONS = ("none", "crop_flip")  # see data/images.py
 OFFLOAD_MODES = ("auto", "on", "off")
@@ -51,7 +51,52 @@ class DiffusionBlocks:
     sigma_data: float = 0.5
 
     block_schedule: str = "random"
-    """Which block a step trains: 'random' (uniform), 'round_robin' or 'sequential'."""
+    """Which block a step trains: 'random' (uniform), 'weighted' (random with
+    `block_weights`), 'round_robin' or 'sequential'."""
+
+    block_weights: list[float] = field(default_factory=list)
+    """block_schedule = 'weighted': one positive weight per block (block 0 first),
+    normalised; each step trains block b with probability w_b / sum(w), drawn from the
+    same seeded generator on every rank (e.g. [2, 1, 1, 1]: block 0 gets 2/5 of the
+    steps). Set only with the weighted schedule."""
+
+    block0_sigma_sampling: str = "lognormal"
+    """How block 0 (the highest noise levels, where the token is decided) draws its
+    training sigmas in its widened interval: 'lognormal' (the global truncated
+    log-normal: with B = 4, overlap 0.1, only ~7% of its samples have sigma > 3) or
+    'log_uniform' (ln sigma uniform on the interval: ~62% above 3). Other blocks always
+    draw from the log-normal; held-out validation always scores with it."""
+
+    sampling_sigma_max: float = 0.0
+    """LM: the sigma text sampling starts from, in (sigma_min, sigma_max]; 0 = sigma_max.
+    The sampler reads it as `BlockPartition.sampling_start_sigma` and passes it to
+    `sampling_plan(num_steps, start_sigma=...)`, whose grid then spreads its steps over
+    [sigma_min, sampling_sigma_max] (blocks wholly above it take no step); the starting
+    noise is `initial_noise_std(start)`. Training is unchanged; the ViT and DiT
+    samplers start at sigma_max."""
+
+    sigma_per_token: bool = False
+    """LM: draw one sigma per noisy row (token) instead of one per sequence; each noisy
+    row is conditioned (AdaLN) on its own sigma and its CE weighted by its own w(sigma).
+    The clean rows then get the zero condition vector (no noise level), in training and
+    sampling alike. Costs each layer's AdaLN Linear per row instead of per sequence.
+    False keeps the per-sequence path."""
+
+    target_embedding_scale: float = 1.0
+    """LM: the norm of the clean embedding (target y and clean rows) =
+    scale * normalize(E[token]). Unit-norm embeddings of width D have per-coordinate
+    std 1/sqrt(D); sigma_data * sqrt(D) (8 for sigma_data = 0.5, D = 256) makes it
+    sigma_data, the scale EDM's preconditioning assumes."""
+
+    token_embedding_init_std: float = 1.0
+    """LM: std of the token-embedding initialisation (torchtitan draws N(0, 1); the
+    official label table uses 0.02). Scales torchtitan's N(0, 1) draw, so 1.0 is
+    exactly torchtitan's init. A checkpoint loaded at start overrides it."""
+
+    embedding_lr_multiplier: float = 1.0
+    """LM: the token embeddings train with lr x this (their own optimizer param group,
+    scaled by the same LR schedule); 1.0 = one group, torchtitan's optimizer as is.
+    Block-wise runs only (the end-to-end twin keeps one group)."""
 
     seed: int = 0
     """Seed of the block-choice and sigma generators (identical on every rank)."""
@@ -204,6 +249,24 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
                 f"{section.block_schedule!r} is not one of {list(BLOCK_SCHEDULES)}",
             )
         )
+    problems += check_block_weights(section)
+    if section.block0_sigma_sampling not in SIGMA_LAWS:
+        problems.append((
+            "block0_sigma_sampling",
+            f"{section.block0_sigma_sampling!r} is not one of {list(SIGMA_LAWS)}",
+        ))
+    if section.sampling_sigma_max != 0 and not (
+        section.sigma_min < section.sampling_sigma_max <= section.sigma_max
+    ):
+        problems.append((
+            "sampling_sigma_max",
+            f"must be 0 (= sigma_max) or lie in (sigma_min, sigma_max] = "
+            f"({section.sigma_min}, {section.sigma_max}], got {section.sampling_sigma_max}",
+        ))
+    for key in ("target_embedding_scale", "token_embedding_init_std", "embedding_lr_multiplier"):
+        value = getattr(section, key)
+        if not (math.isfinite(value) and value > 0):
+            problems.append((key, f"must be a finite number > 0, got {value}"))
     if section.offload_inactive_blocks not in OFFLOAD_MODES:
         problems.append((
             "offload_inactive_blocks",
@@ -226,6 +289,21 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
             ("layers_per_block", f"every entry must be >= 1, got {section.layers_per_block}")
         )
     return problems
+
+
+def check_block_weights(section: DiffusionBlocks) -> list[tuple[str, str]]:
+    weights = section.block_weights
+    if section.block_schedule != "weighted":
+        if weights:
+            return [("block_weights", f"is read only by block_schedule = 'weighted', "
+                     f"but block_schedule is {section.block_schedule!r}")]
+        return []
+    if len(weights) != section.num_blocks:
+        return [("block_weights", f"needs one weight per block (num_blocks = "
+                 f"{section.num_blocks}), got {len(weights)}: {weights}")]
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        return [("block_weights", f"every weight must be a finite number > 0, got {weights}")]
+    return []
 
 
 def check_data(section: Data) -> list[tuple[str, str]]:

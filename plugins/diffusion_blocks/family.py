@@ -5,7 +5,9 @@ twin's model class and its task. Each family builds one `ModelFamily` in its fol
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
+
+from torch import nn
 
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
@@ -24,6 +26,9 @@ class ModelFamily:
     stock_models: tuple[str, ...] = ()
     """Stock torchtitan train specs that `[model] converters = ["diffusion_blocks"]`
     turns into this family's denoiser."""
+    embedding_parameters: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None
+    """The parameters `[diffusion_blocks] embedding_lr_multiplier` acts on (None: the
+    family has no such option)."""
 
 
 def blockwise_train_spec(

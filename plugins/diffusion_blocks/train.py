@@ -131,9 +131,10 @@ class StepTotals:
     def zeros(cls, num_rows: int, device) -> "StepTotals":
         return cls(torch.zeros(num_rows, 4, dtype=torch.float64, device=device))
 
-    def add(self, row: int, unweighted_sum, num_items, sigma_B: torch.Tensor | None) -> None:
-        sigma_sum = float(sigma_B.sum()) if sigma_B is not None else 0.0
-        samples = len(sigma_B) if sigma_B is not None else 0
+    def add(self, row: int, unweighted_sum, num_items, sigma: torch.Tensor | None) -> None:
+        """sigma: the step's noise levels, one per sample or one per token (any shape)."""
+        sigma_sum = float(sigma.sum()) if sigma is not None else 0.0
+        samples = sigma.numel() if sigma is not None else 0
         self.sums_B4[row] += torch.stack([
             unweighted_sum.detach().double(), num_items.double(),
             torch.tensor(sigma_sum, dtype=torch.float64, device=self.sums_B4.device),
@@ -162,8 +163,10 @@ class BlockwiseTrainer(Trainer):
             self.partition = self.model.partition
             self.num_blocks = self.partition.num_blocks
             self.block_schedule = build_block_schedule(
-                section.block_schedule, self.num_blocks, job_config.training.steps, section.seed
+                section.block_schedule, self.num_blocks, job_config.training.steps,
+                section.seed, section.block_weights,
             )
+            check_sigma_per_token(job_config, self.model)
             self.block_stats = BlockStats.empty(self.num_blocks)
             self.metrics_processor.num_flops_per_token = blockwise_flops_per_token(
                 self.model, job_config.training.seq_len, self.metrics_processor.num_flops_per_token
@@ -212,7 +215,8 @@ class BlockwiseTrainer(Trainer):
         config = self.job_config
         section = config.diffusion_blocks
         mode = (
-            f"DiffusionBlocks B={self.num_blocks} ({section.block_schedule} schedule, "
+            f"DiffusionBlocks B={self.num_blocks} ({section.block_schedule} schedule"
+            f"{f' {section.block_weights}' if section.block_weights else ''}, "
             f"{section.partition} partition, overlap {section.overlap})"
             if self.enabled else "end-to-end (diffusion_blocks disabled)"
         )
@@ -314,16 +318,16 @@ class BlockwiseTrainer(Trainer):
         (torchtitan's convention), backward; returns the detached scaled loss."""
         _, labels, _, extra_kwargs = self.post_dataloading_process(input_dict, labels)
         task = self.family.task
-        sigma_B = None
+        sigma = None
         with self.train_context():
             with self.maybe_enable_amp:
                 if self.enabled:
-                    sigma_B = self.partition.sample_training_sigmas(
-                        self.block, labels.shape[0], self.sigma_generator
+                    sigma = self.partition.sample_training_sigmas(
+                        self.block, self.sigma_shape(labels), self.sigma_generator
                     )
                     sums = task.denoiser_loss(
                         self.model, input_dict, labels, self.block,
-                        sigma_B.to(self.device, torch.float32), self.noise_generator,
+                        sigma.to(self.device, torch.float32), self.noise_generator,
                     )
                 else:
                     sums = task.end_to_end_loss(
@@ -331,8 +335,15 @@ class BlockwiseTrainer(Trainer):
                     )
                 loss = sums.loss_sum / global_valid_tokens
             loss.backward()
-        self.step_totals.add(self.block or 0, sums.unweighted_sum, sums.num_items, sigma_B)
+        self.step_totals.add(self.block or 0, sums.unweighted_sum, sums.num_items, sigma)
         return loss.detach()
+
+    def sigma_shape(self, labels: torch.Tensor) -> tuple[int, ...]:
+        """One sigma per sample (B,), or with `sigma_per_token` one per label token
+        (B, T) (check_sigma_per_token made sure the model takes them)."""
+        if self.job_config.diffusion_blocks.sigma_per_token:
+            return tuple(labels.shape[:2])
+        return tuple(labels.shape[:1])
 
     def normalisation_mesh(self):
         """Ranks whose items a loss is divided by: the data-parallel ranks, or in a
@@ -445,6 +456,17 @@ class BlockwiseTrainer(Trainer):
 
     def validation_due(self) -> bool:
         return self.job_config.validation.enable and self.validator.should_validate(self.step)
+
+
+def check_sigma_per_token(job_config, model) -> None:
+    """`sigma_per_token` needs a model that conditions each row on its own sigma (it
+    says so with `sigma_per_token = True`, set from the same config key)."""
+    if job_config.diffusion_blocks.sigma_per_token and not getattr(model, "sigma_per_token", False):
+        raise ConfigError(
+            f"{origin_of(job_config, 'diffusion_blocks', 'sigma_per_token')}: [diffusion_blocks] "
+            f"sigma_per_token needs a token-sequence denoiser (dblocks_llama3); "
+            f"{type(model).__name__} takes one sigma per sample"
+        )
 
 
 @torch.no_grad()

@@ -26,6 +26,11 @@ def get_train_spec() -> TrainSpec:
     )
 
 
+def token_embedding_parameters(model) -> list:
+    return list(model.tok_embeddings.parameters())
+
+
 FAMILY = ModelFamily(
-    "dblocks_llama3", get_train_spec, Transformer, LanguageModelTask(), stock_models=("llama3",)
+    "dblocks_llama3", get_train_spec, Transformer, LanguageModelTask(), stock_models=("llama3",),
+    embedding_parameters=token_embedding_parameters,
 )
