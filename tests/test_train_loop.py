@@ -526,8 +526,8 @@ def test_resuming_with_a_different_num_blocks_fails_clearly(reference_run, tmp_p
     )
     assert proc.returncode != 0
     out = h.output_of(proc)
-    assert "checkpoint was saved with 4 blocks" in out
-    assert "num_blocks = 2" in out
+    assert "[diffusion_blocks] num_blocks = 4 in the checkpoint, 2 here" in out
+    assert "[diffusion_blocks] layers_per_block = [2, 2, 2, 2] in the checkpoint, [4, 4] here" in out
     assert not (tmp_path / "checkpoint" / "step-10").exists()
 
 

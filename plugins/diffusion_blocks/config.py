@@ -13,6 +13,7 @@ from .diffusion import NoiseSchedule, PARTITIONS
 BLOCK_SCHEDULES = ("random", "round_robin", "sequential")  # see schedules.py
 DEVICES = ("auto", "cpu", "cuda")
 OFFLOAD_MODES = ("auto", "on", "off")
+NONFINITE_POLICIES = ("stop", "skip")  # see BlockwiseTrainer.handle_nonfinite_step
 
 
 @dataclass
@@ -73,6 +74,16 @@ class DiffusionBlocks:
     """DiT training: share of class labels replaced by the null class, so one model is
     both conditional and unconditional (needed for guidance). Also used with enable = false."""
 
+    on_nonfinite: str = "stop"
+    """A step whose loss or gradient norm is not finite (checked before the optimizer
+    steps): 'stop' ends the run with a message naming the step, the block and its sigma
+    range; 'skip' drops its gradients (no optimizer or LR-schedule step; the step
+    counter, its batch and its block draw are used up) and goes on."""
+
+    max_nonfinite_skips: int = 10
+    """With on_nonfinite = 'skip': the most steps of a run (resumes included) that may
+    be skipped; one more stops the run."""
+
     def noise_schedule(self) -> NoiseSchedule:
         return NoiseSchedule(
             sigma_min=self.sigma_min,
@@ -108,10 +119,21 @@ class Training:
 
 
 @dataclass
+class Checkpoint:
+    """Merged into torchtitan's [checkpoint] section."""
+
+    allow_fresh_start: bool = False
+    """The checkpoint folder holds step-N folders but none can be resumed from (all
+    unfinished or damaged): false stops with a message; true starts at step 1 there
+    (the old folders stay until the new run's saves of the same steps replace them)."""
+
+
+@dataclass
 class JobConfig:
     diffusion_blocks: DiffusionBlocks = field(default_factory=DiffusionBlocks)
     data: Data = field(default_factory=Data)
     training: Training = field(default_factory=Training)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
 
 
 def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
@@ -152,6 +174,14 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
     if section.block_parallel and section.block_schedule != "random":
         problems.append(
             ("block_parallel", "trains every block every step; leave block_schedule at 'random'")
+        )
+    if section.on_nonfinite not in NONFINITE_POLICIES:
+        problems.append((
+            "on_nonfinite", f"{section.on_nonfinite!r} is not one of {list(NONFINITE_POLICIES)}"
+        ))
+    if section.max_nonfinite_skips < 0:
+        problems.append(
+            ("max_nonfinite_skips", f"must be >= 0, got {section.max_nonfinite_skips}")
         )
     if section.adaln_cond_dim < 0:
         problems.append(("adaln_cond_dim", f"must be >= 0, got {section.adaln_cond_dim}"))
