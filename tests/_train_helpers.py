@@ -13,7 +13,8 @@ Two roles:
   trained, the layers whose forward ran, the layers whose parameters got a gradient,
   the loss and unweighted loss the trainer logged, the gradient norm clip_gradients
   returned, checksums of the local shards; plus how the model was built (class, FSDP,
-  DTensor parameters, compiled layers, offload).
+  DTensor parameters, compiled layers, offload). With `kill_after_step=K` every rank
+  instead dies (os._exit, as under kill -9) right after step K's checkpoint save.
 """
 
 import json
@@ -27,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEBUG_TOML = REPO / "train_configs" / "llama3_debug.toml"
 LAUNCHER = Path(__file__).resolve()
 RECORD_ENV = "DBLOCKS_TEST_RECORD_DIR"
+KILL_ENV = "DBLOCKS_TEST_KILL_AFTER_STEP"
+KILLED_EXIT_CODE = 137
 
 # tiny and fast: every run in the tests starts from these
 TINY = [
@@ -43,7 +46,8 @@ def free_port() -> int:
 
 
 def subprocess_env(
-    record_dir: Path | None = None, extra_pythonpath: list[Path] = ()
+    record_dir: Path | None = None, extra_pythonpath: list[Path] = (),
+    kill_after_step: int | None = None,
 ) -> dict[str, str]:
     env = dict(os.environ)
     paths = [str(REPO / "plugins"), *map(str, extra_pythonpath), env.get("PYTHONPATH", "")]
@@ -54,16 +58,20 @@ def subprocess_env(
         env.pop(key, None)
     if record_dir is not None:
         env[RECORD_ENV] = str(record_dir)
+    if kill_after_step is not None:
+        env[KILL_ENV] = str(kill_after_step)
     return env
 
 
 def torchrun(
     args: list[str], nproc: int = 1, *, record_dir: Path | None = None, timeout: float = 300,
-    extra_pythonpath: list[Path] = (),
+    extra_pythonpath: list[Path] = (), kill_after_step: int | None = None,
 ) -> subprocess.CompletedProcess:
     """Run the trainer under torchrun. With record_dir, run this file's instrumented
-    launcher instead of `-m diffusion_blocks.train` (same trainer, same arguments).
+    launcher instead of `-m diffusion_blocks.train` (same trainer, same arguments);
+    with kill_after_step too, every rank dies after that step (exit code 137).
     extra_pythonpath: folders put on the workers' PYTHONPATH (e.g. a user's module)."""
+    assert kill_after_step is None or record_dir is not None, "the launcher kills"
     target = [str(LAUNCHER)] if record_dir is not None else ["-m", "diffusion_blocks.train"]
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
@@ -72,7 +80,7 @@ def torchrun(
         "--master_port", str(free_port()),
         *target, *args,
     ]
-    env = subprocess_env(record_dir, extra_pythonpath)
+    env = subprocess_env(record_dir, extra_pythonpath, kill_after_step)
     return subprocess.run(
         cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -120,7 +128,16 @@ def training_rows(path: Path) -> list[dict]:
 
 
 def validation_rows(path: Path) -> list[dict]:
-    return [r for r in read_jsonl(path) if not is_training_row(r)]
+    return [r for r in read_jsonl(path) if not is_training_row(r) and not is_event_row(r)]
+
+
+def is_event_row(row: dict) -> bool:
+    """A row that marks an event (a resume, a skipped step), not metrics."""
+    return "event" in row
+
+
+def event_rows(path: Path) -> list[dict]:
+    return [r for r in read_jsonl(path) if is_event_row(r)]
 
 
 def block_steps(row: dict, num_blocks: int) -> list[int]:
@@ -312,6 +329,18 @@ def _instrument(trainer, record: dict) -> None:
     trainer.train_step = train_step
 
 
+def _die_after_step(trainer, step: int) -> None:
+    """Every rank exits at once, with no clean-up, after step `step`'s save."""
+    original_save = trainer.checkpointer.save
+
+    def save(curr_step, last_step=False):
+        original_save(curr_step, last_step=last_step)
+        if curr_step == step:
+            os._exit(KILLED_EXIT_CODE)
+
+    trainer.checkpointer.save = save
+
+
 def _finish(trainer, record: dict) -> None:
     record["finished_step"] = trainer.step
     record["ntokens_seen"] = trainer.ntokens_seen
@@ -337,6 +366,8 @@ def launch(argv: list[str]) -> None:
             super().__init__(job_config)
             self.test_record: dict = {}
             _instrument(self, self.test_record)
+            if KILL_ENV in os.environ:
+                _die_after_step(self, int(os.environ[KILL_ENV]))
 
         def train(self):
             super().train()
