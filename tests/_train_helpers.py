@@ -15,7 +15,8 @@ Two roles:
   returned, checksums of the local shards; plus how the model was built (class, FSDP,
   DTensor parameters, compiled layers, offload). With $DBLOCKS_TEST_SKEW_BLOCKS set,
   every rank but 0 proposes another block than rank 0 at every step (its own
-  schedule's block + rank, mod B), so only rank 0's broadcast can make them agree.
+  schedule's block + rank, mod B), so only rank 0's broadcast can make them agree. With `kill_after_step=K` every rank
+  instead dies (os._exit, as under kill -9) right after step K's checkpoint save.
 
 Launches are race-free and pinned to the CPU: torchrun runs `--standalone` (its agent
 binds the rendezvous store to a port the kernel picks and hands that live store to the
@@ -39,6 +40,8 @@ SKEW_ENV = "DBLOCKS_TEST_SKEW_BLOCKS"
 # (`[training] device = "auto"` would pick CUDA there). Put first, so that a test can
 # still ask for another device after it (later flags win).
 CPU = ["--training.device", "cpu"]
+KILL_ENV = "DBLOCKS_TEST_KILL_AFTER_STEP"
+KILLED_EXIT_CODE = 137
 
 # tiny and fast: every run in the tests starts from these
 TINY = [
@@ -54,6 +57,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 def subprocess_env(
     record_dir: Path | None = None, extra_pythonpath: list[Path] = (), skew_blocks: bool = False,
+    kill_after_step: int | None = None,
 ) -> dict[str, str]:
     env = dict(os.environ)
     paths = [str(REPO / "plugins"), *map(str, extra_pythonpath), env.get("PYTHONPATH", "")]
@@ -61,12 +65,14 @@ def subprocess_env(
     env.setdefault("OMP_NUM_THREADS", "1")
     # a launch from inside a torchrun'ed test run must not inherit its rendezvous
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                "TORCHELASTIC_USE_AGENT_STORE", SKEW_ENV):
+                "TORCHELASTIC_USE_AGENT_STORE", SKEW_ENV, KILL_ENV):
         env.pop(key, None)
     if record_dir is not None:
         env[RECORD_ENV] = str(record_dir)
     if skew_blocks:
         env[SKEW_ENV] = "1"
+    if kill_after_step is not None:
+        env[KILL_ENV] = str(kill_after_step)
     return env
 
 
@@ -86,15 +92,18 @@ def torchrun_script(
 def torchrun(
     args: list[str], nproc: int = 1, *, record_dir: Path | None = None, timeout: float = 300,
     extra_pythonpath: list[Path] = (), skew_blocks: bool = False,
+    kill_after_step: int | None = None,
 ) -> subprocess.CompletedProcess:
     """Run the trainer under torchrun, on the CPU (`CPU` first, then `args`). With
     record_dir, run this file's instrumented launcher instead of `-m
     diffusion_blocks.train` (same trainer, same arguments); skew_blocks (needs
-    record_dir) makes every rank but 0 propose another block than rank 0.
+    record_dir) makes every rank but 0 propose another block than rank 0; with
+    kill_after_step (needs record_dir) every rank dies after that step (exit code 137).
     extra_pythonpath: folders put on the workers' PYTHONPATH (e.g. a user's module)."""
     assert record_dir is not None or not skew_blocks, "skew_blocks needs the instrumented launcher"
+    assert kill_after_step is None or record_dir is not None, "the launcher kills"
     target = [str(LAUNCHER)] if record_dir is not None else ["-m", "diffusion_blocks.train"]
-    env = subprocess_env(record_dir, extra_pythonpath, skew_blocks)
+    env = subprocess_env(record_dir, extra_pythonpath, skew_blocks, kill_after_step)
     return torchrun_script([*target, *CPU, *args], nproc, env=env, timeout=timeout)
 
 
@@ -140,7 +149,16 @@ def training_rows(path: Path) -> list[dict]:
 
 
 def validation_rows(path: Path) -> list[dict]:
-    return [r for r in read_jsonl(path) if not is_training_row(r)]
+    return [r for r in read_jsonl(path) if not is_training_row(r) and not is_event_row(r)]
+
+
+def is_event_row(row: dict) -> bool:
+    """A row that marks an event (a resume, a skipped step), not metrics."""
+    return "event" in row
+
+
+def event_rows(path: Path) -> list[dict]:
+    return [r for r in read_jsonl(path) if is_event_row(r)]
 
 
 def block_steps(row: dict, num_blocks: int) -> list[int]:
@@ -334,6 +352,18 @@ def _instrument(trainer, record: dict) -> None:
     trainer.train_step = train_step
 
 
+def _die_after_step(trainer, step: int) -> None:
+    """Every rank exits at once, with no clean-up, after step `step`'s save."""
+    original_save = trainer.checkpointer.save
+
+    def save(curr_step, last_step=False):
+        original_save(curr_step, last_step=last_step)
+        if curr_step == step:
+            os._exit(KILLED_EXIT_CODE)
+
+    trainer.checkpointer.save = save
+
+
 def _finish(trainer, record: dict) -> None:
     record["finished_step"] = trainer.step
     record["ntokens_seen"] = trainer.ntokens_seen
@@ -359,6 +389,8 @@ def launch(argv: list[str]) -> None:
             super().__init__(job_config)
             self.test_record: dict = {}
             _instrument(self, self.test_record)
+            if KILL_ENV in os.environ:
+                _die_after_step(self, int(os.environ[KILL_ENV]))
 
         def train(self):
             super().train()

@@ -25,6 +25,7 @@ SINGLE_DEGREE_PARALLELISMS = (
     "tensor_parallel_degree", "context_parallel_degree", "pipeline_parallel_degree",
     "expert_parallel_degree",
 )
+NONFINITE_POLICIES = ("stop", "skip")  # see BlockwiseTrainer.handle_nonfinite_step
 
 
 @dataclass
@@ -130,6 +131,16 @@ class DiffusionBlocks:
     """DiT training: share of class labels replaced by the null class, so one model is
     both conditional and unconditional (needed for guidance). Also used with enable = false."""
 
+    on_nonfinite: str = "stop"
+    """A step whose loss or gradient norm is not finite (checked before the optimizer
+    steps): 'stop' ends the run with a message naming the step, the block and its sigma
+    range; 'skip' drops its gradients (no optimizer or LR-schedule step; the step
+    counter, its batch and its block draw are used up) and goes on."""
+
+    max_nonfinite_skips: int = 10
+    """With on_nonfinite = 'skip': the most steps of a run (resumes included) that may
+    be skipped; one more stops the run."""
+
     def noise_schedule(self) -> NoiseSchedule:
         return NoiseSchedule(
             sigma_min=self.sigma_min,
@@ -187,11 +198,22 @@ class Model:
 
 
 @dataclass
+class Checkpoint:
+    """Merged into torchtitan's [checkpoint] section."""
+
+    allow_fresh_start: bool = False
+    """The checkpoint folder holds step-N folders but none can be resumed from (all
+    unfinished or damaged): false stops with a message; true starts at step 1 there
+    (the old folders stay until the new run's saves of the same steps replace them)."""
+
+
+@dataclass
 class JobConfig:
     diffusion_blocks: DiffusionBlocks = field(default_factory=DiffusionBlocks)
     data: Data = field(default_factory=Data)
     training: Training = field(default_factory=Training)
     model: Model = field(default_factory=Model)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
 
 
 # one Bounds per numeric key; keys that need each other are checked below
@@ -209,6 +231,7 @@ DIFFUSION_BLOCKS_BOUNDS = {
     "sampling_steps": AT_LEAST_1,
     "cfg_scale": NON_NEGATIVE,  # 1 = no guidance
     "label_dropout": Bounds(low=0, high=1, high_open=True),
+    "max_nonfinite_skips": NON_NEGATIVE,
 }
 # the least share of the log-normal that must fall on [sigma_min, sigma_max]
 MIN_SIGMA_MASS = 1e-6
@@ -276,6 +299,10 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
         problems.append(
             ("block_parallel", "trains every block every step; leave block_schedule at 'random'")
         )
+    if section.on_nonfinite not in NONFINITE_POLICIES:
+        problems.append((
+            "on_nonfinite", f"{section.on_nonfinite!r} is not one of {list(NONFINITE_POLICIES)}"
+        ))
     if section.layers_per_block and len(section.layers_per_block) != section.num_blocks:
         problems.append(
             (

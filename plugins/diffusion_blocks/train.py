@@ -11,10 +11,14 @@ processor, validator, profiling, GC, the train loop). What changes is only:
 - the step: each step trains ONE block, chosen identically on every rank; each sample
   gets a sigma from the block's widened interval; the family's task computes the
   w(sigma)-weighted loss, and only that block's layers run (`forward_backward_step`,
-  `train_step`, which also clips block-parallel runs with one global coefficient and
-  stops before stepping on a non-finite gradient norm);
+  `train_step`, which also clips block-parallel runs with one global coefficient);
+- a step is committed only if it is finite: before the optimizer steps, the loss and
+  the gradient norm are checked on every rank; a non-finite one stops the run or
+  skips the step (`[diffusion_blocks] on_nonfinite`, `max_nonfinite_skips`);
 - per-block bookkeeping (steps and running CE per block, in the log and TensorBoard);
-- extra checkpointed state (block-choice, sigma and noise generators; the partition).
+- extra checkpointed state (block-choice, sigma and noise generators; the partition;
+  the count of skipped steps), and the run's identity and restart marker handed to
+  the checkpointer and metrics.jsonl.
 With `[diffusion_blocks] enable = false` the same trainer trains the end-to-end twin.
 The train spec it is given comes from `registry.resolve_run_spec`; the CPU adaptation
 of torchtitan's module-level CUDA names lives in `titan_compat`.
@@ -43,6 +47,7 @@ from .config_loader import ConfigError, exit_on_config_error, origin_of, parse_j
 from .metrics import BLOCKWISE_PREFIX
 from .parallelize import check_supported_parallelism
 from .registry import resolve_run_spec
+from .run_identity import run_identity
 from .schedules import build_block_schedule
 
 # what torchrun sets; a plain `python -m diffusion_blocks.train` is one process
@@ -175,6 +180,12 @@ class BlockwiseTrainer(Trainer):
             self.partition, self.num_blocks = None, 0
             self.block_schedule, self.block_stats = None, None
         self.block: int | None = None
+        self.nonfinite_skips = 0  # steps skipped for a non-finite loss or gradient norm
+        self.checkpointer.set_run(
+            run_identity(job_config, self.partition),
+            job_config.checkpoint.allow_fresh_start,
+            self.metrics_processor.mark_restart,
+        )
         # per-rank generators for sigmas (CPU, float64) and noise (on the device)
         self.sigma_generator = torch.Generator().manual_seed(section.seed * 1000 + 1 + self.rank)
         self.noise_generator = torch.Generator(self.device).manual_seed(
@@ -245,6 +256,7 @@ class BlockwiseTrainer(Trainer):
             # per-rank generators under per-rank keys, as torchtitan does for dataloaders
             f"sigma_rng_rank{self.rank}": self.sigma_generator.get_state(),
             f"noise_rng_rank{self.rank}": self.noise_generator.get_state(),
+            "nonfinite_skips": self.nonfinite_skips,
         })
         if self.enabled:
             state["block_schedule"] = self.block_schedule.state_dict()
@@ -271,6 +283,7 @@ class BlockwiseTrainer(Trainer):
             self.block_stats.steps = list(state["block_steps"])
             self.block_stats.running_ce = list(state["block_running_ce"])
         super().load_state_dict(state)
+        self.nonfinite_skips = state["nonfinite_skips"]
         for key, generator in (
             (f"sigma_rng_rank{self.rank}", self.sigma_generator),
             (f"noise_rng_rank{self.rank}", self.noise_generator),
@@ -388,25 +401,91 @@ class BlockwiseTrainer(Trainer):
             ))
 
         grad_norm = self.clip_gradients()
-        if not torch.isfinite(grad_norm):
-            where = f" (block {self.block})" if self.block is not None else ""
-            raise FloatingPointError(
-                f"gradient norm is {float(grad_norm)} at step {self.step}{where}: nothing "
-                "was stepped or saved at this step. Lower [optimizer] lr or [training] "
-                "max_norm, or resume from the last checkpoint"
-            )
-        self.checkpointer.maybe_wait_for_staging()
-        self.optimizers.step()
-        self.lr_schedulers.step()
+        problem = self.nonfinite_problem(losses, grad_norm)
+        if problem is None:
+            self.checkpointer.maybe_wait_for_staging()
+            self.optimizers.step()
+            self.lr_schedulers.step()
+            step_metrics = self.update_block_stats()
+        else:
+            self.handle_nonfinite_step(problem)  # skips the step, or raises
 
-        step_metrics = self.update_block_stats()
         if self.layout is not None and (self.checkpoint_due() or self.validation_due()):
             # every rank needs every block's current weights to save or validate
             block_parallel.synchronize_blocks(self.model, self.optimizers, self.layout)
-        if not self.metrics_processor.should_log(self.step):
+        if problem is not None or not self.metrics_processor.should_log(self.step):
             return
         self.log_step(torch.sum(torch.stack(losses)), local_items, global_items, grad_norm,
                       lr, step_metrics)
+
+    def nonfinite_problem(self, losses, grad_norm) -> str | None:
+        """What is not finite at this step (the same answer on every rank), or None.
+
+        The loss of every block trained at this step (a block-parallel step trains
+        all of them) is summed over the ranks, so a non-finite loss on any rank is
+        seen by all; the gradient norm is already global."""
+        loss_per_block = torch.zeros(max(self.num_blocks, 1), dtype=torch.float64, device=self.device)
+        loss_per_block[self.block or 0] = torch.stack(losses).sum().double()
+        if dist.get_world_size() > 1:
+            dist.all_reduce(loss_per_block, op=dist.ReduceOp.SUM)
+        losses_B = loss_per_block.tolist()
+        bad_losses = [b for b, x in enumerate(losses_B) if not math.isfinite(x)]
+        norm = float(grad_norm)
+        if not bad_losses and math.isfinite(norm):
+            return None
+        trained = list(range(self.num_blocks)) if self.layout is not None else [self.block]
+        what = []
+        if bad_losses:
+            what.append(f"the loss is {', '.join(str(losses_B[b]) for b in bad_losses)}")
+            trained = bad_losses if self.enabled else trained
+        if not math.isfinite(norm):
+            what.append(f"the gradient norm is {norm}")
+        return f"step {self.step}: {' and '.join(what)} on {self.describe_blocks(trained)}"
+
+    def describe_blocks(self, blocks: list[int | None]) -> str:
+        """'block 2 (layers 4-5, sigma in [0.18, 0.51])', or the end-to-end model."""
+        if not self.enabled:
+            return "the end-to-end model"
+        parts = []
+        for block in blocks:
+            layers = self.partition.layer_ranges[block]
+            lo, hi = self.partition.training_interval(block)
+            parts.append(
+                f"block {block} (layers {layers.start}-{layers.stop - 1}, "
+                f"sigma in [{lo:.4g}, {hi:.4g}])"
+            )
+        return ", ".join(parts)
+
+    def handle_nonfinite_step(self, problem: str) -> None:
+        """`[diffusion_blocks] on_nonfinite`: 'stop' raises; 'skip' drops the gradients,
+        so neither the optimizer nor the LR schedule steps (the step counter, this
+        step's batch and block draw are used up), until more than
+        `max_nonfinite_skips` steps of the run were skipped."""
+        section = self.job_config.diffusion_blocks
+        advice = (
+            "nothing was stepped at this step and nothing non-finite was saved. Lower "
+            "[optimizer] lr or [training] max_norm (or set [diffusion_blocks] "
+            "on_nonfinite = 'skip') and resume from the last checkpoint"
+        )
+        if section.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"{problem}: stopped ([diffusion_blocks] on_nonfinite = 'stop'); {advice}"
+            )
+        self.nonfinite_skips += 1
+        if self.nonfinite_skips > section.max_nonfinite_skips:
+            raise FloatingPointError(
+                f"{problem}: stopped, that is {self.nonfinite_skips} non-finite steps in "
+                f"this run, more than [diffusion_blocks] max_nonfinite_skips = "
+                f"{section.max_nonfinite_skips}; {advice}"
+            )
+        self.optimizers.zero_grad()
+        logger.warning(
+            f"{problem}: step skipped ({self.nonfinite_skips} of at most "
+            f"{section.max_nonfinite_skips}); the optimizer and the LR schedule did not step"
+        )
+        self.metrics_processor.log_event(
+            self.step, "nonfinite_skip", problem=problem, skips=self.nonfinite_skips
+        )
 
     def update_block_stats(self) -> dict[str, float]:
         """Sum this step's per-block totals over all ranks; update the per-block stats."""
