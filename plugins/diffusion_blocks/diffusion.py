@@ -188,16 +188,19 @@ def _broadcastable(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # Sampling
 
 
-def sampling_sigmas(num_steps: int, schedule: NoiseSchedule) -> list[float]:
+def sampling_sigmas(
+    num_steps: int, schedule: NoiseSchedule, sigma_start: float | None = None
+) -> list[float]:
     """num_steps + 1 equi-probability points of the truncated log-normal, descending,
-    both ends included."""
+    both ends included: from sigma_start (default sigma_max) down to sigma_min."""
+    sigma_start = schedule.sigma_max if sigma_start is None else sigma_start
     q_min = lognormal_cdf(schedule.sigma_min, schedule)
-    q_max = lognormal_cdf(schedule.sigma_max, schedule)
+    q_start = lognormal_cdf(sigma_start, schedule)
     inner = [
-        lognormal_icdf(q_min + (k / num_steps) * (q_max - q_min), schedule)
+        lognormal_icdf(q_min + (k / num_steps) * (q_start - q_min), schedule)
         for k in range(1, num_steps)
     ]
-    return [schedule.sigma_max, *reversed(inner), schedule.sigma_min]
+    return [sigma_start, *reversed(inner), schedule.sigma_min]
 
 
 @dataclass(frozen=True)
@@ -208,12 +211,13 @@ class EulerStep:
 
 
 def sampling_plan(
-    num_steps: int, boundaries: list[float], schedule: NoiseSchedule
+    num_steps: int, boundaries: list[float], schedule: NoiseSchedule,
+    sigma_start: float | None = None,
 ) -> list[EulerStep]:
-    """The Euler steps from sigma_max to sigma_min, each with the block that owns its
-    starting sigma. Grid points within 1e-9 (relative) of a block boundary are snapped
-    onto it so float rounding cannot hand a step to the wrong block."""
-    grid = sampling_sigmas(num_steps, schedule)
+    """The Euler steps from sigma_start (default sigma_max) to sigma_min, each with the
+    block that owns its starting sigma. Grid points within 1e-9 (relative) of a block
+    boundary are snapped onto it so float rounding cannot hand a step to the wrong block."""
+    grid = sampling_sigmas(num_steps, schedule, sigma_start)
     for i, sigma in enumerate(grid):
         for boundary in boundaries:
             if abs(sigma - boundary) <= 1e-9 * boundary:
@@ -229,6 +233,31 @@ def euler_step(
 ) -> torch.Tensor:
     """z <- z + (sigma_next - sigma) * (z - D) / sigma (probability-flow ODE, EDM form)."""
     return z + (sigma_next - sigma) * (z - denoised) / sigma
+
+
+def noised(clean: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
+    """The forward process: z = y + sigma * eps."""
+    return clean + sigma * noise
+
+
+def expected_clean_embedding(logits_BV: torch.Tensor, table_VD: torch.Tensor) -> torch.Tensor:
+    """D = softmax(logits) @ table for discrete targets (DESIGN.md section 6): the
+    denoiser's posterior mean of the clean embedding, a convex combination of the
+    table's rows (softmax in float32, the product in the table's dtype)."""
+    return logits_BV.float().softmax(-1).to(table_VD.dtype) @ table_VD
+
+
+def churn_gamma(churn: float, num_steps: int) -> float:
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): each step first
+    raises sigma by the factor 1 + gamma, gamma = min(S_churn / N, sqrt(2) - 1)."""
+    return min(churn / num_steps, math.sqrt(2.0) - 1.0)
+
+
+def churn(
+    z: torch.Tensor, sigma: float, sigma_hat: float, noise: torch.Tensor
+) -> torch.Tensor:
+    """z at sigma -> z at sigma_hat >= sigma: add fresh noise of variance sigma_hat^2 - sigma^2."""
+    return z + math.sqrt(sigma_hat**2 - sigma**2) * noise
 
 
 def initial_noise_scale(sigma_max: float, data_is_unit_norm: bool) -> float:

@@ -79,7 +79,9 @@ class BlockPartition:
     def block_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         return diffusion.block_of_sigma(sigma, list(self.sigma_boundaries))
 
-    def sampling_plan(self, num_steps: int) -> list[diffusion.EulerStep]:
+    def sampling_plan(
+        self, num_steps: int, sigma_start: float | None = None
+    ) -> list[diffusion.EulerStep]:
         return diffusion.sampling_plan(
-            num_steps, list(self.sigma_boundaries), self.schedule
+            num_steps, list(self.sigma_boundaries), self.schedule, sigma_start
         )

@@ -91,6 +91,11 @@ def masked_attention(
 # Layers and model
 
 
+def unit_norm(embedding_XD: torch.Tensor) -> torch.Tensor:
+    """The one normalisation of token embeddings (targets, clean rows, samplers' table)."""
+    return F.normalize(embedding_XD, dim=-1)
+
+
 class DenoiserLayer(TransformerBlock):
     """A stock llama3 TransformerBlock plus AdaLN-Zero (made by class swap)."""
 
@@ -145,7 +150,12 @@ class DiffusionBlocksLlama(Transformer):
 
     def clean_embedding(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """L2-normalised token embeddings: the clean targets y and the clean rows."""
-        return F.normalize(self.tok_embeddings(tokens_BT), dim=-1)
+        return unit_norm(self.tok_embeddings(tokens_BT))
+
+    def clean_embedding_table(self) -> torch.Tensor:
+        """Every token's clean target, (V, D): the table the samplers' expected clean
+        embedding softmax(logits) @ table and their re-noised tokens are taken from."""
+        return unit_norm(self.tok_embeddings.weight)
 
     def attention_mask(self, seq_len: int, device: torch.device):
         if self.uses_flex_attention(torch.device(device)):
