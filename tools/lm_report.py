@@ -5,7 +5,7 @@
         [--num-blocks 4] [--init-from-e2e] [--samplers ancestral,euler]
         [--steps-per-block 1,2,4,8] [--temperatures 0.7,0.85,1.0] [--prompts 32]
         [--prompt-len 32] [--new-tokens 64] [--eval-windows 16]
-        [--out outputs/lm_report] [--skip-training] [--section.key value ...]
+        [--out outputs/lm_report] [--skip-training] [--report FILE] [--section.key value ...]
 
 1. splits the file: the last 10% (at a line break) is held out;
 2. trains the same model end to end for --steps optimizer steps; an independent JUDGE,
@@ -25,7 +25,7 @@
    held-out windows: end-to-end next-token CE, and for each DiffusionBlocks model the
    CE of the block owning each of --sigmas with an uninformative noisy input.
 
-Prints the tables and writes <out>/report.json with the keys:
+Prints the tables and writes <out>/report.json (or --report) with the keys:
   args:            the options;
   samples[row]:    {"model", "decoding" (the sampler's settings, or null for real
                    text), "judge_ce", "distinct_1", "distinct_2", "distinct_3",
@@ -137,6 +137,7 @@ def parse_args(argv):
                         help="held-out windows of seq_len for the teacher-forced CE")
     parser.add_argument("--out", default=str(REPO / "outputs" / "lm_report"))
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--report", default=None, help="default: <out>/report.json")
     args, run_overrides = parser.parse_known_args(argv)
     unknown = [a for a in run_overrides if a.startswith("-") and "." not in a]
     if unknown:
@@ -308,10 +309,11 @@ def main(argv):
     eval_windows = evaluation.evenly_spaced_windows(ids, seq_len + 1, args.eval_windows)
     tf = teacher_forced(models, eval_windows, args.sigmas)
     print_tables(args, samples, tf)
-    (out / "report.json").write_text(json.dumps(
+    report = Path(args.report or out / "report.json")
+    report.write_text(json.dumps(
         {"args": vars(args), "samples": samples, "teacher_forced": tf}, indent=2
     ))
-    print(f"wrote {out / 'report.json'}")
+    print(f"wrote {report}")
 
 
 if __name__ == "__main__":
