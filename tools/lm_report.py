@@ -4,7 +4,7 @@
         [--job.config_file train_configs/llama3_text.toml] [--steps 300] [--warmup 30]
         [--num-blocks 4] [--init-from-e2e] [--samplers ancestral,euler]
         [--steps-per-block 1,2,4,8] [--temperatures 0.7,0.85,1.0] [--prompts 32]
-        [--prompt-len 32] [--new-tokens 64] [--eval-windows 16]
+        [--prompt-len 32] [--new-tokens 32] [--eval-windows 16]
         [--out outputs/lm_report] [--skip-training] [--report FILE] [--section.key value ...]
 
 1. splits the file: the last 10% (at a line break) is held out;
@@ -131,7 +131,7 @@ def parse_args(argv):
                         help="teacher-forced denoising CE at these noise levels")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64,
+    parser.add_argument("--new-tokens", type=int, default=32,
                         help="prompt-len + new-tokens must fit [training] seq_len")
     parser.add_argument("--eval-windows", type=int, default=16,
                         help="held-out windows of seq_len for the teacher-forced CE")
