@@ -3,9 +3,12 @@
     python tools/generate.py --job.config_file train_configs/llama3_debug.toml \
         --checkpoint outputs/llama3_debug/checkpoint --prompt "the cat" \
         [--max-new-tokens 64] [--steps-per-block 1] [--temperature 0.8 --top-k 20] [--seed 0]
+        [--sampler ancestral|euler] [--churn 0] [--start-sigma S]
 
-For the denoiser, each new token runs the Euler sampler over the sigma grid (one
-step per block by default); only the block owning each step's sigma runs.
+For the denoiser, each new token is sampled over the sigma grid (--steps-per-block
+steps per block, each run by the block owning its sigma) with the token sampler
+--sampler; the block owning sigma_min then gives the final logits, which --temperature
+and --top-k act on (see diffusion_blocks.models.llama3.sampler).
 """
 
 import argparse
@@ -14,9 +17,9 @@ import sys
 import torch
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.bounds import AT_LEAST_1, NON_NEGATIVE, number_arg, SEED
+from diffusion_blocks.bounds import AT_LEAST_1, NON_NEGATIVE, number_arg, POSITIVE, SEED
 from diffusion_blocks.config_loader import ConfigError, exit_on_config_error, parse_job_config
-from diffusion_blocks.models.llama3.sampler import DecodingConfig, generate
+from diffusion_blocks.models.llama3.sampler import DecodingConfig, generate, TOKEN_STEPS
 from diffusion_blocks.inference import load_for_inference
 
 
@@ -31,10 +34,19 @@ def parse_args(argv):
     parser.add_argument("--steps-per-block", type=number_arg(int, AT_LEAST_1), default=None,
                         help="default: [diffusion_blocks] sampling_steps_per_block")
     parser.add_argument("--temperature", type=number_arg(float, NON_NEGATIVE), default=0.0,
-                        help="0 = greedy")
+                        help="of the final pick only; 0 = greedy")
     parser.add_argument("--top-k", type=number_arg(int, NON_NEGATIVE), default=0,
-                        help="0 = the whole vocabulary")
+                        help="of the final pick only; 0 = the whole vocabulary")
     parser.add_argument("--seed", type=number_arg(int, SEED), default=0)
+    parser.add_argument("--sampler", choices=sorted(TOKEN_STEPS), default=DecodingConfig.sampler,
+                        help="the denoiser's token sampler: 'euler' (ODE step with "
+                             "softmax(logits) @ normalised embeddings) or 'ancestral' (draw "
+                             "a token, re-noise its embedding to the next sigma)")
+    parser.add_argument("--churn", type=number_arg(float, NON_NEGATIVE), default=0.0,
+                        help="EDM S_churn: fresh noise raising each step's sigma (0 = none)")
+    parser.add_argument("--start-sigma", type=number_arg(float, POSITIVE), default=None,
+                        help="sample from this sigma down (default: [diffusion_blocks] "
+                             "sampling_sigma_max, else sigma_max)")
     return parser.parse_known_args(argv)
 
 
@@ -60,6 +72,7 @@ def main(argv):
     decoding = DecodingConfig(
         max_new_tokens=args.max_new_tokens, steps_per_block=steps,
         temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+        sampler=args.sampler, churn=args.churn, start_sigma=args.start_sigma,
     )
     prompt_ids = tokenizer.encode(args.prompt, add_bos=True, add_eos=False)
     tokens = generate(

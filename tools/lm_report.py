@@ -1,40 +1,70 @@
-"""End-to-end vs DiffusionBlocks on a byte-level text corpus (default tinyshakespeare).
+"""End-to-end vs DiffusionBlocks on a byte-level text corpus, scored by an independent judge.
 
     python tools/lm_report.py --data ../shared/data/tinyshakespeare.txt \
-        [--job.config_file train_configs/llama3_text.toml] [--steps 500] [--num-blocks 4]
-        [--init-from-e2e] [--out outputs/lm_report] [--skip-training]
+        [--job.config_file train_configs/llama3_text.toml] [--steps 300] [--warmup 30]
+        [--num-blocks 4] [--init-from-e2e] [--samplers ancestral,euler]
+        [--steps-per-block 1,2,4,8] [--temperatures 0.7,0.85,1.0] [--prompts 32]
+        [--prompt-len 32] [--new-tokens 32] [--eval-windows 16]
+        [--out outputs/lm_report] [--skip-training] [--report FILE] [--section.key value ...]
 
-1. splits the file: the last 10% (at a line break) is held out for validation;
-2. trains the same debug model end to end for --steps optimizer steps, and with
-   DiffusionBlocks for num_blocks x --steps (the random schedule gives every block
-   about --steps updates: equal optimizer steps per parameter), warmup scaled alike;
-   with --init-from-e2e also a DiffusionBlocks run that starts from the end-to-end
-   run's weights (`[checkpoint] initial_load_path`; the modules the conversion adds
-   start fresh), with the same B x --steps;
-3. generates continuations of held-out prompts with each model and scores them with
-   the END-TO-END model (cross-entropy in nats/byte): the paper's generative
-   perplexity idea. The held-out text itself is scored too, as a reference.
-Prints a markdown table and writes <out>/report.json.
+1. splits the file: the last 10% (at a line break) is held out;
+2. trains the same model end to end for --steps optimizer steps; an independent JUDGE,
+   end to end with another seed (`--debug.seed`) for 2 x --steps; DiffusionBlocks for
+   B x --steps (the random schedule gives every block about --steps updates: equal
+   optimizer updates per parameter), warmups scaled alike; with --init-from-e2e also a
+   DiffusionBlocks run from the end-to-end run's weights (`[checkpoint]
+   initial_load_path`; the modules the conversion adds start fresh). Further
+   `--section.key value` arguments go to every run (and to loading the models);
+3. continues held-out prompts: the end-to-end model at each of --temperatures, each
+   DiffusionBlocks model with each token sampler at each --steps-per-block (greedy final
+   pick), and takes the real held-out continuations, plus real continuations of other
+   held-out prompts (what MAUVE gives two samples of real text at this sample size);
+4. scores every set of continuations: CE under the judge (nats/byte), distinct-1/2/3,
+   unigram entropy (nats) and MAUVE against the real continuations on the judge's
+   features (mean-pooled final hidden states); and every model teacher-forced on
+   held-out windows: end-to-end next-token CE, and for each DiffusionBlocks model the
+   CE of the block owning each of --sigmas with an uninformative noisy input.
+
+Prints the tables and writes <out>/report.json (or --report) with the keys:
+  args:            the options;
+  samples[row]:    {"model", "decoding" (the sampler's settings, or null for real
+                   text), "judge_ce", "distinct_1", "distinct_2", "distinct_3",
+                   "unigram_entropy", "mauve", "example" (a prompt and its continuation)};
+                   rows: "held-out text", "held-out text, other prompts",
+                   "end-to-end T=<t>", "<DiffusionBlocks model> <sampler> <s>/block";
+  teacher_forced[model]: {"next_token_ce"} for end-to-end models (judge included), or
+                   {"sigma_ce": {"<sigma>": {"block", "ce"}}} for DiffusionBlocks models.
+Long phases (training, sampling) show a progress bar with an ETA; each training run's
+output goes to <out>/log_<run>.txt.
 """
 
 import argparse
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from tqdm import tqdm
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.bounds import AT_LEAST_1, existing_file_arg, NON_NEGATIVE, number_arg
-from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
+from diffusion_blocks.config_loader import ConfigError, exit_on_config_error, parse_job_config
 from diffusion_blocks.data.text import check_text_file
-from diffusion_blocks.models.llama3.sampler import DecodingConfig, generate
 from diffusion_blocks.inference import load_for_inference
-from diffusion_blocks.objectives import per_sample_cross_entropy
+from diffusion_blocks.models.llama3 import evaluation
+from diffusion_blocks.models.llama3.sampler import (
+    DecodingConfig, forwards_per_token, generate, is_denoiser, owner_of, TOKEN_STEPS,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "train_configs" / "llama3_text.toml"
+JUDGE_SEED = 1
+TEACHER_FORCED_SEED = 1234
+STEP_LINE = re.compile(r"step:\s*(?:\x1b\[[0-9;]*m)?\s*(\d+)")
 
 
 def split_corpus(source: Path, out: Path, val_fraction: float = 0.1) -> tuple[Path, str]:
@@ -56,127 +86,237 @@ def common_overrides(
         "--training.steps", str(steps),
         "--lr_scheduler.warmup_steps", str(warmup),
         "--checkpoint.interval", str(steps),
-        "--metrics.log_freq", "50",
+        "--metrics.log_freq", str(min(50, steps)),
     ]
 
 
-def train(overrides: list[str]) -> None:
+def train(name: str, overrides: list[str], steps: int, log: Path) -> None:
+    """One training run under torchrun, its output in `log`, a progress bar on its steps."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
            "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
            "-m", "diffusion_blocks.train", *overrides]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO)
+    print(f"$ {' '.join(cmd)}\n  (output: {log})", flush=True)
+    with open(log, "w") as log_file, tqdm(total=steps, desc=f"train {name}", unit="step") as bar:
+        process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:
+            log_file.write(line)
+            if match := STEP_LINE.search(line):
+                bar.update(int(match.group(1)) - bar.n)
+        if process.wait() != 0:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
+            raise SystemExit(f"training {name} failed (exit {process.returncode}); "
+                             f"the end of {log}:\n{tail}")
 
 
-def validation_prompts(val_text: str, tokenizer, count: int, prompt_len: int, cont_len: int):
-    """Evenly spaced (prompt, true continuation) windows of the held-out text."""
-    ids = tokenizer.encode(val_text)
-    span = prompt_len + cont_len
-    starts = torch.linspace(0, len(ids) - span - 1, count).long().tolist()
-    windows = torch.tensor([ids[s:s + span] for s in starts])
-    return windows[:, :prompt_len], windows[:, prompt_len:]
+def comma_list(kind):
+    return lambda text: [kind(item) for item in text.split(",") if item]
 
 
-@torch.no_grad()
-def score_under(model, prompts, continuations) -> float:
-    """Mean CE (nats/byte) of the continuations given the prompts, under `model`."""
-    tokens = torch.cat([prompts, continuations], dim=1)
-    logits = model(tokens[:, :-1])[:, prompts.shape[1] - 1:]
-    return float(per_sample_cross_entropy(logits, continuations).mean())
-
-
-@exit_on_config_error
-def main(argv):
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=existing_file_arg,
-                        default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
-    parser.add_argument("--job.config_file", dest="config_file", type=existing_file_arg,
-                        default=str(CONFIG),
+    parser.add_argument("--data", type=existing_file_arg, default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    parser.add_argument("--job.config_file", dest="config_file", default=str(CONFIG),
                         help="the LM job config every run starts from (a dblocks_llama3 "
                              "or a stock llama3 + diffusion_blocks converter config)")
     parser.add_argument("--init-from-e2e", action="store_true",
                         help="add a DiffusionBlocks run initialised from the end-to-end run")
-    parser.add_argument("--steps", type=number_arg(int, AT_LEAST_1), default=500)
-    parser.add_argument("--warmup", type=number_arg(int, NON_NEGATIVE), default=50)
+    parser.add_argument("--steps", type=number_arg(int, AT_LEAST_1), default=300,
+                        help="end-to-end optimizer steps (judge: 2x, DiffusionBlocks: B x)")
+    parser.add_argument("--warmup", type=number_arg(int, NON_NEGATIVE), default=30)
     parser.add_argument("--num-blocks", type=number_arg(int, AT_LEAST_1), default=4)
+    parser.add_argument("--samplers", type=comma_list(str), default=["ancestral", "euler"])
+    parser.add_argument("--steps-per-block", type=comma_list(int), default=[1, 2, 4, 8])
+    parser.add_argument("--temperatures", type=comma_list(float), default=[0.7, 0.85, 1.0],
+                        help="the end-to-end model's sampling temperatures")
+    parser.add_argument("--sigmas", type=comma_list(float), default=[80, 10, 3, 1, 0.5, 0.2],
+                        help="teacher-forced denoising CE at these noise levels")
     parser.add_argument("--prompts", type=number_arg(int, AT_LEAST_1), default=32)
     parser.add_argument("--prompt-len", type=number_arg(int, AT_LEAST_1), default=32)
-    parser.add_argument("--new-tokens", type=number_arg(int, AT_LEAST_1), default=96,
+    parser.add_argument("--new-tokens", type=number_arg(int, AT_LEAST_1), default=32,
                         help="prompt-len + new-tokens must fit [training] seq_len")
+    parser.add_argument("--eval-windows", type=number_arg(int, AT_LEAST_1), default=16,
+                        help="held-out windows of seq_len for the teacher-forced CE")
     parser.add_argument("--out", default=str(REPO / "outputs" / "lm_report"))
     parser.add_argument("--skip-training", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--report", default=None, help="default: <out>/report.json")
+    args, run_overrides = parser.parse_known_args(argv)
+    unknown = [a for a in run_overrides if a.startswith("-") and "." not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    for sampler in args.samplers:
+        if sampler not in TOKEN_STEPS:
+            parser.error(f"--samplers: {sampler!r} is not one of {sorted(TOKEN_STEPS)}")
+    return args, run_overrides
 
-    check_text_file(args.data)
-    out = Path(args.out)
-    config = Path(args.config_file)
-    train_path, val_text = split_corpus(Path(args.data), out)
 
-    def blockwise(dump: str) -> list[str]:
-        return common_overrides(
-            config, train_path, out / dump, args.num_blocks * args.steps,
-            args.num_blocks * args.warmup,
-        ) + ["--diffusion_blocks.num_blocks", str(args.num_blocks)]
+class Run(NamedTuple):
+    overrides: list[str]  # the trainer's arguments
+    steps: int
+    dump: str             # its folder under --out
 
+
+def planned_runs(args, run_overrides, train_path: Path) -> dict[str, Run]:
+    out, config = Path(args.out), Path(args.config_file)
+    blocks = args.num_blocks
+
+    def run(dump: str, steps: int, warmup: int, *extra: str) -> Run:
+        overrides = common_overrides(config, train_path, out / dump, steps, warmup)
+        return Run([*overrides, *extra, *run_overrides], steps, dump)
+
+    dblocks = f"DiffusionBlocks B={blocks}"
     runs = {
-        "end-to-end": (
-            common_overrides(config, train_path, out / "e2e", args.steps, args.warmup)
-            + ["--diffusion_blocks.no_enable"]
-        ),
-        f"DiffusionBlocks B={args.num_blocks}": blockwise("dblocks"),
+        "end-to-end": run("e2e", args.steps, args.warmup, "--diffusion_blocks.no_enable"),
+        "judge": run("judge", 2 * args.steps, 2 * args.warmup, "--diffusion_blocks.no_enable",
+                     "--debug.seed", str(JUDGE_SEED)),
+        dblocks: run("dblocks", blocks * args.steps, blocks * args.warmup,
+                     "--diffusion_blocks.num_blocks", str(blocks)),
     }
     if args.init_from_e2e:
-        e2e = parse_job_config(runs["end-to-end"])
-        e2e_weights = Path(e2e.job.dump_folder) / e2e.checkpoint.folder / f"step-{args.steps}"
-        runs[f"DiffusionBlocks B={args.num_blocks}, from the end-to-end weights"] = (
-            blockwise("dblocks_from_e2e") + ["--checkpoint.initial_load_path", str(e2e_weights)]
+        e2e_weights = out / "e2e" / checkpoint_folder(runs["end-to-end"].overrides) / f"step-{args.steps}"
+        runs[f"{dblocks}, from the end-to-end weights"] = run(
+            "dblocks_from_e2e", blocks * args.steps, blocks * args.warmup,
+            "--diffusion_blocks.num_blocks", str(blocks),
+            "--checkpoint.initial_load_path", str(e2e_weights),
         )
-    seq_len = parse_job_config(runs["end-to-end"]).training.seq_len  # every run's config checked
-    if args.prompt_len + args.new_tokens > seq_len:
-        parser.error(f"--prompt-len + --new-tokens must be <= seq_len {seq_len}")
-    for overrides in runs.values():
-        if "--checkpoint.initial_load_path" not in overrides:  # that one is trained first
-            parse_job_config(overrides, reads_data=True)
-    if not args.skip_training:
-        for overrides in runs.values():
-            train(overrides)
+    return runs
 
-    models = {}
-    for name, overrides in runs.items():
-        job_config = parse_job_config(overrides)
-        dump = Path(job_config.job.dump_folder)
-        models[name] = load_for_inference(job_config, dump / job_config.checkpoint.folder)[:2]
-    baseline, tokenizer = models["end-to-end"]
-    prompts, truth = validation_prompts(
-        val_text, tokenizer, args.prompts, args.prompt_len, args.new_tokens
-    )
-    results = {"held-out text": {"reference": score_under(baseline, prompts, truth)}}
-    samples = {}
-    for name, (model, _) in models.items():
-        results[name] = {}
-        for label, decoding in (
-            ("greedy", DecodingConfig(max_new_tokens=args.new_tokens)),
-            ("temperature 1.0", DecodingConfig(max_new_tokens=args.new_tokens, temperature=1.0)),
-        ):
-            tokens = generate(model, prompts, decoding, seq_len)
-            continuation = tokens[:, args.prompt_len:]
-            results[name][label] = score_under(baseline, prompts, continuation)
-            samples[f"{name} / {label}"] = tokenizer.decode(tokens[0].tolist())
 
-    print(f"\n| continuation of {args.prompts} held-out prompts | CE under the end-to-end "
-          "model (nats/byte), greedy | temperature 1.0 |")
-    print("|---|---|---|")
-    ref = results["held-out text"]["reference"]
-    print(f"| the real held-out text | {ref:.3f} | {ref:.3f} |")
-    for name in runs:
-        r = results[name]
-        print(f"| {name} | {r['greedy']:.3f} | {r['temperature 1.0']:.3f} |")
+def checkpoint_folder(overrides: list[str]) -> str:
+    return parse_job_config(overrides).checkpoint.folder
+
+
+def load(overrides: list[str]):
+    job_config = parse_job_config(overrides)
+    dump = Path(job_config.job.dump_folder)
+    model, tokenizer, _ = load_for_inference(job_config, dump / job_config.checkpoint.folder)
+    return model, tokenizer, job_config.training.seq_len
+
+
+def sample_rows(args, models: dict) -> dict[str, tuple[str, DecodingConfig]]:
+    """row -> (model name, decoding) of every set of samples to draw."""
+    rows = {}
+    for name, model in models.items():
+        if name == "judge":
+            continue
+        if not is_denoiser(model):
+            rows |= {f"{name} T={t}": (name, DecodingConfig(max_new_tokens=args.new_tokens, temperature=t))
+                     for t in args.temperatures}
+            continue
+        rows |= {
+            f"{name} {sampler} {steps}/block": (name, DecodingConfig(
+                max_new_tokens=args.new_tokens, steps_per_block=steps, sampler=sampler))
+            for sampler in args.samplers for steps in args.steps_per_block
+        }
+    return rows
+
+
+def score(judge, prompts, continuations, real_features, tokenizer, model=None, decoding=None) -> dict:
+    features = evaluation.judge_features(judge, prompts, continuations)
+    return {
+        "model": model,
+        "decoding": dataclasses.asdict(decoding) if decoding else None,
+        "judge_ce": evaluation.judge_ce(judge, prompts, continuations),
+        **evaluation.diversity(continuations.tolist()),
+        "mauve": evaluation.mauve_score(real_features, features),
+        "example": tokenizer.decode(prompts[0].tolist()) + " || "
+        + tokenizer.decode(continuations[0].tolist()),
+    }
+
+
+def teacher_forced(models: dict, windows, sigmas) -> dict:
+    tokens, labels = windows[:, :-1], windows[:, 1:]
+    results = {}
+    for name, model in models.items():
+        if not is_denoiser(model):
+            results[name] = {"next_token_ce": evaluation.next_token_ce(model, tokens, labels)}
+            continue
+        generator = torch.Generator().manual_seed(TEACHER_FORCED_SEED)
+        results[name] = {"sigma_ce": {
+            f"{sigma:g}": {
+                "block": owner_of(model.partition, sigma),
+                "ce": evaluation.teacher_forced_denoising_ce(model, tokens, labels, sigma, generator),
+            }
+            for sigma in sigmas
+        }}
+    return results
+
+
+def print_tables(args, samples: dict, tf: dict) -> None:
+    print(f"\nContinuations of {args.prompts} held-out {args.prompt_len}-byte prompts by "
+          f"{args.new_tokens} bytes; judge: end to end, {2 * args.steps} steps, another seed.\n")
+    print("| samples | judge CE (nats/byte) | distinct-1 | distinct-2 | distinct-3 | "
+          "unigram entropy (nats) | MAUVE |")
+    print("|---|---|---|---|---|---|---|")
+    for row, r in samples.items():
+        print(f"| {row} | {r['judge_ce']:.3f} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} | "
+              f"{r['distinct_3']:.3f} | {r['unigram_entropy']:.3f} | {r['mauve']:.3f} |")
+    sigmas = [f"{s:g}" for s in args.sigmas]
+    print(f"\nTeacher-forced CE on {args.eval_windows} held-out windows (nats/byte): "
+          "end to end, next token; DiffusionBlocks, the block owning sigma with an "
+          "uninformative noisy input.\n")
+    print("| model | next token | " + " | ".join(f"sigma {s}" for s in sigmas) + " |")
+    print("|---|---|" + "---|" * len(sigmas))
+    for name, r in tf.items():
+        if "next_token_ce" in r:
+            print(f"| {name} | {r['next_token_ce']:.3f} |" + " |" * len(sigmas))
+        else:
+            cells = " | ".join(f"{r['sigma_ce'][s]['ce']:.3f} (block {r['sigma_ce'][s]['block']})"
+                               for s in sigmas)
+            print(f"| {name} | | {cells} |")
     print()
-    for key, text in samples.items():
-        print(f"--- {key}:\n{text}\n")
-    (out / "report.json").write_text(json.dumps(
-        {"args": vars(args), "results": results, "samples": samples}, indent=2
+    for row, r in samples.items():
+        print(f"--- {row}:\n{r['example']}\n")
+
+
+@exit_on_config_error
+def main(argv):
+    args, run_overrides = parse_args(argv)
+    out = Path(args.out)
+    check_text_file(args.data)
+    train_path, val_text = split_corpus(Path(args.data), out)
+    runs = planned_runs(args, run_overrides, train_path)
+    seq_len = parse_job_config(runs["end-to-end"].overrides).training.seq_len
+    if args.prompt_len + args.new_tokens > seq_len:
+        raise ConfigError(f"--prompt-len + --new-tokens must be <= [training] seq_len {seq_len}")
+    if not args.skip_training:
+        for name, run in runs.items():
+            train(name, run.overrides, run.steps, out / f"log_{run.dump}.txt")
+
+    models, tokenizer = {}, None
+    for name, run in runs.items():
+        models[name], tokenizer, _ = load(run.overrides)
+    judge = models["judge"]
+    ids = tokenizer.encode(val_text)
+    span = args.prompt_len + args.new_tokens
+    windows = evaluation.evenly_spaced_windows(ids, span, 2 * args.prompts)
+    prompts, truth = windows[0::2, :args.prompt_len], windows[0::2, args.prompt_len:]
+    other_prompts, other_truth = windows[1::2, :args.prompt_len], windows[1::2, args.prompt_len:]
+    real_features = evaluation.judge_features(judge, prompts, truth)
+
+    samples = {
+        "held-out text": score(judge, prompts, truth, real_features, tokenizer),
+        "held-out text, other prompts": score(judge, other_prompts, other_truth, real_features, tokenizer),
+    }
+    rows = sample_rows(args, models)
+    work = sum(args.new_tokens * forwards_per_token(models[m], d) for m, d in rows.values())
+    with tqdm(total=work, desc="sampling", unit="forward") as bar:
+        for row, (name, decoding) in rows.items():
+            bar.set_postfix_str(row)
+            per_token = forwards_per_token(models[name], decoding)
+            tokens = generate(models[name], prompts, decoding, seq_len,
+                              on_token=lambda: bar.update(per_token))
+            samples[row] = score(judge, prompts, tokens[:, args.prompt_len:], real_features,
+                                 tokenizer, name, decoding)
+
+    eval_windows = evaluation.evenly_spaced_windows(ids, seq_len + 1, args.eval_windows)
+    tf = teacher_forced(models, eval_windows, args.sigmas)
+    print_tables(args, samples, tf)
+    report = Path(args.report or out / "report.json")
+    report.write_text(json.dumps(
+        {"args": vars(args), "samples": samples, "teacher_forced": tf}, indent=2
     ))
+    print(f"wrote {report}")
 
 
 if __name__ == "__main__":

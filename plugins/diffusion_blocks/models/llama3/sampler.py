@@ -1,80 +1,234 @@
 """Text generation with the block-partitioned denoiser and with its end-to-end twin.
 
-Denoiser, per new token (DESIGN.md section 6): start the noisy row of the next token
-from N(0, I) * sqrt(1 + sigma_max^2), take Euler steps over the equi-probability sigma
-grid (one step per block by default), each step running only the block that owns its
-sigma, then decode the final logits (greedy by default; temperature / top-k optional).
+Denoiser, per new token (DESIGN.md section 6): the noisy row of the next token starts
+from sigma_start * N(0, I) (sigma_start = `start_sigma` if given, else `[diffusion_blocks] sampling_sigma_max`,
+else sigma_max; see
+`uninformative_state`) and walks the equi-probability sigma grid down to sigma_min in
+`steps_per_block` x B steps, each step run by the block that owns its sigma. Two token
+samplers take the steps:
+
+- "euler": the probability-flow ODE step z <- z + (sigma' - sigma) (z - D) / sigma with
+  the model's expected clean embedding D = softmax(logits) @ normalize(E), never the raw
+  c_skip z + c_out h (no loss constrains that one's norm or off-table direction);
+- "ancestral": draw a token from softmax(logits) and re-noise its normalised embedding
+  to the next sigma, z <- e_hat[token] + sigma' eps, so every block sees the kind of
+  state it was trained on.
+
+`churn` (EDM's S_churn) optionally raises each step's sigma with fresh noise first.
+After the last step the block owning sigma_min reads z at sigma_min, and its logits
+give the token: greedy, or sampled at `temperature` (and `top_k`). Temperature acts on
+that final distribution only; the steps always use the model's own distribution.
 """
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ... import diffusion
+from ...config_loader import ConfigError
+
+# Which token sampler the denoiser uses by default: measured in the README's LM section
+# (tools/lm_report.py, 1 to 8 steps per block).
+DEFAULT_SAMPLER = "ancestral"
 
 
 @dataclass(frozen=True)
 class DecodingConfig:
     max_new_tokens: int = 64
     steps_per_block: int = 1
-    temperature: float = 0.0      # 0 = greedy
-    top_k: int = 0                # 0 = whole vocabulary
+    temperature: float = 0.0      # of the final pick only; 0 = greedy
+    top_k: int = 0                # of the final pick only; 0 = whole vocabulary
     seed: int = 0
+    sampler: str = DEFAULT_SAMPLER  # the denoiser's token sampler: "euler" | "ancestral"
+    churn: float = 0.0            # EDM S_churn (0 = none)
+    start_sigma: float | None = None  # None = the partition's sampling_start_sigma
+
+    def __post_init__(self):
+        problems = [
+            f"{name} must be {rule}, got {value}"
+            for name, value, ok, rule in (
+                ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 0, ">= 0"),
+                ("steps_per_block", self.steps_per_block, self.steps_per_block >= 1, ">= 1"),
+                ("temperature", self.temperature, self.temperature >= 0, ">= 0 (0 = greedy)"),
+                ("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 = whole vocabulary)"),
+                ("sampler", repr(self.sampler), self.sampler in TOKEN_STEPS,
+                 f"one of {sorted(TOKEN_STEPS)}"),
+                ("churn", self.churn, self.churn >= 0, ">= 0"),
+                ("start_sigma", self.start_sigma,
+                 self.start_sigma is None or self.start_sigma > 0, "> 0"),
+            )
+            if not ok
+        ]
+        if problems:
+            raise ConfigError("decoding: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------
+# Drawing tokens
+
+
+def standard_normal(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """eps ~ N(0, I), drawn on the (CPU) generator, on like's device and dtype."""
+    return torch.randn(shape, generator=generator).to(like.device, like.dtype)
+
+
+def standard_normal_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return standard_normal(x.shape, generator, x)
+
+
+def uninformative_state(shape, sigma: float, generator, like: torch.Tensor) -> torch.Tensor:
+    """A noisy row at sigma that carries nothing of its token: sigma * eps, where the
+    block was trained on e_hat + sigma * eps. The clean part (norm 1, mean over the
+    table near 0) is the unknown; sqrt(1 + sigma^2) * eps would overstate the noise
+    per coordinate (unit-norm embeddings have variance 1/D per coordinate, not 1):
+    negligible at sigma_max = 80, not at a low start sigma."""
+    return sigma * standard_normal(shape, generator, like)
+
+
+def sample_from(logits_BV: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from softmax(logits), (B,)."""
+    probs_BV = torch.softmax(logits_BV.float(), dim=-1)
+    return torch.multinomial(probs_BV.cpu(), 1, generator=generator).squeeze(-1).to(logits_BV.device)
 
 
 def pick_tokens(logits_BV: torch.Tensor, config: DecodingConfig, generator) -> torch.Tensor:
+    """The final pick: argmax at temperature 0, else a draw at temperature (and top-k)."""
     if config.temperature <= 0:
         return logits_BV.argmax(-1)
     logits_BV = logits_BV.float() / config.temperature
     if config.top_k > 0:
         kth = torch.topk(logits_BV, config.top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, -math.inf)
-    probs_BV = torch.softmax(logits_BV, dim=-1)
-    return torch.multinomial(probs_BV.cpu(), 1, generator=generator).squeeze(-1).to(logits_BV.device)
+    return sample_from(logits_BV, generator)
+
+
+# ---------------------------------------------------------------------------
+# The token samplers' steps: (z, logits at sigma, table, sigma, sigma_next) -> z at sigma_next
+
+TokenStep = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, float, float, torch.Generator], torch.Tensor
+]
+
+
+def euler_token_step(z_BD, logits_BV, table_VD, sigma, sigma_next, generator):
+    """The ODE step with the expected clean embedding D = softmax(logits) @ table."""
+    denoised_BD = diffusion.expected_clean_embedding(logits_BV, table_VD).to(z_BD.dtype)
+    return diffusion.euler_step(z_BD, denoised_BD, sigma, sigma_next)
+
+
+def ancestral_token_step(z_BD, logits_BV, table_VD, sigma, sigma_next, generator):
+    """Draw x ~ softmax(logits) and re-noise: z <- e_hat[x] + sigma_next * eps."""
+    clean_BD = table_VD[sample_from(logits_BV, generator)].to(z_BD.dtype)
+    return diffusion.noised(clean_BD, sigma_next, standard_normal_like(clean_BD, generator))
+
+
+TOKEN_STEPS: dict[str, TokenStep] = {
+    "euler": euler_token_step,
+    "ancestral": ancestral_token_step,
+}
+
+
+# ---------------------------------------------------------------------------
+# The next token
+
+
+def owner_of(partition, sigma: float) -> int:
+    """The block that owns sigma."""
+    return int(partition.block_of_sigma(torch.tensor([sigma], dtype=torch.float64)))
+
+
+def last_row_denoiser(model, context_BT: torch.Tensor):
+    """logits(z_BD, sigma, block) -> (B, V): block `block`'s logits for the token after
+    `context_BT`, its noisy row holding z_BD. A noisy row sees the clean prefix and
+    itself only, so the other noisy rows do not matter: they are zeros."""
+    batch, seq_len = context_BT.shape
+
+    def logits(z_BD: torch.Tensor, sigma: float, block: int) -> torch.Tensor:
+        z_BTD = z_BD.new_zeros(batch, seq_len, z_BD.shape[-1])
+        z_BTD[:, -1] = z_BD
+        sigma_B = torch.full((batch,), sigma, device=z_BD.device)
+        return model.denoise(context_BT, z_BTD, sigma_B, block).logits_BTV[:, -1]
+
+    return logits
+
+
+def sigma_start(partition, config: DecodingConfig) -> float:
+    """The decoding's start_sigma, else the configured `[diffusion_blocks]
+    sampling_sigma_max` (sigma_max unless set)."""
+    schedule = partition.schedule
+    if config.start_sigma is None:
+        return partition.sampling_start_sigma
+    if not schedule.sigma_min < config.start_sigma <= schedule.sigma_max:
+        raise ConfigError(
+            f"decoding: start_sigma must lie in (sigma_min, sigma_max] = "
+            f"({schedule.sigma_min}, {schedule.sigma_max}], got {config.start_sigma}"
+        )
+    return config.start_sigma
 
 
 @torch.no_grad()
 def denoise_next_token_logits(
-    model, context_BT: torch.Tensor, steps_per_block: int, generator: torch.Generator
+    model, context_BT: torch.Tensor, config: DecodingConfig, generator: torch.Generator
 ) -> torch.Tensor:
-    """Run the Euler sampler for the token after `context_BT`; returns its logits (B, V)."""
+    """Sample the token after `context_BT` with the configured token sampler; returns
+    the logits (B, V) of the block owning sigma_min, read at sigma_min after the last step."""
     partition = model.partition
-    batch, seq_len = context_BT.shape
-    dim = model.tok_embeddings.weight.shape[-1]
-    scale = diffusion.initial_noise_scale(partition.schedule.sigma_max, data_is_unit_norm=True)
-    z_BTD = scale * torch.randn(
-        (batch, seq_len, dim), generator=generator
-    ).to(context_BT.device, model.tok_embeddings.weight.dtype)
-    logits_BTV = None
-    for step in partition.sampling_plan(partition.num_blocks * steps_per_block):
-        sigma_B = torch.full((batch,), step.sigma, device=context_BT.device)
-        denoised_BTD, logits_BTV = model.denoise(context_BT, z_BTD, sigma_B, step.block)
-        z_BTD = diffusion.euler_step(z_BTD, denoised_BTD, step.sigma, step.sigma_next)
-    # noisy row T-1 denoises the token after the last context token
-    return logits_BTV[:, -1]
+    schedule = partition.schedule
+    start = sigma_start(partition, config)
+    plan = partition.sampling_plan(partition.num_blocks * config.steps_per_block, start)
+    gamma = diffusion.churn_gamma(config.churn, len(plan))
+    token_step = TOKEN_STEPS[config.sampler]
+    table_VD = model.clean_embedding_table()
+    block_logits = last_row_denoiser(model, context_BT)
+    z_BD = uninformative_state((context_BT.shape[0], table_VD.shape[1]), start, generator, table_VD)
+    for step in plan:
+        sigma, block = step.sigma, step.block
+        if gamma > 0:
+            sigma = min(step.sigma * (1 + gamma), schedule.sigma_max)
+            z_BD = diffusion.churn(z_BD, step.sigma, sigma, standard_normal_like(z_BD, generator))
+            block = owner_of(partition, sigma)
+        logits_BV = block_logits(z_BD, sigma, block)
+        z_BD = token_step(z_BD, logits_BV, table_VD, sigma, step.sigma_next, generator)
+    return block_logits(z_BD, schedule.sigma_min, owner_of(partition, schedule.sigma_min))
 
 
 @torch.no_grad()
-def autoregressive_next_token_logits(model, context_BT, steps_per_block, generator):
+def autoregressive_next_token_logits(model, context_BT, config, generator):
     """The end-to-end twin: a plain next-token forward."""
     return model(context_BT)[:, -1]
 
 
+def is_denoiser(model) -> bool:
+    return hasattr(model, "partition")
+
+
 @torch.no_grad()
 def generate(
-    model, prompt_BT: torch.Tensor, config: DecodingConfig, max_context: int
+    model, prompt_BT: torch.Tensor, config: DecodingConfig, max_context: int,
+    on_token: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """Append config.max_new_tokens tokens to each prompt row; returns (B, T + new)."""
+    """Append config.max_new_tokens tokens to each prompt row; returns (B, T + new).
+    `on_token` is called after every new token (progress bars)."""
     next_token_logits = (
-        denoise_next_token_logits if hasattr(model, "partition")
-        else autoregressive_next_token_logits
+        denoise_next_token_logits if is_denoiser(model) else autoregressive_next_token_logits
     )
     generator = torch.Generator().manual_seed(config.seed)
     tokens_BT = prompt_BT
     for _ in range(config.max_new_tokens):
         context_BT = tokens_BT[:, -max_context:]
-        logits_BV = next_token_logits(model, context_BT, config.steps_per_block, generator)
+        logits_BV = next_token_logits(model, context_BT, config, generator)
         next_B = pick_tokens(logits_BV, config, generator)
         tokens_BT = torch.cat([tokens_BT, next_B[:, None]], dim=1)
+        if on_token is not None:
+            on_token()
     return tokens_BT
+
+
+def forwards_per_token(model, config: DecodingConfig) -> int:
+    """Model calls per new token: B x steps_per_block steps plus the final read for the
+    denoiser (each runs one block), one for the end-to-end twin (all its layers)."""
+    if not is_denoiser(model):
+        return 1
+    return model.partition.num_blocks * config.steps_per_block + 1

@@ -115,7 +115,7 @@ class DiffusionBlocksViT(ViTShared):
         h_BD = self.norm(x_BTD[:, 0])
         denoised_BD = diffusion.denoised_estimate(z_BD, h_BD, sigma_B, sigma_data)
         logits_BK = self.head(self.final_adaln(denoised_BD[:, None], cond_BD)[:, 0])
-        label_estimate_BD = logits_BK.float().softmax(-1).to(table_KD.dtype) @ table_KD
+        label_estimate_BD = diffusion.expected_clean_embedding(logits_BK, table_KD)
         return ViTDenoised(logits_BK, label_estimate_BD)
 
     @torch.no_grad()
