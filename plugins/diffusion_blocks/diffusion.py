@@ -266,6 +266,31 @@ def euler_step(
     return z + (sigma_next - sigma) * (z - denoised) / sigma
 
 
+def noised(clean: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
+    """The forward process: z = y + sigma * eps."""
+    return clean + sigma * noise
+
+
+def expected_clean_embedding(logits_BV: torch.Tensor, table_VD: torch.Tensor) -> torch.Tensor:
+    """D = softmax(logits) @ table for discrete targets (DESIGN.md section 6): the
+    denoiser's posterior mean of the clean embedding, a convex combination of the
+    table's rows (softmax in float32, the product in the table's dtype)."""
+    return logits_BV.float().softmax(-1).to(table_VD.dtype) @ table_VD
+
+
+def churn_gamma(churn: float, num_steps: int) -> float:
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): each step first
+    raises sigma by the factor 1 + gamma, gamma = min(S_churn / N, sqrt(2) - 1)."""
+    return min(churn / num_steps, math.sqrt(2.0) - 1.0)
+
+
+def churn(
+    z: torch.Tensor, sigma: float, sigma_hat: float, noise: torch.Tensor
+) -> torch.Tensor:
+    """z at sigma -> z at sigma_hat >= sigma: add fresh noise of variance sigma_hat^2 - sigma^2."""
+    return z + math.sqrt(sigma_hat**2 - sigma**2) * noise
+
+
 def initial_noise_scale(sigma_max: float, data_is_unit_norm: bool) -> float:
     """Starting scale of z: sqrt(1 + sigma_max^2) for embedding targets (LM, ViT),
     sigma_max for images (DESIGN.md section 6)."""
