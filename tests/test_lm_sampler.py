@@ -4,11 +4,11 @@ recorded, and where a test needs it the logits are replaced by ones it controls.
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks import diffusion
@@ -19,7 +19,7 @@ from diffusion_blocks.models.llama3.sampler import (
 )
 from test_llama_model import make_model, SEQ
 
-REPO_TOOLS = __import__("pathlib").Path(__file__).resolve().parents[1] / "tools"
+REPO_TOOLS = Path(__file__).resolve().parents[1] / "tools"
 BIG = 100.0  # a logit margin that makes softmax one-hot in float32
 
 
