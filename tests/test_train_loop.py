@@ -609,3 +609,33 @@ def test_metrics_jsonl_and_tensorboard(fsdp_run):
         by_step = {e.step: e.value for e in scalars[tag]}
         for m in metrics:
             assert by_step[m["step"]] == pytest.approx(m[tag], rel=1e-6), tag
+
+
+PORT_HELD_SCRIPT = """
+import os, socket
+import torch.distributed as dist
+from diffusion_blocks.train import use_single_process_env
+use_single_process_env()
+port = int(os.environ["MASTER_PORT"])
+with socket.socket() as s:  # the port is held from the moment it is chosen
+    try:
+        s.bind(("127.0.0.1", port))
+        print("free")
+    except OSError:
+        print("held")
+dist.init_process_group("gloo")  # the process group connects to that store
+print(dist.get_world_size(), os.environ["TORCHELASTIC_USE_AGENT_STORE"])
+"""
+
+
+def test_single_process_launch_holds_its_rendezvous_port():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in h.subprocess_env().items()
+           if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                        "TORCHELASTIC_USE_AGENT_STORE")}
+    out = subprocess.run([sys.executable, "-c", PORT_HELD_SCRIPT], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["held", "1", "True"]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,17 +52,25 @@ from .schedules import build_block_schedule
 # what torchrun sets; a plain `python -m diffusion_blocks.train` is one process
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                       "MASTER_ADDR": "127.0.0.1"}
+_local_rendezvous_store = None  # kept alive for the process: the process group uses it
 
 
 def use_single_process_env() -> None:
-    """Fill in what torchrun would set, for a launch without it (one process; a free
-    local port); torchtitan's Trainer starts the process group from it."""
+    """Fill in what torchrun would set, for a launch without it (one process);
+    torchtitan's Trainer starts the process group from it. Without a MASTER_PORT the
+    rendezvous store is started here, on a port the kernel picks (port 0), and the
+    process group connects to that live store (TORCHELASTIC_USE_AGENT_STORE, as
+    torchrun's workers do): no port is chosen, released and bound again later, where
+    another process could take it in between."""
+    global _local_rendezvous_store
     for key, value in SINGLE_PROCESS_ENV.items():
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        _local_rendezvous_store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], 0, world_size=1, is_master=True, wait_for_workers=False
+        )
+        os.environ["MASTER_PORT"] = str(_local_rendezvous_store.port)
+        os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"
 
 
 def select_device_type(job_config) -> str:
