@@ -20,7 +20,9 @@ that process, with its own working directory, argv and output files (seconds for
 whole list); `--isolated` starts a fresh interpreter per probe instead (what a user
 does; minutes). Adding a probe is one line in PROBES: a name, the entry point, its
 arguments, and optionally `toml=` (lines of a job config that extends the entry's
-tiny base config), `files=` (data files written next to that config) and `expect=`.
+tiny base config), `files=` (data files written next to that config; `trained_run`
+writes a short run's checkpoints, optionally damaged) and `expect=`. Besides mistakes,
+the list holds faults: a NaN blow-up, broken checkpoints, checkpoints of other settings.
 """
 
 from __future__ import annotations
@@ -197,6 +199,61 @@ VIT, DIT = "vit_digits.toml", "dit_digits.toml"
 # The probes
 
 JOB = "{dir}/job.toml: "  # errors about a key set in the probe's job config start so
+
+
+# ---------------------------------------------------------------------------
+# Faults: a trained run's checkpoints, damaged
+
+
+_trained_runs: dict[tuple[str, ...], Path] = {}
+
+
+def trained_run(*overrides: str, damage: Callable[[Path], None] | None = None):
+    """files= value: a dump folder with checkpoints of a 2-step run of the debug LM
+    (step-1, step-2; trained once per process and copied), then `damage(checkpoint
+    folder)`."""
+
+    def write(path: Path) -> None:
+        import shutil
+        import subprocess
+
+        if overrides not in _trained_runs:
+            cache = Path(tempfile.mkdtemp(prefix="probe_run_"))
+            command = command_of("train", [
+                "--job.config_file", str(CONFIGS / "llama3_debug.toml"), "--training.device", "cpu",
+                "--training.steps", "2", "--training.seq_len", "32", "--training.local_batch_size", "2",
+                "--lr_scheduler.warmup_steps", "1", "--checkpoint.enable", "--checkpoint.interval", "1",
+                "--metrics.no_enable_tensorboard", "--validation.no_enable",
+                "--job.dump_folder", str(cache), *overrides,
+            ])
+            subprocess.run(command, env=probe_env(), cwd=cache, check=True, capture_output=True)
+            _trained_runs[overrides] = cache
+        shutil.copytree(_trained_runs[overrides], path)
+        if damage is not None:
+            damage(path / "checkpoint")
+
+    return write
+
+
+def remove_every_metadata(checkpoints: Path) -> None:
+    for metadata in checkpoints.glob("step-*/.metadata"):
+        metadata.unlink()
+
+
+def truncate_every_shard(checkpoints: Path) -> None:
+    for shard in checkpoints.glob("step-*/*.distcp"):
+        os.truncate(shard, shard.stat().st_size // 2)
+
+
+RESUME = """
+[job]
+dump_folder = "{dir}/run"
+[training]
+steps = 4
+[checkpoint]
+enable = true
+"""
+RUN_CHECKPOINT = ("--checkpoint", "{dir}/run/checkpoint")
 
 
 def cli(flag: str) -> str:
@@ -467,6 +524,24 @@ PROBES: list[Probe] = [
     probe("lm_report_too_long", "lm_report", "--prompt-len", "100", "--new-tokens", "100",
           "--data", "{dir}/data.txt", "--out", "{dir}/out", "--skip-training", toml=None,
           files={"data.txt": "To be, or not to be.\n" * 50}, expect="--new-tokens must be <="),
+    # faults: a blow-up, broken checkpoints, checkpoints of other settings
+    probe("nan_blowup_lr_10", "train", toml="[optimizer]\nlr = 10.0\n[training]\nsteps = 40\n"
+          "[checkpoint]\nenable = true\ninterval = 1\n",
+          expect=("stopped", "nothing non-finite was saved", "sigma in")),
+    probe("resume_every_checkpoint_incomplete", "train", toml=RESUME,
+          files={"run": trained_run(damage=remove_every_metadata)},
+          expect=("none can be resumed from", "no .metadata", "allow_fresh_start")),
+    probe("resume_every_shard_truncated", "train", toml=RESUME,
+          files={"run": trained_run(damage=truncate_every_shard)},
+          expect=("none can be resumed from", "truncated")),
+    probe("resume_other_sigma_max", "train", toml=RESUME + "[diffusion_blocks]\nsigma_max = 40.0\n",
+          files={"run": trained_run()}, expect=("other settings", "sigma_max")),
+    probe("generate_other_num_blocks", "generate", *RUN_CHECKPOINT,
+          toml="[diffusion_blocks]\nnum_blocks = 2\n", files={"run": trained_run()},
+          expect=("other settings", "num_blocks")),
+    probe("generate_end_to_end_on_blockwise", "generate", *RUN_CHECKPOINT,
+          toml="[diffusion_blocks]\nenable = false\n", files={"run": trained_run()},
+          expect=("other settings", "enable")),
 ]
 
 
