@@ -5,7 +5,10 @@
         [--max-new-tokens 64] [--steps-per-block 1] [--temperature 0.8 --top-k 20] [--seed 0]
 
 For the denoiser, each new token runs the Euler sampler over the sigma grid (one
-step per block by default); only the block owning each step's sigma runs.
+step per block by default); only the block owning each step's sigma runs. The model
+family's own generator does the work (`ModelFamily.generate_text`): for the
+recurrent-depth LM (`dblocks_recurrent`, one block) `--recurrence R` (the same flag as
+`--steps-per-block`) sets the core iterations per token.
 """
 
 import argparse
@@ -14,9 +17,10 @@ import sys
 import torch
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
-from diffusion_blocks.models.llama3.sampler import DecodingConfig, generate
+from diffusion_blocks.config_loader import ConfigError, exit_on_config_error, parse_job_config
 from diffusion_blocks.inference import load_for_inference
+from diffusion_blocks.models.llama3.sampler import DecodingConfig
+from diffusion_blocks.registry import resolve_run_spec
 
 
 def parse_args(argv):
@@ -24,8 +28,9 @@ def parse_args(argv):
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--steps-per-block", type=int, default=None,
-                        help="default: [diffusion_blocks] sampling_steps_per_block")
+    parser.add_argument("--steps-per-block", "--recurrence", type=int, default=None,
+                        help="Euler steps per block; for dblocks_recurrent (one block) the "
+                        "core iterations r. Default: [diffusion_blocks] sampling_steps_per_block")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
@@ -36,6 +41,9 @@ def parse_args(argv):
 def main(argv):
     args, config_args = parse_args(argv)
     job_config = parse_job_config(config_args)
+    family = resolve_run_spec(job_config).family
+    if family.generate_text is None:
+        raise ConfigError(f"[model] name = {family.name!r} does not generate text")
     try:
         model, tokenizer, step_folder = load_for_inference(job_config, args.checkpoint)
     except ValueError as e:
@@ -47,7 +55,7 @@ def main(argv):
         temperature=args.temperature, top_k=args.top_k, seed=args.seed,
     )
     prompt_ids = tokenizer.encode(args.prompt, add_bos=True, add_eos=False)
-    tokens = generate(
+    tokens = family.generate_text(
         model, torch.tensor([prompt_ids]), decoding, job_config.training.seq_len
     )
     mode = "DiffusionBlocks" if hasattr(model, "partition") else "end-to-end"

@@ -93,6 +93,8 @@ def resolve_run_spec(job_config) -> RunSpec:
             f"{origin_of(job_config, 'model', 'name')}: [model] name = {name!r} is not a "
             f"DiffusionBlocks model; available: {sorted(FAMILIES)}{stock_hint}"
         )
+    if family.check_config is not None:
+        family.check_config(job_config)
     if job_config.model.flavor not in spec.model_args:
         raise ConfigError(
             f"{origin_of(job_config, 'model', 'flavor')}: [model] flavor = "

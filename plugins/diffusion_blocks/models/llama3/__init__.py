@@ -15,6 +15,7 @@ from ...parallelize import parallelize_dblocks_llama
 from ...validation import build_denoiser_validator
 from .args import dblocks_llama3_flavors
 from .model import DiffusionBlocksLlama
+from .sampler import generate
 from .task import LanguageModelTask
 
 
@@ -27,5 +28,6 @@ def get_train_spec() -> TrainSpec:
 
 
 FAMILY = ModelFamily(
-    "dblocks_llama3", get_train_spec, Transformer, LanguageModelTask(), stock_models=("llama3",)
+    "dblocks_llama3", get_train_spec, Transformer, LanguageModelTask(), stock_models=("llama3",),
+    generate_text=generate,
 )
