@@ -83,6 +83,30 @@ class DiffusionBlocks:
         )
 
 
+RECURRENCE_LAWS = ("poisson_lognormal", "uniform", "fixed")  # see models/recurrent/model.py
+
+
+@dataclass
+class Recurrent:
+    """`[recurrent]`: the recurrent-depth model's end-to-end twin (dblocks_recurrent with
+    `[diffusion_blocks] enable = false`), trained Huginn-style. The DiffusionBlocks
+    recipe trains one core pass per step and reads none of these; both recipes take
+    their inference iterations r from `[diffusion_blocks] sampling_steps_per_block`
+    (the one block's Euler steps)."""
+
+    mean_recurrence: int = 8
+    """Mean number r of core iterations per training step."""
+
+    bptt_steps: int = 4
+    """k: backpropagate through the last k iterations only (earlier ones run under
+    no_grad); saved activations grow with k, not with r."""
+
+    recurrence_law: str = "poisson_lognormal"
+    """How r is drawn each step (identically on every rank): 'poisson_lognormal'
+    (Huginn's: Poisson(lambda) + 1 with lambda log-normal, mean r), 'uniform' (1 .. 2r - 1)
+    or 'fixed' (always r)."""
+
+
 @dataclass
 class Data:
     tokenizer: str = "auto"
@@ -112,6 +136,7 @@ class JobConfig:
     diffusion_blocks: DiffusionBlocks = field(default_factory=DiffusionBlocks)
     data: Data = field(default_factory=Data)
     training: Training = field(default_factory=Training)
+    recurrent: Recurrent = field(default_factory=Recurrent)
 
 
 def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
@@ -185,6 +210,20 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
     return problems
 
 
+def check_recurrent(section: Recurrent) -> list[tuple[str, str]]:
+    problems = []
+    if section.mean_recurrence < 1:
+        problems.append(("mean_recurrence", f"must be >= 1, got {section.mean_recurrence}"))
+    if section.bptt_steps < 1:
+        problems.append(("bptt_steps", f"must be >= 1, got {section.bptt_steps}"))
+    if section.recurrence_law not in RECURRENCE_LAWS:
+        problems.append((
+            "recurrence_law",
+            f"{section.recurrence_law!r} is not one of {list(RECURRENCE_LAWS)}",
+        ))
+    return problems
+
+
 def check_data(section: Data) -> list[tuple[str, str]]:
     from .data.text import TOKENIZERS  # late: data imports torchtitan's dataset stack
 
@@ -209,6 +248,7 @@ SECTION_CHECKS = {
     "diffusion_blocks": check_diffusion_blocks,
     "data": check_data,
     "training": check_training,
+    "recurrent": check_recurrent,
 }
 
 
