@@ -176,7 +176,9 @@ def test_generation_with_different_r(config):
     texts, logits = {}, {}
     for r in (1, 6):
         decoding = DecodingConfig(max_new_tokens=3, steps_per_block=r, seed=3)
-        texts[r] = sampler.generate(model, prompt, decoding, SEQ_LEN)
+        with count_layer_calls(model) as counts:
+            texts[r] = sampler.generate(model, prompt, decoding, SEQ_LEN)
+        assert calls_per_part(model, counts)["core"] == {3 * r}  # r iterations per token
         assert texts[r].shape == (2, 8) and torch.equal(texts[r][:, :5], prompt)
         assert 0 <= int(texts[r].min()) and int(texts[r].max()) < model.vocab_size
         logits[r] = sampler.next_token_logits(model, prompt, r, torch.Generator().manual_seed(0))
