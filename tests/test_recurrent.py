@@ -127,8 +127,8 @@ def test_spec_flavors_and_the_twin_are_one_switch_apart():
     assert set(twin_shapes) - set(shapes) == {"recurrence_draws"}
     assert all(twin_shapes[k] == s for k, s in shapes.items())
     flavors = resolve_run_spec(job_config()).spec.model_args
-    assert {"debugmodel", "debugmodel_2_4_2", "250M", "3.5B"} <= set(flavors)
-    assert flavors["3.5B"].dim == 5280 and flavors["3.5B"].n_layers == 8
+    assert {"debugmodel", "debugmodel_2_4_2", "180M", "3.9B"} <= set(flavors)
+    assert flavors["3.9B"].dim == 5280 and flavors["3.9B"].n_layers == 8
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -206,7 +206,7 @@ def test_each_euler_step_uses_the_expected_clean_embedding(monkeypatch):
 
     monkeypatch.setattr(model, "denoise", denoise)
     monkeypatch.setattr(sampler.diffusion, "euler_step", euler_step)
-    sampler.denoiser_next_token_logits(model, tokens(1, 6), 3, torch.Generator().manual_seed(0))
+    sampler.next_token_logits(model, tokens(1, 6), 3, torch.Generator().manual_seed(0))
     assert len(seen_logits) == len(seen_denoised) == 3
     table = torch.nn.functional.normalize(model.tok_embeddings.weight, dim=-1)
     for logits, denoised in zip(seen_logits, seen_denoised):

@@ -84,7 +84,7 @@ class RecurrentArgs(DiffusionBlocksLlamaArgs):
 
 
 def recurrent_flavors() -> dict[str, RecurrentArgs]:
-    """CPU-sized debug shapes and GPU-sized ones. `3.5B` is Huginn's shape (Geiping et
+    """CPU-sized debug shapes and GPU-sized ones. `3.9B` is Huginn's shape (Geiping et
     al. 2025: 2 prelude, 4 core, 2 coda layers of width 5280, 55 heads, SwiGLU 17920,
     vocabulary 65536) on torchtitan's llama3 layers."""
     return {
@@ -98,12 +98,14 @@ def recurrent_flavors() -> dict[str, RecurrentArgs]:
             dim=256, n_heads=8, vocab_size=2048, rope_theta=500000,
             n_prelude_layers=2, n_core_layers=4, n_coda_layers=2,
         ),
-        # one GPU: 8 distinct layers of width 1024 (~170M parameters with the vocabulary)
-        "250M": RecurrentArgs(
+        # one GPU: 8 distinct layers of width 1024, 178M parameters (113M without the
+        # embedding and head); 132 layers deep at r = 32
+        "180M": RecurrentArgs(
             dim=1024, n_heads=16, vocab_size=32000, rope_theta=500000,
             n_prelude_layers=2, n_core_layers=4, n_coda_layers=2,
         ),
-        "3.5B": RecurrentArgs(
+        # 3.9B parameters here: the untied head and AdaLN add to Huginn's 3.5B
+        "3.9B": RecurrentArgs(
             dim=5280, n_heads=55, vocab_size=65536, rope_theta=50000,
             ffn_dim_multiplier=17920 / 14080, multiple_of=256,
             n_prelude_layers=2, n_core_layers=4, n_coda_layers=2,

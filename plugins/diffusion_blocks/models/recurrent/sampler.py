@@ -28,45 +28,51 @@ def expected_clean_embedding(logits_BTV: torch.Tensor, embedding_VD: torch.Tenso
 
 
 @torch.no_grad()
-def denoiser_next_token_logits(
-    model: RecurrentDenoiser, context_BT: torch.Tensor, recurrence: int,
+def denoiser_logits(
+    model: RecurrentDenoiser, tokens_BT: torch.Tensor, recurrence: int,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """r Euler steps of the shared core for the token after `context_BT`; logits (B, V)."""
-    batch, seq_len = context_BT.shape
+    """r Euler steps of the shared core for every position at once (state row j stands
+    for the token after tokens_BT[:, j]); the last pass's logits (B, T, V)."""
+    batch, seq_len = tokens_BT.shape
     embedding_VD = model.tok_embeddings.weight
-    e_BTD = model.context(context_BT)
+    e_BTD = model.context(tokens_BT)
     scale = diffusion.initial_noise_scale(model.schedule.sigma_max, data_is_unit_norm=True)
     z_BTD = scale * torch.randn(
         (batch, seq_len, embedding_VD.shape[-1]), generator=generator
-    ).to(context_BT.device, embedding_VD.dtype)
+    ).to(tokens_BT.device, embedding_VD.dtype)
     logits_BTV = None
     for step in model.partition.sampling_plan(recurrence):
-        sigma_B = torch.full((batch,), step.sigma, device=context_BT.device)
+        sigma_B = torch.full((batch,), step.sigma, device=tokens_BT.device)
         logits_BTV = model.denoise(e_BTD, z_BTD, sigma_B).logits_BTV
         denoised_BTD = expected_clean_embedding(logits_BTV, embedding_VD)
         z_BTD = diffusion.euler_step(z_BTD, denoised_BTD, step.sigma, step.sigma_next)
-    # state row T-1 stands for the token after the last context token
-    return logits_BTV[:, -1]
+    return logits_BTV
 
 
 @torch.no_grad()
-def twin_next_token_logits(
-    model: RecurrentTwin, context_BT: torch.Tensor, recurrence: int,
+def twin_logits(
+    model: RecurrentTwin, tokens_BT: torch.Tensor, recurrence: int,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    batch, seq_len = context_BT.shape
-    state_generator = torch.Generator(context_BT.device).manual_seed(
+    """The prelude, r core iterations from a random state, the coda: logits (B, T, V)."""
+    state_generator = torch.Generator(tokens_BT.device).manual_seed(
         int(torch.randint(0, 2**62, (), generator=generator))
     )
-    logits_BTV = model.recur(model.context(context_BT), recurrence, 0, state_generator)
-    return logits_BTV[:, -1]
+    return model.recur(model.context(tokens_BT), recurrence, 0, state_generator)
+
+
+def sequence_logits(model, tokens_BT, recurrence: int, generator) -> torch.Tensor:
+    """Next-token logits at every position (B, T, V) after r core iterations: what the
+    sampler decodes from, given the true context (held-out CE at r)."""
+    if isinstance(model, RecurrentDenoiser):
+        return denoiser_logits(model, tokens_BT, recurrence, generator)
+    return twin_logits(model, tokens_BT, recurrence, generator)
 
 
 def next_token_logits(model, context_BT, recurrence: int, generator) -> torch.Tensor:
-    if isinstance(model, RecurrentDenoiser):
-        return denoiser_next_token_logits(model, context_BT, recurrence, generator)
-    return twin_next_token_logits(model, context_BT, recurrence, generator)
+    """Logits (B, V) of the token after `context_BT`."""
+    return sequence_logits(model, context_BT, recurrence, generator)[:, -1]
 
 
 @torch.no_grad()
