@@ -336,6 +336,32 @@ def test_the_twin_draws_r_per_step_and_runs_the_core_r_times(make_trainer):
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
+VALIDATION = ["--validation.enable", "--validation.dataset", "synthetic_text", "--validation.steps",
+              "2", "--validation.seq_len", "32", "--validation.local_batch_size", "2"]
+
+
+@pytest.mark.parametrize("config", [CONFIG, TWIN_CONFIG], ids=["dblocks", "twin"])
+def test_validation_runs_the_inference_recurrence_and_draws_nothing(make_trainer, config):
+    trainer = make_trainer(*VALIDATION, "--diffusion_blocks.sampling_steps_per_block", "3",
+                           config=config)
+    model = trainer.model
+    with count_layer_calls(model) as counts:
+        trainer.validator.validate(trainer.model_parts, 1)
+    rows = [json.loads(line) for line in
+            (Path(trainer.job_config.job.dump_folder) / "metrics.jsonl").read_text().splitlines()]
+    (row,) = [r for r in rows if "validation_metrics/loss" in r]
+    if config == CONFIG:
+        # the denoiser's loss at sigmas from its one block (all of [sigma_min, sigma_max])
+        assert calls_per_part(model, counts)["core"] == {2}  # one pass per held-out batch
+        assert row["validation_metrics/block0/ce"] > 0
+    else:
+        # torchtitan's plain next-token loss, r = sampling_steps_per_block; the training
+        # draws are untouched
+        assert calls_per_part(model, counts) == {"prelude": {2}, "core": {6}, "coda": {2}}
+        assert 0 < row["validation_metrics/loss"] < 10
+        assert int(model.recurrence_draws) == 0
+
+
 # ---------------------------------------------------------------------------
 # Through the launcher: resume, two processes, tools/generate.py
 
