@@ -2,8 +2,8 @@
 test_config, test_vision_train).
 
 Two roles:
-- imported by the tests: free ports, launching `diffusion_blocks.train` (or this file)
-  under torchrun in a subprocess, reading metrics.jsonl (torchtitan's MetricsProcessor
+- imported by the tests: launching `diffusion_blocks.train` (or this file, or another
+  script) under torchrun in a subprocess, on the CPU with gloo, reading metrics.jsonl (torchtitan's MetricsProcessor
   rows plus ours, see `training_rows` and the key names below) and the per-rank records;
 - run as a script under torchrun (`python -m torch.distributed.run ... tests/_train_helpers.py
   <trainer args>`): a test-only launcher that runs `diffusion_blocks.train.main` itself
@@ -13,12 +13,19 @@ Two roles:
   trained, the layers whose forward ran, the layers whose parameters got a gradient,
   the loss and unweighted loss the trainer logged, the gradient norm clip_gradients
   returned, checksums of the local shards; plus how the model was built (class, FSDP,
-  DTensor parameters, compiled layers, offload).
+  DTensor parameters, compiled layers, offload). With $DBLOCKS_TEST_SKEW_BLOCKS set,
+  every rank but 0 proposes another block than rank 0 at every step (its own
+  schedule's block + rank, mod B), so only rank 0's broadcast can make them agree. With `kill_after_step=K` every rank
+  instead dies (os._exit, as under kill -9) right after step K's checkpoint save.
+
+Launches are race-free and pinned to the CPU: torchrun runs `--standalone` (its agent
+binds the rendezvous store to a port the kernel picks and hands that live store to the
+workers: no port is chosen, released and bound again later), and the trainer gets
+`--training.device cpu` (gloo), so a host with a GPU runs the same CPU tests.
 """
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
 DEBUG_TOML = REPO / "train_configs" / "llama3_debug.toml"
 LAUNCHER = Path(__file__).resolve()
 RECORD_ENV = "DBLOCKS_TEST_RECORD_DIR"
+SKEW_ENV = "DBLOCKS_TEST_SKEW_BLOCKS"
+
+# the device every test means: CPU processes with gloo, also on a host with a GPU
+# (`[training] device = "auto"` would pick CUDA there). Put first, so that a test can
+# still ask for another device after it (later flags win).
+CPU = ["--training.device", "cpu"]
+KILL_ENV = "DBLOCKS_TEST_KILL_AFTER_STEP"
+KILLED_EXIT_CODE = 137
 
 # tiny and fast: every run in the tests starts from these
 TINY = [
@@ -35,47 +50,61 @@ TINY = [
     "--metrics.log_freq", "1",
 ]
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# torchrun with a rendezvous that cannot lose its port: the agent's store binds port 0
+# and the workers connect to that live store (TORCHELASTIC_USE_AGENT_STORE)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def subprocess_env(
-    record_dir: Path | None = None, extra_pythonpath: list[Path] = ()
+    record_dir: Path | None = None, extra_pythonpath: list[Path] = (), skew_blocks: bool = False,
+    kill_after_step: int | None = None,
 ) -> dict[str, str]:
     env = dict(os.environ)
     paths = [str(REPO / "plugins"), *map(str, extra_pythonpath), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env.setdefault("OMP_NUM_THREADS", "1")
     # a launch from inside a torchrun'ed test run must not inherit its rendezvous
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_USE_AGENT_STORE", SKEW_ENV, KILL_ENV):
         env.pop(key, None)
     if record_dir is not None:
         env[RECORD_ENV] = str(record_dir)
+    if skew_blocks:
+        env[SKEW_ENV] = "1"
+    if kill_after_step is not None:
+        env[KILL_ENV] = str(kill_after_step)
     return env
+
+
+def torchrun_script(
+    script: list[str], nproc: int = 1, *, env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node N <script...>` in a subprocess, from the
+    repo root (script: a path and its arguments, or `-m module ...`)."""
+    cmd = [*TORCHRUN, "--nproc_per_node", str(nproc), *script]
+    return subprocess.run(
+        cmd, cwd=REPO, env=env if env is not None else subprocess_env(),
+        capture_output=True, text=True, timeout=timeout,
+    )
 
 
 def torchrun(
     args: list[str], nproc: int = 1, *, record_dir: Path | None = None, timeout: float = 300,
-    extra_pythonpath: list[Path] = (),
+    extra_pythonpath: list[Path] = (), skew_blocks: bool = False,
+    kill_after_step: int | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run the trainer under torchrun. With record_dir, run this file's instrumented
-    launcher instead of `-m diffusion_blocks.train` (same trainer, same arguments).
+    """Run the trainer under torchrun, on the CPU (`CPU` first, then `args`). With
+    record_dir, run this file's instrumented launcher instead of `-m
+    diffusion_blocks.train` (same trainer, same arguments); skew_blocks (needs
+    record_dir) makes every rank but 0 propose another block than rank 0; with
+    kill_after_step (needs record_dir) every rank dies after that step (exit code 137).
     extra_pythonpath: folders put on the workers' PYTHONPATH (e.g. a user's module)."""
+    assert record_dir is not None or not skew_blocks, "skew_blocks needs the instrumented launcher"
+    assert kill_after_step is None or record_dir is not None, "the launcher kills"
     target = [str(LAUNCHER)] if record_dir is not None else ["-m", "diffusion_blocks.train"]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()),
-        *target, *args,
-    ]
-    env = subprocess_env(record_dir, extra_pythonpath)
-    return subprocess.run(
-        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    env = subprocess_env(record_dir, extra_pythonpath, skew_blocks, kill_after_step)
+    return torchrun_script([*target, *CPU, *args], nproc, env=env, timeout=timeout)
 
 
 def output_of(proc: subprocess.CompletedProcess) -> str:
@@ -120,7 +149,16 @@ def training_rows(path: Path) -> list[dict]:
 
 
 def validation_rows(path: Path) -> list[dict]:
-    return [r for r in read_jsonl(path) if not is_training_row(r)]
+    return [r for r in read_jsonl(path) if not is_training_row(r) and not is_event_row(r)]
+
+
+def is_event_row(row: dict) -> bool:
+    """A row that marks an event (a resume, a skipped step), not metrics."""
+    return "event" in row
+
+
+def event_rows(path: Path) -> list[dict]:
+    return [r for r in read_jsonl(path) if is_event_row(r)]
 
 
 def block_steps(row: dict, num_blocks: int) -> list[int]:
@@ -196,9 +234,11 @@ def _instrument(trainer, record: dict) -> None:
     if trainer.enabled:
         schedule = trainer.block_schedule
         original_block_for_step = schedule.block_for_step
+        # test-only: ranks > 0 propose another block than rank 0 (same generator, shifted)
+        skew = trainer.rank if os.environ.get(SKEW_ENV) else 0
 
         def block_for_step(step):
-            block = original_block_for_step(step)
+            block = (original_block_for_step(step) + skew) % trainer.num_blocks
             proposals.append(block)
             return block
 
@@ -312,6 +352,18 @@ def _instrument(trainer, record: dict) -> None:
     trainer.train_step = train_step
 
 
+def _die_after_step(trainer, step: int) -> None:
+    """Every rank exits at once, with no clean-up, after step `step`'s save."""
+    original_save = trainer.checkpointer.save
+
+    def save(curr_step, last_step=False):
+        original_save(curr_step, last_step=last_step)
+        if curr_step == step:
+            os._exit(KILLED_EXIT_CODE)
+
+    trainer.checkpointer.save = save
+
+
 def _finish(trainer, record: dict) -> None:
     record["finished_step"] = trainer.step
     record["ntokens_seen"] = trainer.ntokens_seen
@@ -337,6 +389,8 @@ def launch(argv: list[str]) -> None:
             super().__init__(job_config)
             self.test_record: dict = {}
             _instrument(self, self.test_record)
+            if KILL_ENV in os.environ:
+                _die_after_step(self, int(os.environ[KILL_ENV]))
 
         def train(self):
             super().train()

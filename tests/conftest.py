@@ -1,6 +1,5 @@
 import gc
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -30,22 +29,25 @@ def write_toml(tmp_path):
 def process_group():
     """The rendezvous env of one process, for trainers built in the test process:
     torchtitan's Trainer starts the (gloo) process group from it on first use, later
-    trainers reuse it. The environment torchtitan writes (its NCCL / flight-recorder
-    variables) is restored afterwards, and the garbage collector torchtitan's Trainer
-    disables is turned back on."""
+    trainers reuse it. The rendezvous store is started here on a port the kernel picks
+    (port 0) and stays up for the module; the process group connects to that live store
+    (TORCHELASTIC_USE_AGENT_STORE, as torchrun's workers do), so no port is chosen,
+    released and bound again later. The environment torchtitan writes (its NCCL /
+    flight-recorder variables) is restored afterwards, and the garbage collector
+    torchtitan's Trainer disables is turned back on. Trainers built on it are pinned to
+    the CPU by the tests (`_train_helpers.CPU`)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         pytest.skip("a process group already exists in this pytest process")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, wait_for_workers=False)
     saved = dict(os.environ)
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    yield
+                      MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True")
+    yield store
     if dist.is_initialized():
         dist.destroy_process_group()
     os.environ.clear()
     os.environ.update(saved)
+    del store
     gc.enable()

@@ -5,20 +5,20 @@ import statistics
 import pytest
 
 from _train_helpers import (
-    BLOCK, CE, DEBUG_TOML, TINY, block_steps, check_ok, read_records, torchrun, training_rows,
+    BLOCK, CE, DEBUG_TOML, GRAD_NORM, LOSS, LR, TINY, block_steps, check_ok, read_jsonl,
+    read_records, torchrun, training_rows,
 )
 
 STEPS = 16
 CHECKPOINT_INTERVAL = 8
 
 
-@pytest.fixture(scope="module")
-def block_parallel_run(tmp_path_factory):
-    dump = tmp_path_factory.mktemp("bp")
-    args = [
+def block_parallel_args(dump) -> list[str]:
+    return [
         "--job.config_file", str(DEBUG_TOML), *TINY,
         "--job.dump_folder", str(dump),
         "--training.steps", str(STEPS),
+        "--training.device", "cpu",
         "--checkpoint.interval", str(CHECKPOINT_INTERVAL),
         "--metrics.no_enable_tensorboard",
         "--diffusion_blocks.num_blocks", "2",
@@ -26,7 +26,12 @@ def block_parallel_run(tmp_path_factory):
         "--debug.seed", "0",
         "--lr_scheduler.warmup_steps", "3",
     ]
-    proc = torchrun(args, nproc=4, record_dir=dump / "records")
+
+
+@pytest.fixture(scope="module")
+def block_parallel_run(tmp_path_factory):
+    dump = tmp_path_factory.mktemp("bp")
+    proc = torchrun(block_parallel_args(dump), nproc=4, record_dir=dump / "records")
     check_ok(proc)
     return read_records(dump / "records", 4), dump
 
@@ -111,3 +116,24 @@ def test_loss_statistics_match_the_single_group_random_schedule(block_parallel_r
     for rows in (parallel_rows, random_rows):
         assert mean_ce(rows, last) < 0.8 * mean_ce(rows, first)
     assert mean_ce(parallel_rows, last) <= 1.1 * mean_ce(random_rows, last)
+
+
+def test_kill_and_resume_reproduce_the_uninterrupted_block_parallel_run(
+    block_parallel_run, tmp_path
+):
+    """Killed after step 10 (checkpoint at 8, where every group received every block)
+    and resumed: steps 9-16 equal the uninterrupted run's."""
+    _, reference_dump = block_parallel_run
+    killed = torchrun(block_parallel_args(tmp_path), nproc=4, record_dir=tmp_path / "records",
+                      kill_after_step=CHECKPOINT_INTERVAL + 2)
+    assert killed.returncode != 0
+    check_ok(torchrun(block_parallel_args(tmp_path), nproc=4))
+    steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")]
+    assert steps == [*range(1, CHECKPOINT_INTERVAL + 1), CHECKPOINT_INTERVAL,
+                     *range(CHECKPOINT_INTERVAL + 1, STEPS + 1)]
+    resumed = training_rows(tmp_path / "metrics.jsonl")
+    reference = training_rows(reference_dump / "metrics.jsonl")
+    assert len(resumed) == len(reference) == STEPS
+    for got, want in zip(resumed, reference):
+        for key in (LOSS, CE, GRAD_NORM, LR):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=0), (got["step"], key)

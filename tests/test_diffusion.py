@@ -2,9 +2,11 @@ import math
 
 import pytest
 import torch
+from torchtitan.components.loss import IGNORE_INDEX
 
 from diffusion_blocks import diffusion as dd
 from diffusion_blocks.config import DiffusionBlocks
+from diffusion_blocks.objectives import weighted_cross_entropy_sums, weighted_squared_error_sums
 from diffusion_blocks.partition import BlockPartition
 
 SCHEDULE = dd.NoiseSchedule()
@@ -134,6 +136,38 @@ def test_preconditioning_identities():
     # w spans about five orders of magnitude over the range
     w = dd.loss_weight(torch.tensor([0.002, 80.0], dtype=torch.float64), sd)
     assert float(w[0]) == pytest.approx(2.5e5, rel=1e-3)
+
+
+def test_loss_weight_known_values():
+    # DESIGN.md section 4: w = (s^2 + sd^2) / (s sd)^2, i.e. 1 / s^2 + 1 / sd^2
+    sigma = torch.tensor([0.002, 0.1, 0.5, 1.0, 80.0], dtype=torch.float64)
+    assert dd.loss_weight(sigma, 0.5).tolist() == pytest.approx(
+        [250004.0, 104.0, 8.0, 5.0, 4.00015625], rel=1e-12)
+    assert dd.loss_weight(sigma, 1.0).tolist() == pytest.approx(
+        [250001.0, 101.0, 5.0, 2.0, 1.00015625], rel=1e-12)
+
+
+def test_weighted_cross_entropy_sums_on_a_hand_computed_batch():
+    # 2 samples x 2 positions, 2 classes; sigma 0.5 and 1.0 give w = 8 and 5 (sd = 0.5)
+    ln3 = math.log(3.0)
+    logits = torch.tensor([[[0.0, 0.0], [ln3, 0.0]],
+                           [[0.0, ln3], [5.0, -5.0]]])
+    labels = torch.tensor([[0, 0], [0, IGNORE_INDEX]])  # the last position is padding
+    sums = weighted_cross_entropy_sums(logits, labels, torch.tensor([0.5, 1.0]), 0.5)
+    # CE: ln 2, ln(4/3) (p = 3/4), ln 4 (p = 1/4); the ignored position counts nowhere
+    assert int(sums.num_items) == 3
+    assert float(sums.unweighted_sum) == pytest.approx(math.log(2) + math.log(4 / 3) + math.log(4))
+    assert float(sums.loss_sum) == pytest.approx(8 * (math.log(2) + math.log(4 / 3)) + 5 * math.log(4))
+
+
+def test_weighted_squared_error_sums_on_a_hand_computed_batch():
+    denoised = torch.tensor([[1.0, 3.0], [0.0, 0.0]]).view(2, 1, 1, 2)
+    target = torch.tensor([[0.0, 1.0], [2.0, 0.0]]).view(2, 1, 1, 2)
+    sums = weighted_squared_error_sums(denoised, target, torch.tensor([0.5, 1.0]), 0.5)
+    # per-image mean squared error 2.5 and 2.0; weights 8 and 5
+    assert int(sums.num_items) == 2
+    assert float(sums.unweighted_sum) == pytest.approx(4.5)
+    assert float(sums.loss_sum) == pytest.approx(8 * 2.5 + 5 * 2.0)
 
 
 def test_euler_step_moves_toward_the_denoised_estimate():

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from diffusion_blocks import diffusion
 from diffusion_blocks.models.dit.model import DiffusionBlocksDiT, EndToEndDiT
 from diffusion_blocks.models.vision_layers import patchify, unpatchify
 from diffusion_blocks.sampling import classifier_free_guidance
@@ -25,8 +24,69 @@ def test_preconditioning_at_init_gives_c_skip_z():
     z = torch.randn(3, 1, 8, 8)
     sigma = torch.tensor([0.01, 0.5, 20.0])
     denoised = model(z, sigma, torch.tensor([1, 2, 10]), block=0)
-    c_skip = diffusion.c_skip(sigma, model.partition.schedule.sigma_data)
-    torch.testing.assert_close(denoised, c_skip[:, None, None, None] * z)
+    torch.testing.assert_close(denoised, edm_factors(sigma)[0] * z)
+
+
+SD = 0.5  # sigma_data of the configs
+
+
+def edm_factors(sigma_B: torch.Tensor):
+    """(c_skip, c_out, c_in, c_noise) as (B, 1, 1, 1) image factors, written out here
+    (DESIGN.md section 4), not taken from diffusion.py."""
+    total = sigma_B**2 + SD**2
+    image = lambda t: t[:, None, None, None]  # noqa: E731
+    return image(SD**2 / total), image(sigma_B * SD / total.sqrt()), image(1 / total.sqrt()), sigma_B.log() / 4
+
+
+def with_live_network(model, seed: int = 0):
+    """Random AdaLN-Zero / final-AdaLN weights and head: at init the layers are the
+    identity and the zero head makes the network's output 0."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adaln." in name or "final_adaln." in name or name.startswith("head."):
+                p.copy_(0.2 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def test_denoised_estimate_is_c_skip_z_plus_c_out_times_the_network_output():
+    model = with_live_network(build_on_cpu("dit_digits.toml")[0]).eval()
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(3, 1, 8, 8, generator=gen)
+    sigma = torch.tensor([0.05, 0.5, 2.0])  # c_skip and c_out both matter
+    classes = torch.tensor([1, 2, 10])
+    block = 1
+    c_skip, c_out, c_in, c_noise = edm_factors(sigma)
+    with torch.no_grad():
+        denoised = model(z, sigma, classes, block=block)
+        # the network F by hand on c_in z: patches + positions, this block's layers
+        # conditioned on sigma and class, final AdaLN, head, back to an image
+        cond = model.sigma_embedder(c_noise) + model.class_embed(classes)
+        x = model.patch_embed(c_in * z) + model.pos_embed
+        for layer_id in model.partition.layer_ranges[block]:
+            x = model.layers[str(layer_id)](x, cond)
+        network = unpatchify(model.head(model.final_adaln(x, cond)), 1, 2)
+    assert network.abs().mean() > 0.1  # the network's output is not negligible
+    torch.testing.assert_close(denoised, c_skip * z + c_out * network)
+
+
+def test_the_blocks_layers_and_only_they_change_the_estimate():
+    model = with_live_network(build_on_cpu("dit_digits.toml")[0]).eval()
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    sigma, classes = torch.tensor([0.3, 0.6]), torch.tensor([0, 7])
+
+    def denoised():
+        with torch.no_grad():
+            return model(z, sigma, classes, block=0)
+
+    before = denoised()
+    (inside, *_), (outside, *_) = model.partition.layer_ranges
+    with torch.no_grad():
+        model.layers[str(outside)].mlp.fc1.weight.add_(1.0)  # block 1's layer
+    torch.testing.assert_close(denoised(), before)
+    with torch.no_grad():
+        model.layers[str(inside)].mlp.fc1.weight.add_(1.0)   # block 0's layer
+    assert not torch.allclose(denoised(), before, atol=1e-3)
 
 
 def test_classifier_free_guidance_combines_conditional_and_null_estimates():
@@ -107,11 +167,13 @@ def test_weighted_l2_loss_of_one_block():
     # at init D = c_skip z; recompute the loss from the same noise
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
     z = images + sigma[:, None, None, None] * noise
-    c_skip = diffusion.c_skip(sigma, 0.5)[:, None, None, None]
+    c_skip = edm_factors(sigma)[0]
     se = (c_skip * z - images).pow(2).flatten(1).mean(1)
+    # w(sigma) = (s^2 + sd^2) / (s sd)^2 = 1 / s^2 + 1 / sd^2, by hand for sd = 0.5
+    weights = torch.tensor([404.0, 104.0, 29.0, 4 + 1 / 0.09])
     # a sum over the images (the trainer divides by the global image count)
     assert out.num_items == 4
-    torch.testing.assert_close(out.loss_sum, (diffusion.loss_weight(sigma, 0.5) * se).sum())
+    torch.testing.assert_close(out.loss_sum, (weights * se).sum())
     torch.testing.assert_close(out.unweighted_sum, se.sum())
 
 

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.config import DiffusionBlocks
@@ -102,13 +103,47 @@ def test_flex_attention_matches_masked_sdpa(monkeypatch):
         assert torch.allclose(got.denoised_BTD, expected.denoised_BTD, atol=1e-5)
 
 
-def test_denoised_estimate_is_edm_combination():
+SD = 0.5  # sigma_data (the default)
+
+
+def test_denoised_estimate_is_c_skip_z_plus_c_out_times_the_network_output():
     model = make_model()
-    tokens = torch.randint(0, 97, (1, SEQ))
-    z = torch.randn(1, SEQ, 64)
-    sigma = torch.tensor([80.0])
-    # at sigma_max, c_skip ~ 0 and D is almost entirely c_out * h; at tiny sigma D ~ z
-    tiny = model.denoise(tokens, z, torch.tensor([0.002]), 1).denoised_BTD
-    assert torch.allclose(tiny, z, atol=0.01)
-    big = model.denoise(tokens, z, sigma, 0).denoised_BTD
-    assert not torch.allclose(big, z, atol=0.1)
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 97, (2, SEQ), generator=gen)
+    z = torch.randn(2, SEQ, 64, generator=gen)
+    sigma = torch.tensor([0.1, 1.5])  # c_skip and c_out both matter
+    block = 1
+    # EDM factors written out here (DESIGN.md section 4), not taken from diffusion.py
+    total = (sigma**2 + SD**2)[:, None, None]
+    c_skip, c_out, c_in = SD**2 / total, sigma[:, None, None] * SD / total.sqrt(), 1 / total.sqrt()
+    with torch.no_grad():
+        got = model.denoise(tokens, z, sigma, block)
+        # the network F by hand: [normalised clean embeddings ; c_in z], this block's
+        # layers with the 2T mask and positions, the shared final norm at the noisy rows
+        cond = model.sigma_embedder(sigma.log() / 4)
+        x = torch.cat([F.normalize(model.tok_embeddings(tokens), dim=-1), c_in * z], dim=1)
+        mask, positions = denoiser_dense_mask(SEQ, x.device), denoiser_positions(SEQ, x.device)
+        for layer_id in model.partition.layer_ranges[block]:
+            x = model.layers[str(layer_id)](x, cond, model.freqs_cis, mask, positions)
+        network = model.norm(x[:, SEQ:])
+        denoised = c_skip * z + c_out * network
+        logits = model.output(model.final_adaln(denoised, cond))
+    torch.testing.assert_close(got.denoised_BTD, denoised)
+    torch.testing.assert_close(got.logits_BTV, logits)
+    assert not torch.allclose(got.denoised_BTD, c_skip * z, atol=1e-2)  # F really counts
+
+
+def test_the_blocks_layers_and_only_they_change_the_estimate():
+    model = make_model()
+    gen = torch.Generator().manual_seed(8)
+    tokens = torch.randint(0, 97, (2, SEQ), generator=gen)
+    z = torch.randn(2, SEQ, 64, generator=gen)
+    sigma = torch.tensor([0.4, 3.0])
+    before = model.denoise(tokens, z, sigma, 0).denoised_BTD
+    (inside, *_), (outside, *_) = model.partition.layer_ranges
+    with torch.no_grad():
+        model.layers[str(outside)].feed_forward.w1.weight.add_(1.0)  # block 1's layer
+    torch.testing.assert_close(model.denoise(tokens, z, sigma, 0).denoised_BTD, before)
+    with torch.no_grad():
+        model.layers[str(inside)].feed_forward.w1.weight.add_(1.0)   # block 0's layer
+    assert not torch.allclose(model.denoise(tokens, z, sigma, 0).denoised_BTD, before, atol=1e-3)

@@ -69,19 +69,17 @@ def test_fsdp_gradients_equal_single_process_gradients(tmp_path, offload):
     """Each rank's loss sum over the global item count, summed over ranks by FSDP, is the
     single-process mean gradient, whichever FSDP path built the model."""
     import json
-    import subprocess
-    import sys
 
-    from _train_helpers import REPO, free_port, subprocess_env
+    from _train_helpers import REPO, torchrun_script
 
     out = tmp_path / "grads.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), str(REPO / "tests" / "_grad_check.py"), str(out),
-           "--job.config_file", str(DEBUG_TOML), "--training.seq_len", "32",
-           "--diffusion_blocks.offload_inactive_blocks", offload]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # _grad_check.py runs on the CPU with gloo whatever the host has
+    proc = torchrun_script([
+        str(REPO / "tests" / "_grad_check.py"), str(out),
+        "--job.config_file", str(DEBUG_TOML), "--training.seq_len", "32",
+        "--diffusion_blocks.offload_inactive_blocks", offload,
+    ], nproc=2)
+    check_ok(proc)
     result = json.loads(out.read_text())
     assert result["num_grads"] > 10
     assert result["max_relative_error"] < 1e-4

@@ -57,11 +57,13 @@ def layers_of(block: int, layer_ranges) -> list[int]:
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    """2 processes, gloo, FSDP2, random schedule, 20 steps, TensorBoard on."""
+    """2 processes, gloo, FSDP2, random schedule, 20 steps, TensorBoard on. Rank 1's
+    schedule is skewed (it proposes rank 0's block + 1 at every step): only rank 0's
+    broadcast makes the ranks train the same block."""
     folder = tmp_path_factory.mktemp("fsdp")
     proc = h.torchrun(
         debug_args(folder, 20, "--checkpoint.no_enable", "--metrics.enable_tensorboard"),
-        nproc=2, record_dir=folder / "records", timeout=300,
+        nproc=2, record_dir=folder / "records", timeout=300, skew_blocks=True,
     )
     h.check_ok(proc)
     return {
@@ -111,13 +113,17 @@ def test_two_process_fsdp_run_trains_the_same_block_on_every_rank(fsdp_run):
         assert all(s["grads_are_dtensors"] for s in record["steps"])
         for s in record["steps"]:
             assert math.isfinite(s["loss"]) and math.isfinite(s["ce"])
-            # this rank's own schedule proposed the block that was trained (the
-            # broadcast from rank 0 changed nothing), only that block's layers ran
-            # forward and only they got gradients
-            assert s["proposed_block"] == s["block"] == s["logged_block"]
+            # only the trained block's layers ran forward and only they got gradients
+            assert s["block"] == s["logged_block"]
             expected = layers_of(s["block"], record["layer_ranges"])
             assert s["ran_layers"] == expected, s
             assert s["grad_layers"] == expected, s
+    # rank 0 trained the block its own schedule proposed; rank 1's (skewed) schedule
+    # proposed another block at EVERY step, and rank 1 trained rank 0's block anyway:
+    # the broadcast decided, not the identically seeded generators
+    for s0, s1 in zip(rank0["steps"], rank1["steps"]):
+        assert s0["proposed_block"] == s0["block"] == s1["block"], (s0, s1)
+        assert s1["proposed_block"] == (s0["block"] + 1) % NUM_BLOCKS != s1["block"], (s0, s1)
 
     per_rank = [
         [(s["block"], s["ran_layers"], s["grad_layers"]) for s in r["steps"]]
@@ -218,6 +224,40 @@ def test_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=0), (got["step"], key)
 
 
+def test_two_process_kill_and_resume_reproduce_the_uninterrupted_run(tmp_path):
+    """2 processes (gloo, FSDP2), checkpoints every 4 steps: killed after step 6 and
+    resumed from step 4, the run's steps 5-8 equal an uninterrupted run's, and
+    metrics.jsonl holds each step once, after a marker of the resume."""
+    def args(folder: Path) -> list[str]:
+        return debug_args(
+            folder, 8, "--training.device", "cpu", "--checkpoint.enable",
+            "--checkpoint.interval", "4", "--debug.seed", "0", "--diffusion_blocks.seed", "0",
+            "--metrics.no_enable_tensorboard",
+        )
+
+    h.check_ok(h.torchrun(args(tmp_path / "a"), nproc=2))
+    reference = h.training_rows(tmp_path / "a" / "metrics.jsonl")
+    folder = tmp_path / "b"
+    killed = h.torchrun(args(folder), nproc=2, record_dir=folder / "records", kill_after_step=6)
+    assert killed.returncode != 0
+    assert [r["step"] for r in h.read_jsonl(folder / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (folder / "checkpoint").iterdir()) == ["step-4"]
+
+    resumed = h.torchrun(args(folder), nproc=2)
+    h.check_ok(resumed)
+    assert "Training starts at step 5" in h.output_of(resumed)
+    rows = h.read_jsonl(folder / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4, 5, 6, 7, 8]
+    assert rows[4] == {"step": 4, "event": "resume", "dropped_rows": 2,
+                       "checkpoint": str(folder / "checkpoint" / "step-4")}
+    training = h.training_rows(folder / "metrics.jsonl")
+    assert [r[h.BLOCK] for r in training] == [r[h.BLOCK] for r in reference]
+    for got, want in zip(training, reference):
+        assert got["n_tokens_seen"] == want["n_tokens_seen"], got["step"]
+        for key in (h.LOSS, h.CE, h.GRAD_NORM, h.SIGMA, h.LR):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=0), (got["step"], key)
+
+
 # ---------------------------------------------------------------------------
 # In-process trainers (one gloo process group of size 1 for the module)
 
@@ -231,7 +271,7 @@ def make_trainer(process_group, tmp_path):
             tmp_path / f"trainer{len(trainers)}", 10,
             "--checkpoint.no_enable", "--metrics.no_enable_tensorboard", *extra,
         )
-        trainer = train.BlockwiseTrainer(parse_job_config(args))
+        trainer = train.BlockwiseTrainer(parse_job_config([*h.CPU, *args]))
         trainers.append(trainer)
         return trainer
 
@@ -526,8 +566,8 @@ def test_resuming_with_a_different_num_blocks_fails_clearly(reference_run, tmp_p
     )
     assert proc.returncode != 0
     out = h.output_of(proc)
-    assert "checkpoint was saved with 4 blocks" in out
-    assert "num_blocks = 2" in out
+    assert "[diffusion_blocks] num_blocks = 4 in the checkpoint, 2 here" in out
+    assert "[diffusion_blocks] layers_per_block = [2, 2, 2, 2] in the checkpoint, [4, 4] here" in out
     assert not (tmp_path / "checkpoint" / "step-10").exists()
 
 

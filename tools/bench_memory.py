@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 import diffusion_blocks  # noqa: F401
+from diffusion_blocks.bounds import AT_LEAST_1, choice_list_arg, NON_NEGATIVE, number_arg, number_list_arg
 from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
 from diffusion_blocks.memory import (
     count_saved_activations,
@@ -43,31 +44,42 @@ from diffusion_blocks.train import BlockwiseTrainer, use_single_process_env
 MiB = 2**20
 
 
+AC_MODES = ("none", "full", "selective")  # [activation_checkpoint] mode values it compares
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--blocks", default="2,4,8", help="comma-separated B values")
-    parser.add_argument("--ac", default="none,full", help="activation checkpointing modes")
-    parser.add_argument("--steps", type=int, default=0,
+    parser.add_argument("--blocks", type=number_list_arg(int, AT_LEAST_1), default="2,4,8",
+                        help="comma-separated B values")
+    parser.add_argument("--ac", type=choice_list_arg(AC_MODES), default="none,full",
+                        help="activation checkpointing modes")
+    parser.add_argument("--steps", type=number_arg(int, NON_NEGATIVE), default=0,
                         help="steps per configuration (default: max(B, 2))")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--vary", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+    parser.add_argument("--vary", action="append", type=vary_arg, default=[],
+                        metavar="SECTION.KEY=V1,V2",
                         help="measure every row at each of these values (repeatable)")
     return parser.parse_known_args(argv)
 
 
-def settings_grid(vary: list[str]) -> list[dict[str, str]]:
-    """--vary a.b=1,2 --vary c.d=x -> [{a.b: 1, c.d: x}, {a.b: 2, c.d: x}]."""
-    axes = []
-    for item in vary:
-        key, sep, values = item.partition("=")
-        if not sep or "." not in key or not values:
-            raise SystemExit(f"error: --vary {item!r}: expected section.key=v1,v2,...")
-        axes.append([(key, v) for v in values.split(",")])
+def vary_arg(text: str) -> tuple[str, list[str]]:
+    """'section.key=v1,v2' -> ('section.key', ['v1', 'v2']); the values are checked
+    as config values when each configuration is parsed."""
+    key, sep, values = text.partition("=")
+    section, dot, name = key.partition(".")
+    if not (sep and dot and section and name and values) or "" in values.split(","):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected section.key=v1,v2,...")
+    return key, values.split(",")
+
+
+def settings_grid(vary: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
+    """[(a.b, [1, 2]), (c.d, [x])] -> [{a.b: 1, c.d: x}, {a.b: 2, c.d: x}]."""
+    axes = [[(key, value) for value in values] for key, values in vary]
     return [dict(combination) for combination in itertools.product(*axes)]
 
 
 def measure(config_args: list[str], steps: int) -> dict:
-    job_config = parse_job_config(config_args)
+    job_config = parse_job_config(config_args, reads_data=True)
     estimate = estimate_step(job_config, dist.get_world_size() if dist.is_initialized() else 1)
     job_config.checkpoint.enable = False
     job_config.metrics.enable_tensorboard = False
@@ -161,8 +173,7 @@ def format_table(rows: list[dict]) -> str:
 def main(argv):
     args, config_args = parse_args(argv)
     use_single_process_env()
-    blocks = [int(b) for b in args.blocks.split(",") if b]
-    rows = benchmark_rows(config_args, blocks, args.ac.split(","), args.steps, args.vary)
+    rows = benchmark_rows(config_args, args.blocks, args.ac, args.steps, args.vary)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     if dist.is_initialized():

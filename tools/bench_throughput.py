@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 import diffusion_blocks  # noqa: F401
+from diffusion_blocks.bounds import AT_LEAST_1, choice_list_arg, NON_NEGATIVE, number_arg
 from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
 from diffusion_blocks.train import BlockwiseTrainer, use_single_process_env
 from torchtitan.tools.utils import get_peak_flops
@@ -45,7 +46,7 @@ def step_flops(trainer: BlockwiseTrainer) -> float:
 
 
 def measure(config_args: list[str], steps: int, warmup: int) -> dict:
-    job_config = parse_job_config(config_args)
+    job_config = parse_job_config(config_args, reads_data=True)
     job_config.checkpoint.enable = False
     job_config.metrics.enable_tensorboard = False
     trainer = BlockwiseTrainer(job_config)
@@ -84,15 +85,15 @@ def measure(config_args: list[str], steps: int, warmup: int) -> dict:
 @exit_on_config_error
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-blocks", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--num-blocks", type=number_arg(int, AT_LEAST_1), default=4)
+    parser.add_argument("--steps", type=number_arg(int, AT_LEAST_1), default=20)
+    parser.add_argument("--warmup", type=number_arg(int, NON_NEGATIVE), default=5)
+    parser.add_argument("--modes", type=choice_list_arg(("eager", "compiled")), default="eager,compiled")
     parser.add_argument("--json", action="store_true")
     args, config_args = parser.parse_known_args(argv)
     use_single_process_env()
     rows = []
-    for mode in args.modes.split(","):
+    for mode in args.modes:
         compile_args = ["--compile.enable"] if mode == "compiled" else ["--compile.no_enable"]
         e2e = measure(config_args + compile_args + ["--diffusion_blocks.no_enable"],
                       args.steps, args.warmup)

@@ -17,6 +17,7 @@ import sys
 import torch
 
 import diffusion_blocks  # noqa: F401  (registers the train specs)
+from diffusion_blocks.bounds import AT_LEAST_1, device_arg, number_arg
 from diffusion_blocks.config_loader import ConfigError, exit_on_config_error, parse_job_config
 from diffusion_blocks.data.images import load_job_split
 from diffusion_blocks.inference import load_model
@@ -30,16 +31,16 @@ def parse_args(argv):
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--split", default="test", choices=["train", "test"])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--steps-per-block", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=number_arg(int, AT_LEAST_1), default=256)
+    parser.add_argument("--steps-per-block", type=number_arg(int, AT_LEAST_1), default=None)
+    parser.add_argument("--device", type=device_arg, default="cpu")
     return parser.parse_known_args(argv)
 
 
 @exit_on_config_error
 def main(argv=None) -> None:
     args, config_args = parse_args(sys.argv[1:] if argv is None else argv)
-    job_config = parse_job_config(config_args)
+    job_config = parse_job_config(config_args, reads_data=True)
     if args.steps_per_block is not None:
         job_config.diffusion_blocks.sampling_steps_per_block = args.steps_per_block
     if not hasattr(job_config, "model") or job_config.model.name != "dblocks_vit":
@@ -48,8 +49,8 @@ def main(argv=None) -> None:
             f"{job_config.model.name!r}"
         )
     device = torch.device(args.device)
+    split = load_job_split(job_config, args.split)  # data mistakes before the model is built
     model, _ = load_model(job_config, args.checkpoint, device)
-    split = load_job_split(job_config, args.split)
     correct, counted = count_correct(model, split, args.batch_size, device)
     result = {"accuracy": correct / counted, "num_examples": counted}
     if args.json:

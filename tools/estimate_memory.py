@@ -14,6 +14,7 @@ import json
 import sys
 
 import diffusion_blocks  # noqa: F401
+from diffusion_blocks.bounds import AT_LEAST_1, number_arg, number_list_arg
 from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
 from diffusion_blocks.memory import estimate_step
 
@@ -44,11 +45,11 @@ def estimate_rows(config_args: list[str], nproc: int, blocks: list[int]) -> list
 @exit_on_config_error
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nproc", type=int, default=1)
-    parser.add_argument("--blocks", default="2,4,8")
+    parser.add_argument("--nproc", type=number_arg(int, AT_LEAST_1), default=1)
+    parser.add_argument("--blocks", type=number_list_arg(int, AT_LEAST_1), default="2,4,8")
     parser.add_argument("--json", action="store_true")
     args, config_args = parser.parse_known_args(argv)
-    rows = estimate_rows(config_args, args.nproc, [int(b) for b in args.blocks.split(",") if b])
+    rows = estimate_rows(config_args, args.nproc, args.blocks)
     if args.json:
         print(json.dumps(rows, indent=2))
         return

@@ -21,6 +21,7 @@ import time
 import torch
 
 import diffusion_blocks  # noqa: F401  (registers the train specs)
+from diffusion_blocks.bounds import AT_LEAST_1, NON_NEGATIVE, number_arg, output_file_arg, SEED
 from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
 from diffusion_blocks.data.images import load_job_split, subset
 from diffusion_blocks.image_grid import make_grid, save_png
@@ -38,15 +39,18 @@ def parse_args(argv):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--samples-per-class", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=None, help="default: [diffusion_blocks] sampling_steps")
+    parser.add_argument("--samples-per-class", type=number_arg(int, AT_LEAST_1), default=50)
+    parser.add_argument("--steps", type=number_arg(int, AT_LEAST_1), default=None,
+                        help="default: [diffusion_blocks] sampling_steps")
     parser.add_argument(
-        "--cfg-scale", type=float, nargs="+", default=None,
+        "--cfg-scale", type=number_arg(float, NON_NEGATIVE), nargs="+", default=None,
         help="one or more scales; default: [diffusion_blocks] cfg_scale",
     )
-    parser.add_argument("--batch-size", type=int, default=250, help="samples drawn at once")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grid", default=None, help="also write a PNG grid (8 per class, first scale)")
+    parser.add_argument("--batch-size", type=number_arg(int, AT_LEAST_1), default=250,
+                        help="samples drawn at once")
+    parser.add_argument("--seed", type=number_arg(int, SEED), default=0)
+    parser.add_argument("--grid", type=output_file_arg, default=None,
+                        help="also write a PNG grid (8 per class, first scale)")
     parser.add_argument("--json", action="store_true")
     return parser.parse_known_args(argv)
 
@@ -71,7 +75,7 @@ def real_floor(judge, train, test, count: int, seed: int) -> float:
 @exit_on_config_error
 def main(argv=None) -> None:
     args, config_args = parse_args(sys.argv[1:] if argv is None else argv)
-    job_config = parse_job_config(config_args)
+    job_config = parse_job_config(config_args, reads_data=True)
     expect_model(job_config, "dblocks_dit", "tools/eval_dit.py")
     section = job_config.diffusion_blocks
     steps = args.steps or section.sampling_steps

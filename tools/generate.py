@@ -17,6 +17,7 @@ import sys
 import torch
 
 import diffusion_blocks  # noqa: F401
+from diffusion_blocks.bounds import AT_LEAST_1, NON_NEGATIVE, number_arg, SEED
 from diffusion_blocks.config_loader import ConfigError, exit_on_config_error, parse_job_config
 from diffusion_blocks.inference import load_for_inference
 from diffusion_blocks.models.llama3.sampler import DecodingConfig
@@ -27,13 +28,16 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--prompt", default="")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--steps-per-block", "--recurrence", type=int, default=None,
+    parser.add_argument("--max-new-tokens", type=number_arg(int, AT_LEAST_1), default=64)
+    parser.add_argument("--steps-per-block", "--recurrence", type=number_arg(int, AT_LEAST_1),
+                        default=None,
                         help="Euler steps per block; for dblocks_recurrent (one block) the "
                         "core iterations r. Default: [diffusion_blocks] sampling_steps_per_block")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=number_arg(float, NON_NEGATIVE), default=0.0,
+                        help="0 = greedy")
+    parser.add_argument("--top-k", type=number_arg(int, NON_NEGATIVE), default=0,
+                        help="0 = the whole vocabulary")
+    parser.add_argument("--seed", type=number_arg(int, SEED), default=0)
     return parser.parse_known_args(argv)
 
 
@@ -43,13 +47,21 @@ def main(argv):
     job_config = parse_job_config(config_args)
     family = resolve_run_spec(job_config).family
     if family.generate_text is None:
-        raise ConfigError(f"[model] name = {family.name!r} does not generate text")
+        raise ConfigError(
+            f"tools/generate.py generates text with the language-model families; the "
+            f"config's [model] name is {job_config.model.name!r} ({family.name} does not "
+            "generate text)"
+        )
     try:
         model, tokenizer, step_folder = load_for_inference(job_config, args.checkpoint)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     steps = args.steps_per_block or job_config.diffusion_blocks.sampling_steps_per_block
+    if args.top_k > tokenizer.get_vocab_size():
+        raise ConfigError(
+            f"--top-k {args.top_k} is larger than the vocabulary ({tokenizer.get_vocab_size()} tokens)"
+        )
     decoding = DecodingConfig(
         max_new_tokens=args.max_new_tokens, steps_per_block=steps,
         temperature=args.temperature, top_k=args.top_k, seed=args.seed,

@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.config_loader import parse_job_config
+from diffusion_blocks.bounds import AT_LEAST_1, existing_file_arg, NON_NEGATIVE, number_arg
+from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
+from diffusion_blocks.data.text import check_text_file
 from diffusion_blocks.models.llama3.sampler import DecodingConfig, generate
 from diffusion_blocks.inference import load_for_inference
 from diffusion_blocks.objectives import per_sample_cross_entropy
@@ -83,25 +85,29 @@ def score_under(model, prompts, continuations) -> float:
     return float(per_sample_cross_entropy(logits, continuations).mean())
 
 
+@exit_on_config_error
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
-    parser.add_argument("--job.config_file", dest="config_file", default=str(CONFIG),
+    parser.add_argument("--data", type=existing_file_arg,
+                        default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    parser.add_argument("--job.config_file", dest="config_file", type=existing_file_arg,
+                        default=str(CONFIG),
                         help="the LM job config every run starts from (a dblocks_llama3 "
                              "or a stock llama3 + diffusion_blocks converter config)")
     parser.add_argument("--init-from-e2e", action="store_true",
                         help="add a DiffusionBlocks run initialised from the end-to-end run")
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--num-blocks", type=int, default=4)
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=96,
+    parser.add_argument("--steps", type=number_arg(int, AT_LEAST_1), default=500)
+    parser.add_argument("--warmup", type=number_arg(int, NON_NEGATIVE), default=50)
+    parser.add_argument("--num-blocks", type=number_arg(int, AT_LEAST_1), default=4)
+    parser.add_argument("--prompts", type=number_arg(int, AT_LEAST_1), default=32)
+    parser.add_argument("--prompt-len", type=number_arg(int, AT_LEAST_1), default=32)
+    parser.add_argument("--new-tokens", type=number_arg(int, AT_LEAST_1), default=96,
                         help="prompt-len + new-tokens must fit [training] seq_len")
     parser.add_argument("--out", default=str(REPO / "outputs" / "lm_report"))
     parser.add_argument("--skip-training", action="store_true")
     args = parser.parse_args(argv)
 
+    check_text_file(args.data)
     out = Path(args.out)
     config = Path(args.config_file)
     train_path, val_text = split_corpus(Path(args.data), out)
@@ -125,6 +131,12 @@ def main(argv):
         runs[f"DiffusionBlocks B={args.num_blocks}, from the end-to-end weights"] = (
             blockwise("dblocks_from_e2e") + ["--checkpoint.initial_load_path", str(e2e_weights)]
         )
+    seq_len = parse_job_config(runs["end-to-end"]).training.seq_len  # every run's config checked
+    if args.prompt_len + args.new_tokens > seq_len:
+        parser.error(f"--prompt-len + --new-tokens must be <= seq_len {seq_len}")
+    for overrides in runs.values():
+        if "--checkpoint.initial_load_path" not in overrides:  # that one is trained first
+            parse_job_config(overrides, reads_data=True)
     if not args.skip_training:
         for overrides in runs.values():
             train(overrides)
@@ -138,9 +150,6 @@ def main(argv):
     prompts, truth = validation_prompts(
         val_text, tokenizer, args.prompts, args.prompt_len, args.new_tokens
     )
-    seq_len = parse_job_config(runs["end-to-end"]).training.seq_len
-    if args.prompt_len + args.new_tokens > seq_len:
-        parser.error(f"--prompt-len + --new-tokens must be <= seq_len {seq_len}")
     results = {"held-out text": {"reference": score_under(baseline, prompts, truth)}}
     samples = {}
     for name, (model, _) in models.items():

@@ -11,6 +11,7 @@ import json
 import sys
 
 import diffusion_blocks  # noqa: F401  (registers the train specs)
+from diffusion_blocks.bounds import AT_LEAST_1, number_arg
 from diffusion_blocks.config import DiffusionBlocks
 from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
 from diffusion_blocks.partition import BlockPartition
@@ -52,10 +53,10 @@ def format_table(rows: list[dict]) -> str:
 
 def partition_from_flags(argv: list[str]) -> tuple[BlockPartition, bool]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-blocks", type=int, required=True)
+    parser.add_argument("--num-blocks", type=number_arg(int, AT_LEAST_1), required=True)
     parser.add_argument("--overlap", type=float, default=0.0)
     parser.add_argument("--partition", default="equiprobable")
-    parser.add_argument("--n-layers", type=int, default=None,
+    parser.add_argument("--n-layers", type=number_arg(int, AT_LEAST_1), default=None,
                         help="model depth; default: one layer per block (layers not shown)")
     args = parser.parse_args(argv)
     section = DiffusionBlocks(

@@ -15,6 +15,9 @@ import sys
 import torch
 
 import diffusion_blocks  # noqa: F401  (registers the train specs)
+from diffusion_blocks.bounds import (
+    AT_LEAST_1, device_arg, NON_NEGATIVE, number_arg, number_list_arg, output_file_arg, SEED,
+)
 from diffusion_blocks.config_loader import ConfigError, exit_on_config_error, parse_job_config
 from diffusion_blocks.image_grid import make_grid, save_png
 from diffusion_blocks.inference import expect_model, load_model
@@ -25,24 +28,27 @@ def parse_args(argv):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--steps", type=int, default=None, help="default: [diffusion_blocks] sampling_steps")
-    parser.add_argument("--cfg-scale", type=float, default=None, help="default: [diffusion_blocks] cfg_scale")
-    parser.add_argument("--per-class", type=int, default=8)
-    parser.add_argument("--classes", default=None, help="comma-separated; default: the first 10")
-    parser.add_argument("--scale", type=int, default=4, help="pixel enlargement in the PNG")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="grid.png")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=number_arg(int, AT_LEAST_1), default=None,
+                        help="default: [diffusion_blocks] sampling_steps")
+    parser.add_argument("--cfg-scale", type=number_arg(float, NON_NEGATIVE), default=None,
+                        help="default: [diffusion_blocks] cfg_scale")
+    parser.add_argument("--per-class", type=number_arg(int, AT_LEAST_1), default=8)
+    parser.add_argument("--classes", type=number_list_arg(int, NON_NEGATIVE), default=None,
+                        help="comma-separated; default: the first 10")
+    parser.add_argument("--scale", type=number_arg(int, AT_LEAST_1), default=4,
+                        help="pixel enlargement in the PNG")
+    parser.add_argument("--seed", type=number_arg(int, SEED), default=0)
+    parser.add_argument("--out", type=output_file_arg, default="grid.png")
+    parser.add_argument("--device", type=device_arg, default="cpu")
     return parser.parse_known_args(argv)
 
 
-def class_list(spec: str | None, num_classes: int) -> list[int]:
-    if spec is None:
+def class_list(classes: list[int] | None, num_classes: int) -> list[int]:
+    if classes is None:
         return list(range(min(num_classes, 10)))
-    classes = [int(c) for c in spec.split(",") if c.strip()]
     bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad or not classes:
-        raise ConfigError(f"--classes {spec!r}: classes must lie in [0, {num_classes})")
+    if bad:
+        raise ConfigError(f"--classes {bad}: classes must lie in [0, {num_classes})")
     return classes
 
 
@@ -54,8 +60,6 @@ def main(argv=None) -> None:
     section = job_config.diffusion_blocks
     steps = args.steps or section.sampling_steps
     cfg_scale = section.cfg_scale if args.cfg_scale is None else args.cfg_scale
-    if steps < 1 or args.per_class < 1:
-        raise ConfigError("--steps and --per-class must be >= 1")
     device = torch.device(args.device)
     model, _ = load_model(job_config, args.checkpoint, device)
     classes = class_list(args.classes, model.model_args.num_classes)

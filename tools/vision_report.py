@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "plugins"))
 
+from diffusion_blocks.bounds import number_arg, SEED  # noqa: E402
 from diffusion_blocks.config_loader import parse_job_config  # noqa: E402
 
 
@@ -221,7 +222,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "outputs" / "vision_report"))
     parser.add_argument("--sequential", action="store_true", help="one training at a time")
     parser.add_argument("--quick", action="store_true", help="a few steps each: pipeline check only")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--seed", type=number_arg(int, SEED), default=None,
                         help="--debug.seed and --diffusion_blocks.seed of every run (default: the configs')")
     parser.add_argument("--phases", nargs="+", choices=["vit", "dit"], default=["vit", "dit"])
     args = parser.parse_args()

@@ -17,9 +17,11 @@ What this adds to torchtitan 0.2.2 (which loads exactly one TOML file):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib
+import io
 import os
 import sys
 import types
@@ -38,6 +40,7 @@ from torchtitan.config import JobConfig as TitanJobConfig
 from . import config as dblocks_config
 
 EXTENDS_KEY = "extends"
+CLI_ORIGIN = "command line"  # origins of --section.key flags read "command line (--flag)"
 CUSTOM_CONFIG_MODULE = "diffusion_blocks.config"
 
 
@@ -70,6 +73,9 @@ def _load_with_parents(path: Path, stack: list[Path]):
     if path in stack:
         chain = " -> ".join(str(p) for p in [*stack, path])
         raise ConfigError(f"{stack[-1]}: cyclic 'extends' chain: {chain}")
+    if path.is_dir():
+        where = f"{stack[-1]}: 'extends' names {path}" if stack else f"config file {path}"
+        raise ConfigError(f"{where}, which is a directory; name a TOML file")
     if not path.is_file():
         if stack:
             raise ConfigError(f"{stack[-1]}: 'extends' names {path}, which does not exist")
@@ -271,7 +277,7 @@ def _cli_origin(args: list[str], section: str, key: str) -> str | None:
     for arg in args:
         name = arg.split("=", 1)[0].replace("-", "_")
         if name == f"__{section}.{key}":
-            return f"command line ({arg.split('=', 1)[0]})"
+            return f"{CLI_ORIGIN} ({arg.split('=', 1)[0]})"
     return None
 
 
@@ -290,38 +296,146 @@ def _import_for(module_path: str, setting: str, where: str):
         ) from None
 
 
-def parse_job_config(args: list[str] | None = None):
+def parse_job_config(args: list[str] | None = None, *, reads_data: bool = False):
     """Parse CLI args (with --job.config_file) into a validated JobConfig.
 
     Raises ConfigError with a one-paragraph message for any user mistake.
+    reads_data: the caller reads the dataset (training, scoring): its local files must
+    exist. Tools that only build the model (sizes, memory, sampling) pass False.
     """
     args = list(sys.argv[1:] if args is None else args)
     for (section, key), message in MOVED_KEYS.items():
         flag = _cli_origin(args, section, key)
         if flag:
             raise ConfigError(f"{flag}: '{section}.{key}' {message}")
+    if _cli_value(args, "job", "config_file") is None and _cli_value(args, "model", "name") is None:
+        raise ConfigError(
+            "no job config given: add --job.config_file FILE.toml (e.g. "
+            "train_configs/llama3_debug.toml); torchtitan's defaults name no DiffusionBlocks model"
+        )
     manager = DiffusionBlocksConfigManager()
-    job_config = manager.parse_args(args)
-    origins = dict(manager.origins)
+    job_config = _parse_args(manager, args)
+    # kept for checks and for later ones that need the model (e.g. num_blocks vs n_layers)
+    origins = {**manager.origins, **_cli_origins(args)}
+    job_config.config_origins = origins
     # as torchtitan's Trainer does, but before our checks read the registries
     if job_config.experimental.custom_import:
         where = _where(args, origins, "experimental", "custom_import")
         _import_for(job_config.experimental.custom_import, "[experimental] custom_import", where)
+    resolve_paths(job_config, origins)
     for section_name, check in dblocks_config.SECTION_CHECKS.items():
-        section = getattr(job_config, section_name)
-        for key in (f.name for f in dataclasses.fields(section)):
-            cli = _cli_origin(args, section_name, key)
-            if cli:
-                origins[(section_name, key)] = cli
-        problems = check(section)
-        if problems:
-            key, problem = problems[0]
-            where = _origin_of((section_name, key), origins)
-            raise ConfigError(f"{where}: [{section_name}] {key} {problem}")
-    # kept for later checks that need the model (e.g. num_blocks vs n_layers)
-    origins.update(_cli_origins(args))
-    job_config.config_origins = origins
+        problems = [(section_name, key, problem) for key, problem in check(getattr(job_config, section_name))]
+        _raise_first(problems, origins)
+    for check in dblocks_config.JOB_CHECKS:
+        _raise_first(check(job_config), origins)
+    if reads_data:
+        _raise_first(dblocks_config.dataset_path_problems(job_config), origins)
     return job_config
+
+
+def _parse_args(manager: DiffusionBlocksConfigManager, args: list[str]):
+    """torchtitan's parse (TOML, then tyro for the flags) with its user errors as one
+    ConfigError line: tyro's boxed CLI errors (an unknown flag, a bad value), and the
+    checks in torchtitan's dataclasses' __post_init__ (e.g. [validation] steps)."""
+    out, err = io.StringIO(), io.StringIO()
+
+    def replay():
+        sys.stdout.write(out.getvalue())
+        sys.stderr.write(err.getvalue())
+
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            job_config = manager.parse_args(args)
+    except ConfigError:
+        replay()
+        raise
+    except SystemExit as e:
+        if e.code in (0, None):  # --help
+            replay()
+            raise
+        raise ConfigError(f"{CLI_ORIGIN}: {_one_line(err.getvalue() + out.getvalue())}") from None
+    except (AssertionError, ValueError) as e:
+        replay()
+        section = _post_init_section(e, manager.config_cls)
+        if section is None:
+            raise
+        where = next(
+            (origin for key, origin in _cli_origins(args).items() if key[0] == section),
+            _origin_of((section,), manager.origins),
+        )
+        raise ConfigError(f"{where}: [{section}] {e}") from None
+    replay()
+    return job_config
+
+
+def _one_line(box: str) -> str:
+    """tyro's error box (captured, so drawn with ASCII rules: a title, the message, maybe
+    'Perhaps you meant:' flags, a help hint) as one line: the message and the flags."""
+    parts, part = [], []
+    for line in box.splitlines() + [""]:
+        text = line.strip().strip("│╭╮╰╯|").strip()
+        if not text or set(text) <= set("─━-=+ "):
+            if part:
+                parts.append(part)
+            part = []
+        else:
+            part.append(text)
+    parts = [p for p in parts if not p[0].startswith("For full helptext")]
+    if not parts:
+        return "invalid command line"
+    suggestions = [p for p in parts if p[0].startswith("Perhaps you meant")]
+    message = " ".join((parts[1] if len(parts) > 1 else parts[0]))
+    flags = [t.split()[0] for p in suggestions for t in p[1:] if t.startswith("--")]
+    if flags:
+        message += f"; perhaps you meant {', '.join(flags)}"
+    return message
+
+
+def _post_init_section(error: BaseException, config_cls: type) -> str | None:
+    """The section whose dataclass __post_init__ raised `error`, if one did."""
+    tb, failing = error.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "__post_init__":
+            failing = type(tb.tb_frame.f_locals.get("self"))
+        tb = tb.tb_next
+    if failing is None:
+        return None
+    hints = typing.get_type_hints(config_cls)
+    return next((name for name, tp in hints.items() if tp is failing), None)
+
+
+def _raise_first(problems: list[tuple[str, str, str]], origins) -> None:
+    """ConfigError for the first (section, key, problem), naming the file or flag that
+    set the key ('dataloader.num_workers' is the nested key [training.dataloader])."""
+    if problems:
+        section, key, problem = problems[0]
+        where = _origin_of((section, *key.split(".")), origins)
+        raise ConfigError(f"{where}: [{section}] {key} {problem}")
+
+
+# keys that name local files: a relative value is read from the folder of the config
+# file that sets it (the working directory for a command-line value). Only where
+# the dataset is one of ours that reads local files: torchtitan's own datasets keep
+# torchtitan's meaning of dataset_path (a hub name or a path from the working directory).
+def _local_dataset_path_keys(job_config) -> list[tuple[str, str]]:
+    local = dblocks_config.local_datasets()
+    return [
+        (section, "dataset_path") for section in ("training", "validation")
+        if getattr(job_config, section).dataset in local
+    ]
+
+
+def resolve_paths(job_config, origins: dict[tuple[str, ...], str]) -> None:
+    """Make the path-valued keys absolute, in place (see _local_dataset_path_keys)."""
+    for section, key in _local_dataset_path_keys(job_config):
+        value = getattr(getattr(job_config, section), key)
+        if not value:
+            continue
+        origin = origins.get((section, key), "")
+        set_in_file = origin and not origin.startswith(CLI_ORIGIN)
+        folder = Path(origin).parent if set_in_file else Path.cwd()
+        resolved = os.path.normpath(folder / Path(value).expanduser())
+        setattr(getattr(job_config, section), key, resolved)
 
 
 def _cli_origins(args: list[str]) -> dict[tuple[str, ...], str]:
@@ -331,7 +445,7 @@ def _cli_origins(args: list[str]) -> dict[tuple[str, ...], str]:
         flag = arg.split("=", 1)[0]
         if flag.startswith("--") and "." in flag:
             key_path = tuple(flag[2:].replace("-", "_").split("."))
-            found[key_path] = f"command line ({flag})"
+            found[key_path] = f"{CLI_ORIGIN} ({flag})"
     return found
 
 

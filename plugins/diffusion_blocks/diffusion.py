@@ -147,6 +147,27 @@ def sample_sigma(
     return sigma.clamp(lo, hi)
 
 
+def sample_sigma_log_uniform(
+    num_samples: int,
+    lo: float,
+    hi: float,
+    schedule: NoiseSchedule,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Draw sigmas with ln(sigma) uniform on [ln lo, ln hi] (float64, on the generator's
+    device): every octave of the interval gets the same share, whatever the log-normal."""
+    u = torch.rand(num_samples, generator=generator, dtype=torch.float64, device=generator.device)
+    sigma = lo * torch.exp(u * math.log(hi / lo))
+    return sigma.clamp(lo, hi)
+
+
+# How a block draws its training sigmas inside its interval (`block0_sigma_sampling`)
+SIGMA_LAWS: dict[str, Callable[..., torch.Tensor]] = {
+    "lognormal": sample_sigma,
+    "log_uniform": sample_sigma_log_uniform,
+}
+
+
 # ---------------------------------------------------------------------------
 # EDM preconditioning and loss weight (s = sigma, sd = sigma_data)
 
@@ -176,28 +197,40 @@ def denoised_estimate(
     z: torch.Tensor, network_output: torch.Tensor, sigma: torch.Tensor, sigma_data: float
 ) -> torch.Tensor:
     """D = c_skip * z + c_out * h, sigma broadcast over the trailing dimensions of z."""
-    sigma = _broadcastable(sigma, z)
+    sigma = broadcast_sigma(sigma, z)
     return c_skip(sigma, sigma_data) * z + c_out(sigma, sigma_data) * network_output
 
 
-def _broadcastable(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return sigma.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+def broadcast_sigma(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """sigma (one per sample, (B,), or one per row, e.g. (B, T)) with trailing unit
+    dimensions added to match `like` (e.g. z of shape (B, T, D)), in like's dtype."""
+    trailing = [1] * (like.dim() - sigma.dim())
+    return sigma.to(like.dtype).reshape(*sigma.shape, *trailing)
 
 
 # ---------------------------------------------------------------------------
 # Sampling
 
 
-def sampling_sigmas(num_steps: int, schedule: NoiseSchedule) -> list[float]:
-    """num_steps + 1 equi-probability points of the truncated log-normal, descending,
-    both ends included."""
+def sampling_sigmas(
+    num_steps: int, schedule: NoiseSchedule, start_sigma: float | None = None
+) -> list[float]:
+    """num_steps + 1 equi-probability points of the log-normal truncated to
+    [sigma_min, start_sigma], descending, both ends included. start_sigma defaults to
+    sigma_max (the whole training range)."""
+    start = schedule.sigma_max if start_sigma is None else start_sigma
+    if not schedule.sigma_min < start <= schedule.sigma_max:
+        raise ValueError(
+            f"start sigma {start} must lie in (sigma_min, sigma_max] = "
+            f"({schedule.sigma_min}, {schedule.sigma_max}]"
+        )
     q_min = lognormal_cdf(schedule.sigma_min, schedule)
-    q_max = lognormal_cdf(schedule.sigma_max, schedule)
+    q_max = lognormal_cdf(start, schedule)
     inner = [
         lognormal_icdf(q_min + (k / num_steps) * (q_max - q_min), schedule)
         for k in range(1, num_steps)
     ]
-    return [schedule.sigma_max, *reversed(inner), schedule.sigma_min]
+    return [start, *reversed(inner), schedule.sigma_min]
 
 
 @dataclass(frozen=True)
@@ -208,12 +241,14 @@ class EulerStep:
 
 
 def sampling_plan(
-    num_steps: int, boundaries: list[float], schedule: NoiseSchedule
+    num_steps: int, boundaries: list[float], schedule: NoiseSchedule,
+    start_sigma: float | None = None,
 ) -> list[EulerStep]:
-    """The Euler steps from sigma_max to sigma_min, each with the block that owns its
-    starting sigma. Grid points within 1e-9 (relative) of a block boundary are snapped
-    onto it so float rounding cannot hand a step to the wrong block."""
-    grid = sampling_sigmas(num_steps, schedule)
+    """The Euler steps from start_sigma (default sigma_max) to sigma_min, each with the
+    block that owns its starting sigma; blocks whose interval lies wholly above
+    start_sigma take no step. Grid points within 1e-9 (relative) of a block boundary
+    are snapped onto it so float rounding cannot hand a step to the wrong block."""
+    grid = sampling_sigmas(num_steps, schedule, start_sigma)
     for i, sigma in enumerate(grid):
         for boundary in boundaries:
             if abs(sigma - boundary) <= 1e-9 * boundary:

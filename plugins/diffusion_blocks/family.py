@@ -5,7 +5,9 @@ twin's model class and its task. Each family builds one `ModelFamily` in its fol
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
+
+from torch import nn
 
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
@@ -30,6 +32,9 @@ class ModelFamily:
     generate_text: Callable | None = None
     """`generate_text(model, prompt_BT, DecodingConfig, max_context) -> tokens_BT` for
     the denoiser and its twin (tools/generate.py); None for families without text."""
+    embedding_parameters: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None
+    """The parameters `[diffusion_blocks] embedding_lr_multiplier` acts on (None: the
+    family has no such option)."""
 
 
 def blockwise_train_spec(

@@ -104,7 +104,8 @@ def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to two (N, F) feature sets (float64)."""
     mu_a, mu_b = features_a.mean(0), features_b.mean(0)
-    cov_a, cov_b = torch.cov(features_a.T), torch.cov(features_b.T)
+    # (F, F) even for F = 1 (torch.cov of a single variable is 0-d)
+    cov_a, cov_b = torch.atleast_2d(torch.cov(features_a.T)), torch.atleast_2d(torch.cov(features_b.T))
     root_a = _sqrtm_psd(cov_a)
     # tr((S_a^1/2 S_b S_a^1/2)^1/2) = tr((S_a S_b)^1/2); the symmetric form is stable
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()

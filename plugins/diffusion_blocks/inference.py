@@ -5,7 +5,10 @@ checkpointing or compile) plus the model weights from a torchtitan checkpoint.
 torchtitan's CheckpointManager writes a DCP checkpoint whose top-level keys are the
 model's parameter names (it flattens the model state into the top level), next to
 `optimizer`, `lr_scheduler`, `dataloader` and `train_state` entries on full saves. Only
-the model keys are read, so both full and model-only (last step) saves load.
+the model keys are read, so both full and model-only (last step) saves load. A
+checkpoint saved with a run identity (run_identity.py) must match the config's: another
+model, partition, noise setting or `[diffusion_blocks] enable` is refused with one line
+naming the key and both values (the weights would load and produce garbage).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torchtitan.distributed import ParallelDims
 
 from .config_loader import ConfigError
+from .run_identity import check_identity, run_identity
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -56,6 +60,15 @@ def build_for_inference(job_config, device: torch.device):
     return model.eval(), run.spec, run.family
 
 
+def check_checkpoint_fits(job_config, model, step_folder: Path) -> None:
+    """ConfigError unless the checkpoint's saved identity (if any) is the config's."""
+    partition = model.partition if job_config.diffusion_blocks.enable else None
+    check_identity(
+        step_folder, run_identity(job_config, partition),
+        "Use the config (and --section.key overrides) the checkpoint was trained with",
+    )
+
+
 def load_model_weights(model: torch.nn.Module, step_folder: Path) -> None:
     state = model.state_dict()
     stored = set(dcp.FileSystemReader(str(step_folder)).read_metadata().state_dict_metadata)
@@ -77,7 +90,9 @@ def load_model(job_config, checkpoint: str | Path | None, device: torch.device):
     """(model in eval mode, family); weights from `checkpoint` when given."""
     model, _, family = build_for_inference(job_config, device)
     if checkpoint is not None:
-        load_model_weights(model, resolve_checkpoint(checkpoint))
+        step_folder = resolve_checkpoint(checkpoint)
+        check_checkpoint_fits(job_config, model, step_folder)
+        load_model_weights(model, step_folder)
     return model, family
 
 
@@ -85,6 +100,7 @@ def load_for_inference(job_config, checkpoint: str | Path, device: str = "cpu"):
     """Build the configured model and load its weights. Returns (model, tokenizer, step_folder)."""
     model, spec, _ = build_for_inference(job_config, torch.device(device))
     step_folder = resolve_checkpoint(checkpoint)
+    check_checkpoint_fits(job_config, model, step_folder)
     load_model_weights(model, step_folder)
     tokenizer = spec.build_tokenizer_fn(job_config) if spec.build_tokenizer_fn else None
     return model, tokenizer, step_folder

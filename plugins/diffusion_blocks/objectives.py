@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from torchtitan.components.loss import IGNORE_INDEX
 
-from .diffusion import loss_weight
+from .diffusion import broadcast_sigma, loss_weight
 
 
 class LossSums(NamedTuple):
@@ -45,13 +45,14 @@ def cross_entropy_sums(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> Los
 
 
 def weighted_cross_entropy_sums(
-    logits_BTV: torch.Tensor, labels_BT: torch.Tensor, sigma_B: torch.Tensor,
+    logits_BTV: torch.Tensor, labels_BT: torch.Tensor, sigma: torch.Tensor,
     sigma_data: float,
 ) -> LossSums:
-    """sum over valid positions of w(sigma_b) * CE_bt, and of CE_bt."""
+    """sum over valid positions of w(sigma_bt) * CE_bt, and of CE_bt; sigma is one per
+    sequence (B,) or one per token (B, T)."""
     ce_BT, valid_BT = _token_cross_entropy(logits_BTV, labels_BT)
-    weight_B = loss_weight(sigma_B.to(ce_BT.dtype), sigma_data)
-    return LossSums((weight_B[:, None] * ce_BT).sum(), ce_BT.sum().detach(), valid_BT.sum())
+    weight = broadcast_sigma(loss_weight(sigma.to(ce_BT.dtype), sigma_data), ce_BT)
+    return LossSums((weight * ce_BT).sum(), ce_BT.sum().detach(), valid_BT.sum())
 
 
 def weighted_squared_error_sums(

@@ -4,6 +4,7 @@ Built once from the `[diffusion_blocks]` section and the model's layer count; th
 model, the train loop, the samplers and tools/partition.py all read it from here.
 """
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -22,6 +23,11 @@ class BlockPartition:
     sigma_boundaries: tuple[float, ...]  # ascending, B+1 values
     overlap: float
     schedule: diffusion.NoiseSchedule
+    block0_sigma_sampling: str = "lognormal"
+    """How block 0 (the highest interval) draws its training sigmas: a key of
+    diffusion.SIGMA_LAWS. Every other block draws from the truncated log-normal."""
+    sampling_sigma_max: float = 0.0
+    """The sigma samplers start from (`sampling_start_sigma`); 0 = schedule.sigma_max."""
 
     @classmethod
     def from_config(cls, section: DiffusionBlocks, n_layers: int) -> "BlockPartition":
@@ -35,6 +41,8 @@ class BlockPartition:
             sigma_boundaries=tuple(boundaries),
             overlap=section.overlap,
             schedule=schedule,
+            block0_sigma_sampling=section.block0_sigma_sampling,
+            sampling_sigma_max=section.sampling_sigma_max,
         )
 
     @classmethod
@@ -71,17 +79,41 @@ class BlockPartition:
         return diffusion.truncated_mass(*self.training_interval(block), self.schedule)
 
     def sample_training_sigmas(
-        self, block: int, num_samples: int, generator: torch.Generator
+        self, block: int, shape: int | tuple[int, ...], generator: torch.Generator
     ) -> torch.Tensor:
+        """Training sigmas of `block`, float64 tensor of `shape` (an int: that many
+        samples): the truncated log-normal on the block's widened interval, or for
+        block 0 the law `block0_sigma_sampling` names."""
+        law = self.block0_sigma_sampling if block == 0 else "lognormal"
+        return self._sample(diffusion.SIGMA_LAWS[law], block, shape, generator)
+
+    def sample_reference_sigmas(
+        self, block: int, shape: int | tuple[int, ...], generator: torch.Generator
+    ) -> torch.Tensor:
+        """Sigmas of `block` from the truncated log-normal, whatever the training law:
+        held-out figures drawn with it stay comparable across `block0_sigma_sampling`."""
+        return self._sample(diffusion.sample_sigma, block, shape, generator)
+
+    def _sample(self, law, block, shape, generator) -> torch.Tensor:
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
         lo, hi = self.training_interval(block)
-        return diffusion.sample_sigma(num_samples, lo, hi, self.schedule, generator)
+        return law(math.prod(shape), lo, hi, self.schedule, generator).view(shape)
 
     def block_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         return diffusion.block_of_sigma(sigma, list(self.sigma_boundaries))
 
-    def sampling_plan(self, num_steps: int) -> list[diffusion.EulerStep]:
+    @property
+    def sampling_start_sigma(self) -> float:
+        """Where samplers start: `[diffusion_blocks] sampling_sigma_max`, else sigma_max."""
+        return self.sampling_sigma_max or self.schedule.sigma_max
+
+    def sampling_plan(
+        self, num_steps: int, start_sigma: float | None = None
+    ) -> list[diffusion.EulerStep]:
+        """num_steps Euler steps from start_sigma (default: sigma_max, the whole range;
+        pass `sampling_start_sigma` for the configured start) down to sigma_min."""
         return diffusion.sampling_plan(
-            num_steps, list(self.sigma_boundaries), self.schedule
+            num_steps, list(self.sigma_boundaries), self.schedule, start_sigma
         )
 
 

@@ -26,6 +26,7 @@ from .data.text import build_hf_tokenizer_checked, build_tokenizer, register_tex
 from .family import ModelFamily
 from .models import dit, llama3, recurrent, vit
 from .models.llama3.converter import CONVERTER_NAME, DiffusionBlocksConverter
+from .optimizers import with_embedding_lr
 from .partition import BlockPartition
 
 FAMILIES: dict[str, ModelFamily] = {
@@ -104,9 +105,26 @@ def resolve_run_spec(job_config) -> RunSpec:
         )
     if enabled:  # a partition that does not fit the model fails here, before any work
         BlockPartition.from_job_config(job_config, spec.model_args[job_config.model.flavor].n_layers)
+        spec = with_embedding_lr_multiplier(spec, family, job_config)
     else:
         spec = dataclasses.replace(spec, model_cls=family.end_to_end_model_cls)
     return RunSpec(spec, family, enabled)
+
+
+def with_embedding_lr_multiplier(spec: TrainSpec, family: ModelFamily, job_config) -> TrainSpec:
+    """The spec with `[diffusion_blocks] embedding_lr_multiplier` applied to its
+    optimizer builder (unchanged at 1.0)."""
+    multiplier = job_config.diffusion_blocks.embedding_lr_multiplier
+    if multiplier == 1.0:
+        return spec
+    if family.embedding_parameters is None:
+        raise ConfigError(
+            f"{origin_of(job_config, 'diffusion_blocks', 'embedding_lr_multiplier')}: "
+            f"[diffusion_blocks] embedding_lr_multiplier is not supported by {family.name} "
+            "(it has no embedding parameters to single out); leave it at 1.0"
+        )
+    build = with_embedding_lr(spec.build_optimizers_fn, family.embedding_parameters, multiplier)
+    return dataclasses.replace(spec, build_optimizers_fn=build)
 
 
 def register_all() -> None:

@@ -12,7 +12,7 @@ import torch
 
 
 class BlockSchedule:
-    def __init__(self, num_blocks: int, total_steps: int, seed: int):
+    def __init__(self, num_blocks: int, total_steps: int, seed: int, weights=()):
         self.num_blocks = num_blocks
         self.total_steps = total_steps
         self.generator = torch.Generator().manual_seed(seed)
@@ -35,6 +35,26 @@ class RandomSchedule(BlockSchedule):
         return int(torch.randint(self.num_blocks, (1,), generator=self.generator))
 
 
+class WeightedSchedule(BlockSchedule):
+    """Random block choice with probabilities proportional to `weights` (one positive
+    weight per block, block 0 first): e.g. more steps for block 0, where the token is
+    decided. Same generator, broadcast and checkpointing as the random schedule."""
+
+    def __init__(self, num_blocks: int, total_steps: int, seed: int, weights=()):
+        super().__init__(num_blocks, total_steps, seed)
+        probabilities = torch.tensor(list(weights), dtype=torch.float64)
+        if probabilities.shape != (num_blocks,) or not bool(
+            torch.all(torch.isfinite(probabilities) & (probabilities > 0))
+        ):
+            raise ValueError(
+                f"block weights must be {num_blocks} finite numbers > 0, got {list(weights)}"
+            )
+        self.probabilities = probabilities / probabilities.sum()
+
+    def block_for_step(self, step: int) -> int:
+        return int(torch.multinomial(self.probabilities, 1, generator=self.generator))
+
+
 class RoundRobinSchedule(BlockSchedule):
     def block_for_step(self, step: int) -> int:
         return (step - 1) % self.num_blocks
@@ -49,10 +69,14 @@ class SequentialSchedule(BlockSchedule):
 
 BLOCK_SCHEDULES: dict[str, Callable[..., BlockSchedule]] = {
     "random": RandomSchedule,
+    "weighted": WeightedSchedule,
     "round_robin": RoundRobinSchedule,
     "sequential": SequentialSchedule,
 }
 
 
-def build_block_schedule(name: str, num_blocks: int, total_steps: int, seed: int) -> BlockSchedule:
-    return BLOCK_SCHEDULES[name](num_blocks, total_steps, seed)
+def build_block_schedule(
+    name: str, num_blocks: int, total_steps: int, seed: int, weights=()
+) -> BlockSchedule:
+    """`weights`: the weighted schedule's per-block weights (ignored by the others)."""
+    return BLOCK_SCHEDULES[name](num_blocks, total_steps, seed, weights)

@@ -2,7 +2,9 @@
 DiffusionBlocks. Each family's task lives in its folder (models/<family>/task.py).
 
 A task keeps the train loop free of per-architecture if-chains: the loop picks the
-block and the sigmas, the task noises the target, runs the model and scores it. Losses
+block and the sigmas (one per sample, shape (B,); with `[diffusion_blocks]
+sigma_per_token`, one per label token, (B, T), for models that say `sigma_per_token`),
+the task noises the target, runs the model and scores it. Losses
 are sums over the microbatch's items with their count (objectives.LossSums); the loop
 divides by the global item count, as torchtitan does.
 """

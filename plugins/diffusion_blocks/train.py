@@ -11,10 +11,14 @@ processor, validator, profiling, GC, the train loop). What changes is only:
 - the step: each step trains ONE block, chosen identically on every rank; each sample
   gets a sigma from the block's widened interval; the family's task computes the
   w(sigma)-weighted loss, and only that block's layers run (`forward_backward_step`,
-  `train_step`, which also clips block-parallel runs with one global coefficient and
-  stops before stepping on a non-finite gradient norm);
+  `train_step`, which also clips block-parallel runs with one global coefficient);
+- a step is committed only if it is finite: before the optimizer steps, the loss and
+  the gradient norm are checked on every rank; a non-finite one stops the run or
+  skips the step (`[diffusion_blocks] on_nonfinite`, `max_nonfinite_skips`);
 - per-block bookkeeping (steps and running CE per block, in the log and TensorBoard);
-- extra checkpointed state (block-choice, sigma and noise generators; the partition).
+- extra checkpointed state (block-choice, sigma and noise generators; the partition;
+  the count of skipped steps), and the run's identity and restart marker handed to
+  the checkpointer and metrics.jsonl.
 With `[diffusion_blocks] enable = false` the same trainer trains the end-to-end twin.
 The train spec it is given comes from `registry.resolve_run_spec`; the CPU adaptation
 of torchtitan's module-level CUDA names lives in `titan_compat`.
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from torchtitan.components.dataloader import DataloaderExhaustedError
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.train import Trainer
@@ -42,6 +47,7 @@ from .config_loader import ConfigError, exit_on_config_error, origin_of, parse_j
 from .metrics import BLOCKWISE_PREFIX
 from .parallelize import check_supported_parallelism
 from .registry import resolve_run_spec
+from .run_identity import run_identity
 from .schedules import build_block_schedule
 
 # what torchrun sets; a plain `python -m diffusion_blocks.train` is one process
@@ -130,9 +136,10 @@ class StepTotals:
     def zeros(cls, num_rows: int, device) -> "StepTotals":
         return cls(torch.zeros(num_rows, 4, dtype=torch.float64, device=device))
 
-    def add(self, row: int, unweighted_sum, num_items, sigma_B: torch.Tensor | None) -> None:
-        sigma_sum = float(sigma_B.sum()) if sigma_B is not None else 0.0
-        samples = len(sigma_B) if sigma_B is not None else 0
+    def add(self, row: int, unweighted_sum, num_items, sigma: torch.Tensor | None) -> None:
+        """sigma: the step's noise levels, one per sample or one per token (any shape)."""
+        sigma_sum = float(sigma.sum()) if sigma is not None else 0.0
+        samples = sigma.numel() if sigma is not None else 0
         self.sums_B4[row] += torch.stack([
             unweighted_sum.detach().double(), num_items.double(),
             torch.tensor(sigma_sum, dtype=torch.float64, device=self.sums_B4.device),
@@ -161,8 +168,10 @@ class BlockwiseTrainer(Trainer):
             self.partition = self.model.partition
             self.num_blocks = self.partition.num_blocks
             self.block_schedule = build_block_schedule(
-                section.block_schedule, self.num_blocks, job_config.training.steps, section.seed
+                section.block_schedule, self.num_blocks, job_config.training.steps,
+                section.seed, section.block_weights,
             )
+            check_sigma_per_token(job_config, self.model)
             self.block_stats = BlockStats.empty(self.num_blocks)
             self.metrics_processor.num_flops_per_token = blockwise_flops_per_token(
                 self.model, job_config.training.seq_len, self.metrics_processor.num_flops_per_token
@@ -171,6 +180,12 @@ class BlockwiseTrainer(Trainer):
             self.partition, self.num_blocks = None, 0
             self.block_schedule, self.block_stats = None, None
         self.block: int | None = None
+        self.nonfinite_skips = 0  # steps skipped for a non-finite loss or gradient norm
+        self.checkpointer.set_run(
+            run_identity(job_config, self.partition),
+            job_config.checkpoint.allow_fresh_start,
+            self.metrics_processor.mark_restart,
+        )
         # per-rank generators for sigmas (CPU, float64) and noise (on the device)
         self.sigma_generator = torch.Generator().manual_seed(section.seed * 1000 + 1 + self.rank)
         self.noise_generator = torch.Generator(self.device).manual_seed(
@@ -211,7 +226,8 @@ class BlockwiseTrainer(Trainer):
         config = self.job_config
         section = config.diffusion_blocks
         mode = (
-            f"DiffusionBlocks B={self.num_blocks} ({section.block_schedule} schedule, "
+            f"DiffusionBlocks B={self.num_blocks} ({section.block_schedule} schedule"
+            f"{f' {section.block_weights}' if section.block_weights else ''}, "
             f"{section.partition} partition, overlap {section.overlap})"
             if self.enabled else "end-to-end (diffusion_blocks disabled)"
         )
@@ -240,6 +256,7 @@ class BlockwiseTrainer(Trainer):
             # per-rank generators under per-rank keys, as torchtitan does for dataloaders
             f"sigma_rng_rank{self.rank}": self.sigma_generator.get_state(),
             f"noise_rng_rank{self.rank}": self.noise_generator.get_state(),
+            "nonfinite_skips": self.nonfinite_skips,
         })
         if self.enabled:
             state["block_schedule"] = self.block_schedule.state_dict()
@@ -266,6 +283,7 @@ class BlockwiseTrainer(Trainer):
             self.block_stats.steps = list(state["block_steps"])
             self.block_stats.running_ce = list(state["block_running_ce"])
         super().load_state_dict(state)
+        self.nonfinite_skips = state["nonfinite_skips"]
         for key, generator in (
             (f"sigma_rng_rank{self.rank}", self.sigma_generator),
             (f"noise_rng_rank{self.rank}", self.noise_generator),
@@ -286,6 +304,23 @@ class BlockwiseTrainer(Trainer):
             block = int(chosen.item())
         return block
 
+    def batch_generator(self, data_iterable):
+        """torchtitan's, except that running out of data stops the run with an error.
+        torchtitan ends the run there as if it were done (a warning, exit 0, no
+        checkpoint of the steps since the last interval save). The text and image
+        datasets re-loop; only a finite dataloader gets here."""
+        try:
+            yield from super().batch_generator(data_iterable)
+        except DataloaderExhaustedError:
+            training = self.job_config.training
+            raise ConfigError(
+                f"{origin_of(self.job_config, 'training', 'steps')}: the training data ran "
+                f"out at step {self.step} of [training] steps = {training.steps} "
+                f"([training] dataset {training.dataset!r} is finite); step {self.step} was "
+                "not trained and nothing after the last checkpoint was saved. Lower "
+                "[training] steps or give the dataloader more data"
+            ) from None
+
     def post_dataloading_process(self, input_dict, labels):
         if self.enabled:  # the denoiser builds its own [clean ; noisy] attention mask
             return input_dict["input"], labels, {}, {}
@@ -296,16 +331,16 @@ class BlockwiseTrainer(Trainer):
         (torchtitan's convention), backward; returns the detached scaled loss."""
         _, labels, _, extra_kwargs = self.post_dataloading_process(input_dict, labels)
         task = self.family.task
-        sigma_B = None
+        sigma = None
         with self.train_context():
             with self.maybe_enable_amp:
                 if self.enabled:
-                    sigma_B = self.partition.sample_training_sigmas(
-                        self.block, labels.shape[0], self.sigma_generator
+                    sigma = self.partition.sample_training_sigmas(
+                        self.block, self.sigma_shape(labels), self.sigma_generator
                     )
                     sums = task.denoiser_loss(
                         self.model, input_dict, labels, self.block,
-                        sigma_B.to(self.device, torch.float32), self.noise_generator,
+                        sigma.to(self.device, torch.float32), self.noise_generator,
                     )
                 else:
                     sums = task.end_to_end_loss(
@@ -313,8 +348,15 @@ class BlockwiseTrainer(Trainer):
                     )
                 loss = sums.loss_sum / global_valid_tokens
             loss.backward()
-        self.step_totals.add(self.block or 0, sums.unweighted_sum, sums.num_items, sigma_B)
+        self.step_totals.add(self.block or 0, sums.unweighted_sum, sums.num_items, sigma)
         return loss.detach()
+
+    def sigma_shape(self, labels: torch.Tensor) -> tuple[int, ...]:
+        """One sigma per sample (B,), or with `sigma_per_token` one per label token
+        (B, T) (check_sigma_per_token made sure the model takes them)."""
+        if self.job_config.diffusion_blocks.sigma_per_token:
+            return tuple(labels.shape[:2])
+        return tuple(labels.shape[:1])
 
     def normalisation_mesh(self):
         """Ranks whose items a loss is divided by: the data-parallel ranks, or in a
@@ -359,25 +401,91 @@ class BlockwiseTrainer(Trainer):
             ))
 
         grad_norm = self.clip_gradients()
-        if not torch.isfinite(grad_norm):
-            where = f" (block {self.block})" if self.block is not None else ""
-            raise FloatingPointError(
-                f"gradient norm is {float(grad_norm)} at step {self.step}{where}: nothing "
-                "was stepped or saved at this step. Lower [optimizer] lr or [training] "
-                "max_norm, or resume from the last checkpoint"
-            )
-        self.checkpointer.maybe_wait_for_staging()
-        self.optimizers.step()
-        self.lr_schedulers.step()
+        problem = self.nonfinite_problem(losses, grad_norm)
+        if problem is None:
+            self.checkpointer.maybe_wait_for_staging()
+            self.optimizers.step()
+            self.lr_schedulers.step()
+            step_metrics = self.update_block_stats()
+        else:
+            self.handle_nonfinite_step(problem)  # skips the step, or raises
 
-        step_metrics = self.update_block_stats()
         if self.layout is not None and (self.checkpoint_due() or self.validation_due()):
             # every rank needs every block's current weights to save or validate
             block_parallel.synchronize_blocks(self.model, self.optimizers, self.layout)
-        if not self.metrics_processor.should_log(self.step):
+        if problem is not None or not self.metrics_processor.should_log(self.step):
             return
         self.log_step(torch.sum(torch.stack(losses)), local_items, global_items, grad_norm,
                       lr, step_metrics)
+
+    def nonfinite_problem(self, losses, grad_norm) -> str | None:
+        """What is not finite at this step (the same answer on every rank), or None.
+
+        The loss of every block trained at this step (a block-parallel step trains
+        all of them) is summed over the ranks, so a non-finite loss on any rank is
+        seen by all; the gradient norm is already global."""
+        loss_per_block = torch.zeros(max(self.num_blocks, 1), dtype=torch.float64, device=self.device)
+        loss_per_block[self.block or 0] = torch.stack(losses).sum().double()
+        if dist.get_world_size() > 1:
+            dist.all_reduce(loss_per_block, op=dist.ReduceOp.SUM)
+        losses_B = loss_per_block.tolist()
+        bad_losses = [b for b, x in enumerate(losses_B) if not math.isfinite(x)]
+        norm = float(grad_norm)
+        if not bad_losses and math.isfinite(norm):
+            return None
+        trained = list(range(self.num_blocks)) if self.layout is not None else [self.block]
+        what = []
+        if bad_losses:
+            what.append(f"the loss is {', '.join(str(losses_B[b]) for b in bad_losses)}")
+            trained = bad_losses if self.enabled else trained
+        if not math.isfinite(norm):
+            what.append(f"the gradient norm is {norm}")
+        return f"step {self.step}: {' and '.join(what)} on {self.describe_blocks(trained)}"
+
+    def describe_blocks(self, blocks: list[int | None]) -> str:
+        """'block 2 (layers 4-5, sigma in [0.18, 0.51])', or the end-to-end model."""
+        if not self.enabled:
+            return "the end-to-end model"
+        parts = []
+        for block in blocks:
+            layers = self.partition.layer_ranges[block]
+            lo, hi = self.partition.training_interval(block)
+            parts.append(
+                f"block {block} (layers {layers.start}-{layers.stop - 1}, "
+                f"sigma in [{lo:.4g}, {hi:.4g}])"
+            )
+        return ", ".join(parts)
+
+    def handle_nonfinite_step(self, problem: str) -> None:
+        """`[diffusion_blocks] on_nonfinite`: 'stop' raises; 'skip' drops the gradients,
+        so neither the optimizer nor the LR schedule steps (the step counter, this
+        step's batch and block draw are used up), until more than
+        `max_nonfinite_skips` steps of the run were skipped."""
+        section = self.job_config.diffusion_blocks
+        advice = (
+            "nothing was stepped at this step and nothing non-finite was saved. Lower "
+            "[optimizer] lr or [training] max_norm (or set [diffusion_blocks] "
+            "on_nonfinite = 'skip') and resume from the last checkpoint"
+        )
+        if section.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"{problem}: stopped ([diffusion_blocks] on_nonfinite = 'stop'); {advice}"
+            )
+        self.nonfinite_skips += 1
+        if self.nonfinite_skips > section.max_nonfinite_skips:
+            raise FloatingPointError(
+                f"{problem}: stopped, that is {self.nonfinite_skips} non-finite steps in "
+                f"this run, more than [diffusion_blocks] max_nonfinite_skips = "
+                f"{section.max_nonfinite_skips}; {advice}"
+            )
+        self.optimizers.zero_grad()
+        logger.warning(
+            f"{problem}: step skipped ({self.nonfinite_skips} of at most "
+            f"{section.max_nonfinite_skips}); the optimizer and the LR schedule did not step"
+        )
+        self.metrics_processor.log_event(
+            self.step, "nonfinite_skip", problem=problem, skips=self.nonfinite_skips
+        )
 
     def update_block_stats(self) -> dict[str, float]:
         """Sum this step's per-block totals over all ranks; update the per-block stats."""
@@ -427,6 +535,17 @@ class BlockwiseTrainer(Trainer):
 
     def validation_due(self) -> bool:
         return self.job_config.validation.enable and self.validator.should_validate(self.step)
+
+
+def check_sigma_per_token(job_config, model) -> None:
+    """`sigma_per_token` needs a model that conditions each row on its own sigma (it
+    says so with `sigma_per_token = True`, set from the same config key)."""
+    if job_config.diffusion_blocks.sigma_per_token and not getattr(model, "sigma_per_token", False):
+        raise ConfigError(
+            f"{origin_of(job_config, 'diffusion_blocks', 'sigma_per_token')}: [diffusion_blocks] "
+            f"sigma_per_token needs a token-sequence denoiser (dblocks_llama3); "
+            f"{type(model).__name__} takes one sigma per sample"
+        )
 
 
 @torch.no_grad()
@@ -488,7 +607,7 @@ def main(argv: list[str] | None = None) -> None:
     close; destroy the process group), with our composable, checked config."""
     init_logger()
     use_single_process_env()
-    job_config = parse_job_config(argv)
+    job_config = parse_job_config(argv, reads_data=True)
     trainer = None
     try:
         trainer = BlockwiseTrainer(job_config)

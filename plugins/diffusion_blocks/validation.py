@@ -2,8 +2,10 @@
 dataloader, schedule and metrics processor) for block-wise models.
 
 - DenoiserValidator (LM): torchtitan's Validator; a denoiser is scored block by block
-  on the same held-out batches, each block at sigmas drawn from its own (widened)
-  training interval with a fixed seed, so figures are comparable across validations.
+  on the same held-out batches, each block at sigmas drawn from the truncated
+  log-normal on its own (widened) training interval with a fixed seed, one per sequence
+  (whatever `block0_sigma_sampling` and `sigma_per_token` say), so figures are
+  comparable across validations and across those settings.
   Logged: validation_metrics/loss (the mean of the blocks' weighted losses: the
   training objective under a uniform block choice), validation_metrics/ce, and
   validation_metrics/block{b}/loss and /ce. The end-to-end twin is validated by
@@ -65,7 +67,7 @@ class DenoiserValidator(Validator):
                 self.metrics_processor.ntokens_since_last_log += labels.numel()
                 input_dict = {k: v.to(device) for k, v in input_dict.items()}
                 labels = labels.to(device)
-                sigma_B = partition.sample_training_sigmas(block, labels.shape[0], sigma_generator)
+                sigma_B = partition.sample_reference_sigmas(block, labels.shape[0], sigma_generator)
                 with self.validation_context(), self.maybe_enable_amp:
                     sums = self.task.denoiser_loss(
                         model, input_dict, labels, block,

@@ -8,7 +8,8 @@
   the class indices), decoded by Pillow, converted to the model's channels and resized
   to its image size. Explicit splits: `<path>/train/<class>/...` and `<path>/test/...`.
 - `npz`: a NumPy archive with `images` (N, H, W) or (N, H, W, C) and `labels` (N,);
-  uint8 images are read as 0..255, float images must lie in [0, 1]. Explicit test
+  uint8 images are read as 0..255, float images must be finite and lie in [0, 1];
+  labels are integer class indices. Explicit test
   split: `test_images` and `test_labels`.
 
 Without an explicit test split, `[data] holdout_fraction` of every class (a fixed,
@@ -16,17 +17,21 @@ seeded choice) is the test split. Training batches come from torchtitan's
 ParallelAwareDataloader over `ShuffledImageDataset`: infinite, reshuffled each epoch
 identically on every rank, each data-parallel rank taking its own share, and Stateful
 so a checkpoint resumes mid-epoch. Batches are `({"input": images_BCHW}, labels_B)`.
+`[data] augment = "crop_flip"` crops and flips the training stream's images (`CropFlip`);
+the test split is never augmented.
 """
 
 from __future__ import annotations
 
 import functools
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset
 
@@ -117,13 +122,20 @@ def _class_folders(root: Path) -> list[Path]:
 
 
 def _decode(path: Path, shape: ImageShape) -> np.ndarray:
+    """The image at `path` as uint8 (size, size, channels); a file Pillow cannot read
+    whole (truncated, corrupt, not an image) is a ValueError naming it."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        image = image.convert("L" if shape.channels == 1 else "RGB")
-        if image.size != (shape.size, shape.size):
-            image = image.resize((shape.size, shape.size), Image.Resampling.BICUBIC)
-        array = np.asarray(image, dtype=np.uint8)
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if shape.channels == 1 else "RGB")  # decodes it all
+            if image.size != (shape.size, shape.size):
+                image = image.resize((shape.size, shape.size), Image.Resampling.BICUBIC)
+            array = np.asarray(image, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # Pillow: UnidentifiedImageError (an OSError), "image file is truncated", ...
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path} is not a readable image: {reason}") from None
     return array[..., None] if array.ndim == 2 else array
 
 
@@ -135,7 +147,10 @@ def _read_class_tree(root: Path, class_names: list[str], shape: ImageShape) -> I
                 f"{folder} is a class folder that the training split does not have; "
                 f"training classes: {class_names}"
             )
-        for file in _image_files(folder):
+        files = _image_files(folder)
+        if not files:
+            raise ValueError(f"class folder {folder} holds no images")
+        for file in files:
             images.append(_decode(file, shape))
             labels.append(class_names.index(folder.name))
     if not images:
@@ -145,7 +160,7 @@ def _read_class_tree(root: Path, class_names: list[str], shape: ImageShape) -> I
 
 
 def load_image_folder(path: str | None, shape: ImageShape) -> LoadedImages:
-    root = _existing_path(path, "image_folder", "a folder with one sub-folder per class")
+    root = _existing_path(path, "image_folder")
     if not root.is_dir():
         raise ValueError(f"[training] dataset_path {str(root)!r} is not a folder")
     has_splits = (root / "train").is_dir()
@@ -161,8 +176,18 @@ def load_image_folder(path: str | None, shape: ImageShape) -> LoadedImages:
     return LoadedImages(train, test)
 
 
+def _npz_array(archive, key: str, file: Path) -> np.ndarray:
+    try:
+        return archive[key]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        # a damaged member, or an object array (pickles are not loaded)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{file}: '{key}' cannot be read: {reason}") from None
+
+
 def _npz_split(archive, images_key: str, labels_key: str, file: Path) -> ImageSplit:
-    images, labels = archive[images_key], archive[labels_key]
+    images, labels = _npz_array(archive, images_key, file), _npz_array(archive, labels_key, file)
+    stored_shape = images.shape
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4:
@@ -174,9 +199,18 @@ def _npz_split(archive, images_key: str, labels_key: str, file: Path) -> ImageSp
         raise ValueError(
             f"{file}: {len(images)} '{images_key}' but {len(labels)} '{labels_key}'"
         )
+    labels = _npz_labels(labels, labels_key, file)
     if images.dtype == np.uint8:
         pixels = to_unit_range(images, max_value=255.0)
     elif np.issubdtype(images.dtype, np.floating):
+        finite = np.isfinite(images)
+        if not finite.all():
+            first = tuple(int(i) for i in np.argwhere(~finite)[0])[: len(stored_shape)]
+            raise ValueError(
+                f"{file}: float '{images_key}' has {int((~finite).sum())} non-finite "
+                f"pixels ({images.reshape(stored_shape)[first]} at index {first}); pixels "
+                "must be finite, in [0, 1]"
+            )
         if images.size and (images.min() < 0.0 or images.max() > 1.0):
             raise ValueError(
                 f"{file}: float '{images_key}' must lie in [0, 1], found "
@@ -185,12 +219,31 @@ def _npz_split(archive, images_key: str, labels_key: str, file: Path) -> ImageSp
         pixels = to_unit_range(images, max_value=1.0)
     else:
         raise ValueError(f"{file}: '{images_key}' has dtype {images.dtype}; use uint8 or float")
-    return ImageSplit(channels_first(pixels), torch.from_numpy(np.asarray(labels)).long())
+    return ImageSplit(channels_first(pixels), torch.from_numpy(labels).long())
+
+
+def _npz_labels(labels: np.ndarray, key: str, file: Path) -> np.ndarray:
+    """Class indices: a 1-D integer array (floats would be truncated, so refused)."""
+    if labels.ndim != 1:
+        raise ValueError(f"{file}: '{key}' has shape {labels.shape}; expected (N,) class indices")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"{file}: '{key}' has dtype {labels.dtype}; class labels must be integers "
+            "(store them as an integer array, e.g. labels.astype(np.int64))"
+        )
+    return np.asarray(labels, dtype=np.int64)
 
 
 def load_npz(path: str | None, shape: ImageShape) -> LoadedImages:
-    file = _existing_path(path, "npz", "a .npz file with 'images' and 'labels' arrays")
-    with np.load(file) as archive:
+    file = _existing_path(path, "npz")
+    try:
+        archive = np.load(file)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{file} is not a readable .npz archive: {reason}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{file} holds one array, not a .npz archive of 'images' and 'labels'")
+    with archive:
         missing = {"images", "labels"} - set(archive.files)
         if missing:
             raise ValueError(
@@ -203,16 +256,23 @@ def load_npz(path: str | None, shape: ImageShape) -> LoadedImages:
     return LoadedImages(train, test)
 
 
-def _existing_path(path: str | None, dataset: str, what: str) -> Path:
+def _existing_path(path: str | None, dataset: str) -> Path:
     if not path:
         raise ValueError(
-            f"[training] dataset = {dataset!r} needs [training] dataset_path: {what}"
+            f"[training] dataset = {dataset!r} needs [training] dataset_path: "
+            f"{LOCAL_IMAGE_DATASETS[dataset]}"
         )
     resolved = Path(path).expanduser()
     if not resolved.exists():
         raise ValueError(f"[training] dataset_path {path!r} does not exist")
     return resolved
 
+
+# our datasets whose dataset_path names local files: what it must be
+LOCAL_IMAGE_DATASETS = {
+    "image_folder": "a folder with one sub-folder per class",
+    "npz": "a .npz file with 'images' and 'labels' arrays",
+}
 
 IMAGE_DATASETS: dict[str, Callable[[str | None, ImageShape], LoadedImages]] = {
     "digits": load_digits,
@@ -225,18 +285,21 @@ IMAGE_DATASETS: dict[str, Callable[[str | None, ImageShape], LoadedImages]] = {
 # Splits, checked against the model
 
 
-def check_fits(split: ImageSplit, shape: ImageShape, dataset: str, split_name: str) -> None:
+def check_fits(
+    split: ImageSplit, shape: ImageShape, dataset: str, split_name: str, path: str | None = None
+) -> None:
     found = tuple(split.images_NCHW.shape[1:])
     wanted = (shape.channels, shape.size, shape.size)
+    source = f"[training] dataset {dataset!r}" + (f" at {path}" if path else "")
     if found != wanted:
         raise ValueError(
-            f"[training] dataset {dataset!r} ({split_name}) has images of shape "
+            f"{source} ({split_name}) has images of shape "
             f"(C, H, W) = {found} but the model flavor expects {wanted}; pick a flavor "
             "made for this data"
         )
     if len(split) and (split.labels_N.min() < 0 or split.labels_N.max() >= shape.num_classes):
         raise ValueError(
-            f"[training] dataset {dataset!r} ({split_name}) has labels in "
+            f"{source} ({split_name}) has labels in "
             f"[{int(split.labels_N.min())}, {int(split.labels_N.max())}] but the model "
             f"flavor has {shape.num_classes} classes"
         )
@@ -264,7 +327,7 @@ def load_split(
     else:
         train_idx, test_idx = stratified_holdout(loaded.train.labels_N, holdout_fraction)
         chosen = subset(loaded.train, train_idx if split == "train" else test_idx)
-    check_fits(chosen, shape, dataset, split)
+    check_fits(chosen, shape, dataset, split, path)
     return chosen
 
 
@@ -294,12 +357,43 @@ def load_job_split(job_config, split: str) -> ImageSplit:
 # Training stream and evaluation batches
 
 
+class CropFlip:
+    """The CIFAR training augmentation: pad `padding` black (-1) pixels per side, take
+    a random crop of the original size, flip it horizontally with probability 1/2.
+    The draw depends only on (seed, epoch, image index): the same on every rank count
+    and after a resume, a new crop for the same image every epoch."""
+
+    def __init__(self, padding: int, seed: int):
+        self.padding, self.seed = padding, seed
+
+    def __call__(self, image_CHW: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
+        mixed = ((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) * 7919 + 1
+        generator = torch.Generator().manual_seed(mixed % 2**63)
+        dy, dx = torch.randint(0, 2 * self.padding + 1, (2,), generator=generator).tolist()
+        flip = bool(torch.randint(0, 2, (), generator=generator))
+        _, height, width = image_CHW.shape
+        p = self.padding
+        crop = F.pad(image_CHW, (p, p, p, p), value=-1.0)[:, dy : dy + height, dx : dx + width]
+        return crop.flip(-1) if flip else crop
+
+
+def training_augmentation(data_config) -> CropFlip | None:
+    """`[data] augment` as a callable (image, epoch, index) -> image, or None."""
+    if data_config.augment == "crop_flip":
+        return CropFlip(data_config.crop_padding, data_config.shuffle_seed)
+    return None
+
+
 class ShuffledImageDataset(IterableDataset, Stateful):
     """Endless (image, label) stream. Every epoch is a fresh permutation, the same on
     every rank; rank r takes positions r, r + W, ... of it (the tail that does not
-    divide by W is dropped so ranks stay in step)."""
+    divide by W is dropped so ranks stay in step). `augment(image, epoch, index)`, when
+    given, transforms each image as it is yielded (the split itself is never changed)."""
 
-    def __init__(self, split: ImageSplit, dp_rank: int, dp_world_size: int, seed: int):
+    def __init__(
+        self, split: ImageSplit, dp_rank: int, dp_world_size: int, seed: int,
+        augment: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+    ):
         if len(split) < dp_world_size:
             raise ValueError(
                 f"{len(split)} training images cannot feed {dp_world_size} data-parallel ranks"
@@ -307,6 +401,7 @@ class ShuffledImageDataset(IterableDataset, Stateful):
         self.split = split
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
         self.seed = seed
+        self.augment = augment
         self.epoch, self.position = 0, 0
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
@@ -321,7 +416,10 @@ class ShuffledImageDataset(IterableDataset, Stateful):
             while self.position < len(indices):
                 i = int(indices[self.position])
                 self.position += 1
-                yield {"input": self.split.images_NCHW[i]}, self.split.labels_N[i]
+                image = self.split.images_NCHW[i]
+                if self.augment is not None:
+                    image = self.augment(image, self.epoch, i)
+                yield {"input": image}, self.split.labels_N[i]
             self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, int]:
@@ -337,7 +435,7 @@ def build_image_dataloader(
     """TrainSpec.build_dataloader_fn for the vision models (tokenizer unused)."""
     dataset = ShuffledImageDataset(
         load_job_split(job_config, "train"), dp_rank, dp_world_size,
-        seed=job_config.data.shuffle_seed,
+        seed=job_config.data.shuffle_seed, augment=training_augmentation(job_config.data),
     )
     return ParallelAwareDataloader(
         dataset,

@@ -2,6 +2,8 @@
 network, and local text/JSONL files, all served by torchtitan's own HF text dataset
 and dataloader (we only add entries to its DATASETS registry)."""
 
+import codecs
+import json
 import os
 import random
 from pathlib import Path
@@ -87,17 +89,104 @@ def _load_synthetic(path: str):
     return Dataset.from_dict({"text": synthetic_sentences(20_000)})
 
 
+# our datasets whose dataset_path names a local file: what it must be
+LOCAL_TEXT_DATASETS = {
+    "text_file": "a .txt file (split into paragraphs) or a .jsonl file with a 'text' field",
+}
+JSON_SUFFIXES = (".jsonl", ".json")
+
+
 def _load_text_file(path: str):
+    from ..config_loader import ConfigError
+
     if not path:
-        raise ValueError(
-            "[training] dataset = 'text_file' needs [training] dataset_path: a .txt "
-            "file (split into paragraphs) or a .jsonl file with a 'text' field"
+        raise ConfigError(
+            "[training] dataset = 'text_file' needs [training] dataset_path: "
+            + LOCAL_TEXT_DATASETS["text_file"]
         )
     if not Path(path).is_file():
-        raise ValueError(f"[training] dataset_path {path!r} is not a file")
-    if path.endswith((".jsonl", ".json")):
+        raise ConfigError(f"[training] dataset_path {path!r} is not a file")
+    check_text_file(path)
+    if path.endswith(JSON_SUFFIXES):
+        check_json_records(path)
         return load_dataset("json", data_files=path, split="train")
     return load_dataset("text", data_files=path, sample_by="paragraph", split="train")
+
+
+def check_text_file(path: str, chunk_bytes: int = 1 << 20) -> None:
+    """Refuse a file that would train on nothing or on garbage, naming it: empty,
+    whitespace only, binary (NUL bytes) or not UTF-8. Streams the file in chunks."""
+    from ..config_loader import ConfigError
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, has_text = 0, False
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                raise ConfigError(
+                    f"dataset file {path} looks binary, not text (a NUL byte at byte "
+                    f"{offset + nul}); give a UTF-8 .txt or .jsonl file"
+                )
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                at = offset - pending + e.start
+                raise ConfigError(
+                    f"dataset file {path} is not UTF-8 text (byte {at}: {e.object[e.start:e.start + 4]!r}); "
+                    "convert it, e.g. iconv -f latin1 -t utf-8"
+                ) from None
+            has_text = has_text or not (text.isspace() or text == "")
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"dataset file {path} is not UTF-8 text (it ends inside a multi-byte character)"
+            ) from None
+    if offset == 0:
+        raise ConfigError(f"dataset file {path} is empty")
+    if not has_text:
+        raise ConfigError(f"dataset file {path} holds only whitespace ({offset} bytes), no text")
+
+
+def check_json_records(path: str) -> None:
+    """A .jsonl (one JSON object per line) or .json (that, or one list of objects) file:
+    every record must be an object with a string 'text' field, some of it not blank."""
+    from ..config_loader import ConfigError
+
+    with open(path, encoding="utf-8") as f:
+        content = f.read()
+    if path.endswith(".json") and content.lstrip().startswith("["):
+        try:
+            records = list(enumerate(json.loads(content), 1))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"dataset file {path} is not valid JSON ({e})") from None
+        where = "record"
+    else:
+        records = []
+        for number, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ConfigError(
+                    f"dataset file {path}: line {number} is not valid JSON ({e.msg}, column {e.colno})"
+                ) from None
+        where = "line"
+    has_text = False
+    for number, record in records:
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            found = f"keys {sorted(record)}" if isinstance(record, dict) else type(record).__name__
+            raise ConfigError(
+                f"dataset file {path}: {where} {number} has no string 'text' field ({found})"
+            )
+        has_text = has_text or bool(text.strip())
+    if not has_text:
+        raise ConfigError(f"dataset file {path}: every 'text' field is empty or whitespace")
 
 
 def _text_field(sample) -> str:

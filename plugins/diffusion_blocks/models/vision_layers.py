@@ -3,7 +3,9 @@
 Two layer kinds with the same attention and MLP: `PreNormLayer` (the plain ViT of the
 end-to-end baseline) and `AdaLNZeroLayer` (DiT-style: norms without affine parameters,
 shift/scale/gate from the condition vector, zero-initialised so a fresh layer is the
-identity). Patchify / unpatchify convert between images and token sequences.
+identity). Both take an explicit MLP width (else dim * mlp_ratio) and dropout rates
+(0 by default: the DiT uses none). Patchify / unpatchify convert between images and
+token sequences.
 """
 
 import math
@@ -20,32 +22,42 @@ from .conditioning import AdaLNModulation, modulate
 
 
 class Attention(nn.Module):
-    """Bidirectional multi-head self-attention (no mask: every patch sees every patch)."""
+    """Bidirectional multi-head self-attention (no mask: every patch sees every patch).
+    Dropout (training only, as Hugging Face's ViT): `attention_dropout` on the attention
+    probabilities, `dropout` on the output projection."""
 
-    def __init__(self, dim: int, n_heads: int):
+    def __init__(self, dim: int, n_heads: int, dropout: float = 0.0, attention_dropout: float = 0.0):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim {dim} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
+        self.attention_dropout = attention_dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         batch, seq_len, dim = x_BTD.shape
         qkv = self.qkv(x_BTD).view(batch, seq_len, 3, self.n_heads, dim // self.n_heads)
         q_BHTK, k_BHTK, v_BHTK = qkv.permute(2, 0, 3, 1, 4)
-        out_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTK)
-        return self.proj(out_BHTK.transpose(1, 2).reshape(batch, seq_len, dim))
+        out_BHTK = F.scaled_dot_product_attention(
+            q_BHTK, k_BHTK, v_BHTK,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )
+        return self.dropout(self.proj(out_BHTK.transpose(1, 2).reshape(batch, seq_len, dim)))
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    """fc1, GELU, fc2, then `dropout` (training only) on the output."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, dim)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x_BTD), approximate="tanh"))
+        return self.dropout(self.fc2(F.gelu(self.fc1(x_BTD), approximate="tanh")))
 
 
 def _init_linears(module: nn.Module) -> None:
@@ -58,12 +70,15 @@ def _init_linears(module: nn.Module) -> None:
 class PreNormLayer(nn.Module):
     """x + attn(norm(x)), then + mlp(norm(x)): the plain ViT layer."""
 
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: float, eps: float = 1e-6):
+    def __init__(
+        self, dim: int, n_heads: int, mlp_ratio: float, eps: float = 1e-6, *,
+        mlp_dim: int | None = None, dropout: float = 0.0, attention_dropout: float = 0.0,
+    ):
         super().__init__()
         self.attention_norm = nn.LayerNorm(dim, eps=eps)
-        self.attention = Attention(dim, n_heads)
+        self.attention = Attention(dim, n_heads, dropout, attention_dropout)
         self.mlp_norm = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.mlp = MLP(dim, mlp_dim or int(dim * mlp_ratio), dropout)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD))
@@ -79,12 +94,15 @@ class AdaLNZeroLayer(nn.Module):
     """The same layer with DiT's adaLN-Zero: shift/scale/gate for attention and MLP
     from the condition vector (the noise level, plus the class for DiT)."""
 
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: float, eps: float = 1e-6):
+    def __init__(
+        self, dim: int, n_heads: int, mlp_ratio: float, eps: float = 1e-6, *,
+        mlp_dim: int | None = None, dropout: float = 0.0, attention_dropout: float = 0.0,
+    ):
         super().__init__()
         self.attention_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
-        self.attention = Attention(dim, n_heads)
+        self.attention = Attention(dim, n_heads, dropout, attention_dropout)
         self.mlp_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.mlp = MLP(dim, mlp_dim or int(dim * mlp_ratio), dropout)
         self.adaln = AdaLNModulation(dim, dim, num_chunks=6)
 
     def forward(self, x_BTD: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:

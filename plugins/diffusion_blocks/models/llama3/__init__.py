@@ -27,7 +27,11 @@ def get_train_spec() -> TrainSpec:
     )
 
 
+def token_embedding_parameters(model) -> list:
+    return list(model.tok_embeddings.parameters())
+
+
 FAMILY = ModelFamily(
     "dblocks_llama3", get_train_spec, Transformer, LanguageModelTask(), stock_models=("llama3",),
-    generate_text=generate,
+    embedding_parameters=token_embedding_parameters, generate_text=generate,
 )

@@ -8,16 +8,31 @@ from torchtitan.models.llama3 import llama3_args, TransformerModelArgs
 from ...partition import BlockPartition
 
 
+@dataclass(frozen=True)
+class DenoiserOptions:
+    """What `[diffusion_blocks]` says about the LM denoiser beyond its partition (see
+    the keys' docs in config.py); the defaults are the config's."""
+
+    adaln_cond_dim: int = 256
+    target_embedding_scale: float = 1.0
+    sigma_per_token: bool = False
+    token_embedding_init_std: float = 1.0
+
+    @classmethod
+    def from_config(cls, section) -> "DenoiserOptions":
+        return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
+
+
 @dataclass
 class DiffusionBlocksLlamaArgs(TransformerModelArgs):
     partition: BlockPartition | None = None
     """Filled from `[diffusion_blocks]` by update_from_config."""
-    adaln_cond_dim: int = 256
+    denoiser: DenoiserOptions = dataclasses.field(default_factory=DenoiserOptions)
 
     def update_from_config(self, job_config, **kwargs) -> None:
         super().update_from_config(job_config, **kwargs)
         self.partition = BlockPartition.from_job_config(job_config, self.n_layers)
-        self.adaln_cond_dim = job_config.diffusion_blocks.adaln_cond_dim
+        self.denoiser = DenoiserOptions.from_config(job_config.diffusion_blocks)
 
 
 def _as_dblocks_args(args: TransformerModelArgs, **overrides) -> DiffusionBlocksLlamaArgs:

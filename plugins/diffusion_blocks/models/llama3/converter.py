@@ -7,6 +7,7 @@ from torchtitan.models.llama3 import Transformer
 from torchtitan.tools.logging import logger
 
 from ...partition import BlockPartition
+from .args import DenoiserOptions
 from .model import convert_to_denoiser, DiffusionBlocksLlama
 
 CONVERTER_NAME = "diffusion_blocks"
@@ -35,7 +36,7 @@ class DiffusionBlocksConverter:
             )
         partition = BlockPartition.from_job_config(self.job_config, len(model.layers))
         convert_to_denoiser(
-            model, partition, self.job_config.diffusion_blocks.adaln_cond_dim
+            model, partition, DenoiserOptions.from_config(self.job_config.diffusion_blocks)
         )
         logger.info(
             f"Converted the llama3 Transformer to the DiffusionBlocks denoiser: "

@@ -11,8 +11,13 @@ clean rows are the input tokens x_0..x_{T-1} and noisy row j is the noised embed
 the label x_{j+1}. Clean row i attends clean columns <= i; noisy row j attends clean
 columns <= j (i.e. the tokens before the one it denoises) and itself. Clean x_i and the
 noisy row of x_i share RoPE position i, so noisy row j sits at position j + 1.
+
+A token's clean point, target_embedding_scale * normalize(E[x]), has one definition
+(`scaled_unit_rows`, behind `clean_embedding` and `clean_embedding_table`): the clean
+rows, the training target y, and the table samplers decode against.
 """
 
+import math
 import re
 from typing import NamedTuple
 
@@ -31,8 +36,8 @@ from torchtitan.models.llama3.model.model import (
 
 from ... import diffusion
 from ...partition import BlockPartition
-from ..conditioning import AdaLNModulation, FinalAdaLN, modulate, SigmaEmbedder
-from .args import DiffusionBlocksLlamaArgs
+from ..conditioning import AdaLNModulation, FinalAdaLN, modulate, per_row, SigmaEmbedder
+from .args import DenoiserOptions, DiffusionBlocksLlamaArgs
 
 
 # ---------------------------------------------------------------------------
@@ -96,13 +101,14 @@ class DenoiserLayer(TransformerBlock):
 
     adaln: AdaLNModulation
 
-    def forward(self, x_BSD, cond_BD, freqs_cis, mask, positions):
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(cond_BD)
+    def forward(self, x_BSD, cond, freqs_cis, mask, positions):
+        """cond: the condition vector per sequence (B, C) or per row (B, S, C)."""
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(cond)
         attn_in = modulate(self.attention_norm(x_BSD), shift_a, scale_a)
         attn_out = masked_attention(self.attention, attn_in, freqs_cis, mask, positions)
-        h_BSD = x_BSD + gate_a.unsqueeze(1) * attn_out
+        h_BSD = x_BSD + per_row(gate_a) * attn_out
         ffn_out = self.feed_forward(modulate(self.ffn_norm(h_BSD), shift_m, scale_m))
-        return h_BSD + gate_m.unsqueeze(1) * ffn_out
+        return h_BSD + per_row(gate_m) * ffn_out
 
 
 class Denoised(NamedTuple):
@@ -114,6 +120,7 @@ class DiffusionBlocksLlama(Transformer):
     """The autoregressive denoiser; only the requested block's layers run."""
 
     partition: BlockPartition
+    options: DenoiserOptions
     sigma_embedder: SigmaEmbedder
     final_adaln: FinalAdaLN
     TOKENS_PER_LABEL = 2  # a block runs on [clean ; noisy]: 2T rows for T labels
@@ -121,7 +128,7 @@ class DiffusionBlocksLlama(Transformer):
     def __init__(self, model_args: DiffusionBlocksLlamaArgs):
         assert model_args.partition is not None, "call update_from_config first"
         super().__init__(model_args)
-        convert_to_denoiser(self, model_args.partition, model_args.adaln_cond_dim)
+        convert_to_denoiser(self, model_args.partition, model_args.denoiser)
 
     def _precompute_freqs_cis(self) -> torch.Tensor:
         # noisy rows use positions up to T (one past the stock table)
@@ -135,7 +142,15 @@ class DiffusionBlocksLlama(Transformer):
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None):
         super().init_weights(buffer_device)
+        # torchtitan draws the token embeddings from N(0, 1): scaling the draw gives
+        # N(0, std^2) and leaves every other random draw (and std = 1) as it was
+        self.tok_embeddings.weight.mul_(self.options.token_embedding_init_std)
         init_denoiser_modules(self)
+
+    @property
+    def sigma_per_token(self) -> bool:
+        """True: every noisy row has its own sigma (`[diffusion_blocks] sigma_per_token`)."""
+        return self.options.sigma_per_token
 
     # FlexAttention has no backward on CPU: flex flavors use the exact masked SDPA there.
     FLEX_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
@@ -144,8 +159,25 @@ class DiffusionBlocksLlama(Transformer):
         return self.model_args.attn_type == "flex" and device.type in self.FLEX_DEVICE_TYPES
 
     def clean_embedding(self, tokens_BT: torch.Tensor) -> torch.Tensor:
-        """L2-normalised token embeddings: the clean targets y and the clean rows."""
-        return F.normalize(self.tok_embeddings(tokens_BT), dim=-1)
+        """The clean targets y and the clean rows: the token embeddings L2-normalised
+        and scaled to norm target_embedding_scale."""
+        return self.scaled_unit_rows(self.tok_embeddings(tokens_BT))
+
+    def clean_embedding_table(self) -> torch.Tensor:
+        """(V, D): every token's clean embedding, for samplers that step with the
+        expected clean embedding softmax(logits) @ table."""
+        return self.scaled_unit_rows(self.tok_embeddings.weight)
+
+    def scaled_unit_rows(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The one map from raw embeddings to clean points: scale * normalize(e)."""
+        unit = F.normalize(embeddings, dim=-1)
+        scale = self.options.target_embedding_scale
+        return unit if scale == 1.0 else scale * unit
+
+    def initial_noise_std(self, sigma: float) -> float:
+        """Std of the sampler's starting z at noise level `sigma` (DESIGN.md section 6,
+        sqrt(1 + sigma_max^2) for unit-norm targets): sqrt(scale^2 + sigma^2)."""
+        return math.sqrt(self.options.target_embedding_scale**2 + sigma**2)
 
     def attention_mask(self, seq_len: int, device: torch.device):
         if self.uses_flex_attention(torch.device(device)):
@@ -156,39 +188,57 @@ class DiffusionBlocksLlama(Transformer):
         return denoiser_dense_mask(seq_len, device)
 
     def denoise(
-        self, tokens_BT: torch.Tensor, z_BTD: torch.Tensor, sigma_B: torch.Tensor,
+        self, tokens_BT: torch.Tensor, z_BTD: torch.Tensor, sigma: torch.Tensor,
         block: int,
     ) -> Denoised:
-        """Run block `block` on (clean tokens, noisy z) at noise levels sigma."""
+        """Run block `block` on (clean tokens, noisy z) at noise levels sigma: one per
+        sequence (B,), or with sigma_per_token one per noisy row (B, T) (a (B,) sigma
+        then applies to every row)."""
         seq_len = tokens_BT.shape[1]
         sigma_data = self.partition.schedule.sigma_data
-        sigma_B = sigma_B.to(z_BTD.dtype)
-        sigma_B11 = sigma_B[:, None, None]
+        sigma = sigma.to(z_BTD.dtype)
+        if self.sigma_per_token and sigma.dim() == 1:
+            sigma = sigma[:, None].expand(-1, seq_len)
+        if sigma.dim() != 1 and not self.sigma_per_token:
+            raise ValueError(
+                f"sigma of shape {tuple(sigma.shape)}: one sigma per row needs "
+                "[diffusion_blocks] sigma_per_token = true"
+            )
+        sigma_z = diffusion.broadcast_sigma(sigma, z_BTD)
         x_BSD = torch.cat(
-            [self.clean_embedding(tokens_BT), diffusion.c_in(sigma_B11, sigma_data) * z_BTD],
+            [self.clean_embedding(tokens_BT), diffusion.c_in(sigma_z, sigma_data) * z_BTD],
             dim=1,
         )
-        cond_BD = self.sigma_embedder(diffusion.c_noise(sigma_B))
+        # (B, C) per sequence; per token (B, T, C) for the noisy rows
+        cond_noisy = self.sigma_embedder(diffusion.c_noise(sigma))
+        cond_rows = cond_noisy
+        if self.sigma_per_token:  # clean rows: the zero condition (no noise level)
+            cond_rows = torch.cat([torch.zeros_like(cond_noisy), cond_noisy], dim=1)
         mask = self.attention_mask(seq_len, x_BSD.device)
         positions = denoiser_positions(seq_len, x_BSD.device)
         for layer_id in self.partition.layer_ranges[block]:
             x_BSD = self.layers[str(layer_id)](
-                x_BSD, cond_BD, self.freqs_cis, mask, positions
+                x_BSD, cond_rows, self.freqs_cis, mask, positions
             )
         h_BTD = self.norm(x_BSD[:, seq_len:])
-        denoised_BTD = diffusion.denoised_estimate(z_BTD, h_BTD, sigma_B, sigma_data)
-        logits_BTV = self.output(self.final_adaln(denoised_BTD, cond_BD))
+        denoised_BTD = diffusion.denoised_estimate(z_BTD, h_BTD, sigma, sigma_data)
+        logits_BTV = self.output(self.final_adaln(denoised_BTD, cond_noisy))
         return Denoised(denoised_BTD, logits_BTV)
 
     def forward(
         self, tokens_BT: torch.Tensor, labels_BT: torch.Tensor, *, block: int,
-        sigma_B: torch.Tensor, noise_BTD: torch.Tensor,
+        noise_BTD: torch.Tensor, sigma_B: torch.Tensor | None = None,
+        sigma_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Training forward: noise the labels' embeddings, denoise with one block,
-        return the logits at the noisy rows (B, T, vocab)."""
+        """Training forward: noise the labels' clean embeddings at sigma_B (one per
+        sequence) or sigma_BT (one per token, with sigma_per_token), denoise with one
+        block, return the logits at the noisy rows (B, T, vocab)."""
+        if (sigma_B is None) == (sigma_BT is None):
+            raise TypeError("give exactly one of sigma_B (per sequence) and sigma_BT (per token)")
+        sigma = sigma_B if sigma_BT is None else sigma_BT
         y_BTD = self.clean_embedding(labels_BT)
-        z_BTD = y_BTD + sigma_B.to(y_BTD.dtype)[:, None, None] * noise_BTD
-        return self.denoise(tokens_BT, z_BTD, sigma_B, block).logits_BTV
+        z_BTD = y_BTD + diffusion.broadcast_sigma(sigma, y_BTD) * noise_BTD
+        return self.denoise(tokens_BT, z_BTD, sigma, block).logits_BTV
 
 
 # ---------------------------------------------------------------------------
@@ -206,7 +256,7 @@ def is_added_by_conversion(key: str) -> bool:
 
 
 def convert_to_denoiser(
-    model: Transformer, partition: BlockPartition, adaln_cond_dim: int = 256
+    model: Transformer, partition: BlockPartition, options: DenoiserOptions = DenoiserOptions()
 ) -> None:
     """Turn a stock llama3 Transformer into DiffusionBlocksLlama, in place.
 
@@ -222,7 +272,7 @@ def convert_to_denoiser(
         )
     reference = model.tok_embeddings.weight
     dim = reference.shape[1]
-    cond_dim = adaln_cond_dim or dim
+    cond_dim = options.adaln_cond_dim or dim
     with torch.device(reference.device):
         model.sigma_embedder = SigmaEmbedder(cond_dim).to(reference.dtype)
         model.final_adaln = FinalAdaLN(dim, cond_dim=cond_dim).to(reference.dtype)
@@ -230,6 +280,7 @@ def convert_to_denoiser(
             layer.adaln = AdaLNModulation(cond_dim, dim, num_chunks=6).to(reference.dtype)
             layer.__class__ = DenoiserLayer
     model.partition = partition
+    model.options = options
     model.__class__ = DiffusionBlocksLlama
     if reference.device.type != "meta":
         init_denoiser_modules(model)

@@ -13,6 +13,7 @@ from ...data.text import build_tokenizer
 from ...family import blockwise_train_spec, ModelFamily
 from ...parallelize import parallelize_dblocks_llama
 from ...validation import build_denoiser_validator
+from ..llama3 import token_embedding_parameters
 from ..llama3.task import LanguageModelTask
 from .args import recurrent_flavors
 from .model import RecurrentDenoiser, RecurrentTwin
@@ -52,5 +53,6 @@ def check_config(job_config) -> None:
 
 FAMILY = ModelFamily(
     NAME, get_train_spec, RecurrentTwin, LanguageModelTask(),
-    check_config=check_config, generate_text=generate,
+    embedding_parameters=token_embedding_parameters, check_config=check_config,
+    generate_text=generate,
 )

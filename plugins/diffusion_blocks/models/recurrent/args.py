@@ -7,13 +7,14 @@ end-to-end twin's recurrence law (`[recurrent]`). Knobs a run changes from its T
 command line are config keys; what changes the weights' shapes is the flavor.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from torch import nn
 from torchtitan.models.utils import get_dense_model_nparams_and_flops
 
 from ...partition import single_block_partition
-from ..llama3.args import DiffusionBlocksLlamaArgs
+from ..llama3.args import DenoiserOptions, DiffusionBlocksLlamaArgs
 
 
 @dataclass
@@ -53,8 +54,14 @@ class RecurrentArgs(DiffusionBlocksLlamaArgs):
         # all of [sigma_min, sigma_max], whatever the layers
         super(DiffusionBlocksLlamaArgs, self).update_from_config(job_config, **kwargs)
         section = job_config.diffusion_blocks
-        self.partition = single_block_partition(section.noise_schedule(), self.n_layers)
-        self.adaln_cond_dim = section.adaln_cond_dim
+        # the one block is block 0: block0_sigma_sampling (default: the log-normal) is
+        # its training law; sampling_sigma_max where the sampler starts
+        self.partition = dataclasses.replace(
+            single_block_partition(section.noise_schedule(), self.n_layers),
+            block0_sigma_sampling=section.block0_sigma_sampling,
+            sampling_sigma_max=section.sampling_sigma_max,
+        )
+        self.denoiser = DenoiserOptions.from_config(section)
         self.inference_recurrence = section.sampling_steps_per_block
         self.seed = section.seed
         self.trains_end_to_end = not section.enable

@@ -53,12 +53,16 @@ class RecurrentDepthLM(Transformer):
     model_args: RecurrentArgs
     TOKENS_PER_LABEL = 2  # core and coda run on [e ; state]: 2T rows for T labels
 
-    # the llama denoiser's own methods: the same 2T sequence, mask and RoPE table
+    # the llama denoiser's own methods: the same 2T sequence, mask and RoPE table, the
+    # same clean points (target_embedding_scale * normalize(E[x])) and start noise
     FLEX_DEVICE_TYPES = DiffusionBlocksLlama.FLEX_DEVICE_TYPES
     _precompute_freqs_cis = DiffusionBlocksLlama._precompute_freqs_cis
     uses_flex_attention = DiffusionBlocksLlama.uses_flex_attention
-    clean_embedding = DiffusionBlocksLlama.clean_embedding
     attention_mask = DiffusionBlocksLlama.attention_mask
+    clean_embedding = DiffusionBlocksLlama.clean_embedding
+    clean_embedding_table = DiffusionBlocksLlama.clean_embedding_table
+    scaled_unit_rows = DiffusionBlocksLlama.scaled_unit_rows
+    initial_noise_std = DiffusionBlocksLlama.initial_noise_std
 
     def __init__(self, model_args: RecurrentArgs):
         assert model_args.partition is not None, "call update_from_config first"
@@ -68,7 +72,8 @@ class RecurrentDepthLM(Transformer):
                 f"coda take the 2T mask); got attn_type = {model_args.attn_type!r}"
             )
         super().__init__(model_args)
-        cond_dim = model_args.adaln_cond_dim or model_args.dim
+        self.options = model_args.denoiser  # [diffusion_blocks]' denoiser keys (as the llama3 family's)
+        cond_dim = self.options.adaln_cond_dim or model_args.dim
         self.sigma_embedder = SigmaEmbedder(cond_dim)
         self.final_adaln = FinalAdaLN(model_args.dim, cond_dim=cond_dim)
         for layer_id in (*model_args.core_ids, *model_args.coda_ids):
@@ -79,6 +84,8 @@ class RecurrentDepthLM(Transformer):
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None):
         super().init_weights(buffer_device)
+        # torchtitan's N(0, 1) draw scaled to [diffusion_blocks] token_embedding_init_std
+        self.tok_embeddings.weight.mul_(self.options.token_embedding_init_std)
         self.sigma_embedder.init_weights()
         self.final_adaln.init_weights()
         for layer in (*self.core_layers, *self.coda_layers):

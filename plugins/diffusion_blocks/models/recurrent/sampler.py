@@ -13,18 +13,18 @@ iterations from a random state, the coda, the logits.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ... import diffusion
 from ..llama3.sampler import DecodingConfig, pick_tokens
 from .model import RecurrentDenoiser, RecurrentTwin
 
 
-def expected_clean_embedding(logits_BTV: torch.Tensor, embedding_VD: torch.Tensor) -> torch.Tensor:
-    """softmax(logits) @ normalize(E): the denoised estimate an Euler step uses for a
-    discrete target (the normalised token table, as the training targets are)."""
+def expected_clean_embedding(logits_BTV: torch.Tensor, table_VD: torch.Tensor) -> torch.Tensor:
+    """softmax(logits) @ table, the table being the clean points normalize(E) (times
+    target_embedding_scale): the denoised estimate an Euler step uses for a discrete
+    target."""
     probs_BTV = torch.softmax(logits_BTV.float(), dim=-1)
-    return (probs_BTV @ F.normalize(embedding_VD.float(), dim=-1)).to(embedding_VD.dtype)
+    return (probs_BTV @ table_VD.float()).to(table_VD.dtype)
 
 
 @torch.no_grad()
@@ -35,17 +35,17 @@ def denoiser_logits(
     """r Euler steps of the shared core for every position at once (state row j stands
     for the token after tokens_BT[:, j]); the last pass's logits (B, T, V)."""
     batch, seq_len = tokens_BT.shape
-    embedding_VD = model.tok_embeddings.weight
+    table_VD = model.clean_embedding_table()
     e_BTD = model.context(tokens_BT)
-    scale = diffusion.initial_noise_scale(model.schedule.sigma_max, data_is_unit_norm=True)
-    z_BTD = scale * torch.randn(
-        (batch, seq_len, embedding_VD.shape[-1]), generator=generator
-    ).to(tokens_BT.device, embedding_VD.dtype)
+    start = model.partition.sampling_start_sigma
+    z_BTD = model.initial_noise_std(start) * torch.randn(
+        (batch, seq_len, table_VD.shape[-1]), generator=generator
+    ).to(tokens_BT.device, table_VD.dtype)
     logits_BTV = None
-    for step in model.partition.sampling_plan(recurrence):
+    for step in model.partition.sampling_plan(recurrence, start):
         sigma_B = torch.full((batch,), step.sigma, device=tokens_BT.device)
         logits_BTV = model.denoise(e_BTD, z_BTD, sigma_B).logits_BTV
-        denoised_BTD = expected_clean_embedding(logits_BTV, embedding_VD)
+        denoised_BTD = expected_clean_embedding(logits_BTV, table_VD)
         z_BTD = diffusion.euler_step(z_BTD, denoised_BTD, step.sigma, step.sigma_next)
     return logits_BTV
 

@@ -10,6 +10,9 @@ Inference (`classify`): z ~ N(0, I) sqrt(1 + sigma_max^2), Euler steps over the
 equi-probability grid, each run by the block owning its sigma only, with the denoised
 estimate softmax(logits) @ normalised label table; the class is the argmax of the
 final logits, read at sigma_min by the block owning it (as the official code does). PlainViT is the same patch embedding, layers and head with a real [CLS] token.
+
+Both take the flavor's MLP width and dropout rates (args.py); dropout acts in training
+only and reaches the tokens after positions are added, label token / [CLS] included.
 """
 
 from __future__ import annotations
@@ -41,17 +44,21 @@ class ViTShared(nn.Module):
         self.model_args = args
         self.patch_embed = PatchEmbed(args.in_channels, args.patch_size, args.dim)
         self.pos_embed = nn.Parameter(torch.empty(1, args.num_patches + 1, args.dim))
+        self.embed_dropout = nn.Dropout(args.dropout)
         self.layers = nn.ModuleDict(
-            {str(i): layer_cls(args.dim, args.n_heads, args.mlp_ratio, args.norm_eps)
+            {str(i): layer_cls(args.dim, args.n_heads, args.mlp_ratio, args.norm_eps,
+                               **args.layer_kwargs())
              for i in range(args.n_layers)}
         )
         self.norm = nn.LayerNorm(args.dim, eps=args.norm_eps)
         self.head = nn.Linear(args.dim, args.num_classes)
 
     def tokens_with_first(self, images_BCHW: torch.Tensor, first_BD: torch.Tensor):
-        """[first ; patches] + positions, shape (B, 1 + num_patches, D)."""
+        """dropout([first ; patches] + positions), shape (B, 1 + num_patches, D); the
+        dropout (training only) reaches the first token too, as in Hugging Face's ViT."""
         patches_BND = self.patch_embed(images_BCHW)
-        return torch.cat([first_BD[:, None].to(patches_BND.dtype), patches_BND], 1) + self.pos_embed
+        tokens_BTD = torch.cat([first_BD[:, None].to(patches_BND.dtype), patches_BND], 1)
+        return self.embed_dropout(tokens_BTD + self.pos_embed)
 
     def init_shared_weights(self) -> None:
         self.patch_embed.init_weights()
@@ -78,7 +85,7 @@ class DiffusionBlocksViT(ViTShared):
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
         self.init_shared_weights()
-        nn.init.normal_(self.label_embed.weight, std=1.0)
+        nn.init.normal_(self.label_embed.weight, std=self.model_args.label_init_std)
         self.sigma_embedder.init_weights()
         self.final_adaln.init_weights()
 
