@@ -9,6 +9,9 @@ For the denoiser, each new token is sampled over the sigma grid (--steps-per-blo
 steps per block, each run by the block owning its sigma) with the token sampler
 --sampler; the block owning sigma_min then gives the final logits, which --temperature
 and --top-k act on (see diffusion_blocks.models.llama3.sampler).
+The model family's own generator does the work (`ModelFamily.generate_text`): for
+the recurrent-depth LM (`dblocks_recurrent`, one block) `--recurrence R` (the same
+flag as `--steps-per-block`) sets the core iterations per token.
 """
 
 import argparse
@@ -19,11 +22,9 @@ import torch
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.bounds import AT_LEAST_1, NON_NEGATIVE, number_arg, POSITIVE, SEED
 from diffusion_blocks.config_loader import ConfigError, exit_on_config_error, parse_job_config
-from diffusion_blocks.models.llama3.sampler import DecodingConfig, generate, TOKEN_STEPS
 from diffusion_blocks.inference import load_for_inference
-
-
-LANGUAGE_MODELS = ("dblocks_llama3", "llama3")  # llama3: with the diffusion_blocks converter
+from diffusion_blocks.models.llama3.sampler import DecodingConfig, TOKEN_STEPS
+from diffusion_blocks.registry import resolve_run_spec
 
 
 def parse_args(argv):
@@ -31,8 +32,10 @@ def parse_args(argv):
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=number_arg(int, AT_LEAST_1), default=64)
-    parser.add_argument("--steps-per-block", type=number_arg(int, AT_LEAST_1), default=None,
-                        help="default: [diffusion_blocks] sampling_steps_per_block")
+    parser.add_argument("--steps-per-block", "--recurrence", type=number_arg(int, AT_LEAST_1),
+                        default=None,
+                        help="Euler steps per block; for dblocks_recurrent (one block) the "
+                        "core iterations r. Default: [diffusion_blocks] sampling_steps_per_block")
     parser.add_argument("--temperature", type=number_arg(float, NON_NEGATIVE), default=0.0,
                         help="of the final pick only; 0 = greedy")
     parser.add_argument("--top-k", type=number_arg(int, NON_NEGATIVE), default=0,
@@ -54,10 +57,12 @@ def parse_args(argv):
 def main(argv):
     args, config_args = parse_args(argv)
     job_config = parse_job_config(config_args)
-    if job_config.model.name not in LANGUAGE_MODELS:
+    family = resolve_run_spec(job_config).family
+    if family.generate_text is None:
         raise ConfigError(
-            f"tools/generate.py generates text with {' or '.join(LANGUAGE_MODELS)} models; "
-            f"the config's [model] name is {job_config.model.name!r}"
+            f"tools/generate.py generates text with the language-model families; the "
+            f"config's [model] name is {job_config.model.name!r} ({family.name} does not "
+            "generate text)"
         )
     try:
         model, tokenizer, step_folder = load_for_inference(job_config, args.checkpoint)
@@ -75,7 +80,7 @@ def main(argv):
         sampler=args.sampler, churn=args.churn, start_sigma=args.start_sigma,
     )
     prompt_ids = tokenizer.encode(args.prompt, add_bos=True, add_eos=False)
-    tokens = generate(
+    tokens = family.generate_text(
         model, torch.tensor([prompt_ids]), decoding, job_config.training.seq_len
     )
     mode = "DiffusionBlocks" if hasattr(model, "partition") else "end-to-end"

@@ -151,6 +151,30 @@ class DiffusionBlocks:
         )
 
 
+RECURRENCE_LAWS = ("poisson_lognormal", "uniform", "fixed")  # see models/recurrent/model.py
+
+
+@dataclass
+class Recurrent:
+    """`[recurrent]`: the recurrent-depth model's end-to-end twin (dblocks_recurrent with
+    `[diffusion_blocks] enable = false`), trained Huginn-style. The DiffusionBlocks
+    recipe trains one core pass per step and reads none of these; both recipes take
+    their inference iterations r from `[diffusion_blocks] sampling_steps_per_block`
+    (the one block's Euler steps)."""
+
+    mean_recurrence: int = 8
+    """Mean number r of core iterations per training step."""
+
+    bptt_steps: int = 4
+    """k: backpropagate through the last k iterations only (earlier ones run under
+    no_grad); saved activations grow with k, not with r."""
+
+    recurrence_law: str = "poisson_lognormal"
+    """How r is drawn each step (identically on every rank): 'poisson_lognormal'
+    (Huginn's: Poisson(lambda) + 1 with lambda log-normal, mean r), 'uniform' (1 .. 2r - 1)
+    or 'fixed' (always r)."""
+
+
 @dataclass
 class Data:
     tokenizer: str = "auto"
@@ -214,6 +238,7 @@ class JobConfig:
     training: Training = field(default_factory=Training)
     model: Model = field(default_factory=Model)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    recurrent: Recurrent = field(default_factory=Recurrent)
 
 
 # one Bounds per numeric key; keys that need each other are checked below
@@ -331,6 +356,19 @@ def check_block_weights(section: DiffusionBlocks) -> list[tuple[str, str]]:
     if not all(math.isfinite(w) and w > 0 for w in weights):
         return [("block_weights", f"every weight must be a finite number > 0, got {weights}")]
     return []
+
+
+RECURRENT_BOUNDS = {"mean_recurrence": AT_LEAST_1, "bptt_steps": AT_LEAST_1}
+
+
+def check_recurrent(section: Recurrent) -> list[tuple[str, str]]:
+    problems = bounds_problems(section, RECURRENT_BOUNDS)
+    if section.recurrence_law not in RECURRENCE_LAWS:
+        problems.append((
+            "recurrence_law",
+            f"{section.recurrence_law!r} is not one of {list(RECURRENCE_LAWS)}",
+        ))
+    return problems
 
 
 def check_data(section: Data) -> list[tuple[str, str]]:
@@ -552,6 +590,7 @@ SECTION_CHECKS = {
     "comm": check_comm,
     "parallelism": check_parallelism,
     "activation_checkpoint": check_activation_checkpoint,
+    "recurrent": check_recurrent,
 }
 
 

@@ -5,7 +5,7 @@ twin's model class and its task. Each family builds one `ModelFamily` in its fol
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from torch import nn
 
@@ -26,6 +26,12 @@ class ModelFamily:
     stock_models: tuple[str, ...] = ()
     """Stock torchtitan train specs that `[model] converters = ["diffusion_blocks"]`
     turns into this family's denoiser."""
+    check_config: Callable[[Any], None] | None = None
+    """Family-specific checks of a job config, run before anything is built (raises
+    ConfigError)."""
+    generate_text: Callable | None = None
+    """`generate_text(model, prompt_BT, DecodingConfig, max_context) -> tokens_BT` for
+    the denoiser and its twin (tools/generate.py); None for families without text."""
     embedding_parameters: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None
     """The parameters `[diffusion_blocks] embedding_lr_multiplier` acts on (None: the
     family has no such option)."""

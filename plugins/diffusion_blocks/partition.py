@@ -115,3 +115,14 @@ class BlockPartition:
         return diffusion.sampling_plan(
             num_steps, list(self.sigma_boundaries), self.schedule, start_sigma
         )
+
+
+def single_block_partition(schedule: diffusion.NoiseSchedule, n_layers: int) -> BlockPartition:
+    """All layers in one block owning all of [sigma_min, sigma_max]: training sigmas
+    come from the global truncated log-normal (the end-to-end DiT, the recurrent core)."""
+    return BlockPartition(
+        layer_counts=(n_layers,),
+        sigma_boundaries=(schedule.sigma_min, schedule.sigma_max),
+        overlap=0.0,
+        schedule=schedule,
+    )

@@ -24,13 +24,14 @@ from torchtitan.protocols.train_spec import (
 from .config_loader import ConfigError, origin_of
 from .data.text import build_hf_tokenizer_checked, build_tokenizer, register_text_datasets
 from .family import ModelFamily
-from .models import dit, llama3, vit
+from .models import dit, llama3, recurrent, vit
 from .models.llama3.converter import CONVERTER_NAME, DiffusionBlocksConverter
 from .optimizers import with_embedding_lr
 from .partition import BlockPartition
 
 FAMILIES: dict[str, ModelFamily] = {
-    family.name: family for family in (llama3.FAMILY, vit.FAMILY, dit.FAMILY)
+    family.name: family
+    for family in (llama3.FAMILY, vit.FAMILY, dit.FAMILY, recurrent.FAMILY)
 }
 
 # stock torchtitan train specs that `[model] converters = ["diffusion_blocks"]` turns
@@ -94,6 +95,8 @@ def resolve_run_spec(job_config) -> RunSpec:
             f"{origin_of(job_config, 'model', 'name')}: [model] name = {name!r} is not a "
             f"DiffusionBlocks model; available: {sorted(FAMILIES)}{stock_hint}"
         )
+    if family.check_config is not None:
+        family.check_config(job_config)
     if job_config.model.flavor not in spec.model_args:
         raise ConfigError(
             f"{origin_of(job_config, 'model', 'flavor')}: [model] flavor = "

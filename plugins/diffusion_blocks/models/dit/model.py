@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ... import diffusion
-from ...partition import BlockPartition
+from ...partition import single_block_partition
 from ...sampling import classifier_free_guidance, euler_sample
 from ..conditioning import FinalAdaLN, SigmaEmbedder
 from ..vision_layers import AdaLNZeroLayer, PatchEmbed, sincos_positions_2d, unpatchify
@@ -122,16 +122,6 @@ class DiffusionBlocksDiT(nn.Module):
             return self.guided_denoise(z, sigma, classes_B, block, cfg_scale)
 
         return euler_sample(denoise, z_BCHW, self.partition.sampling_plan(num_steps))
-
-
-def single_block_partition(schedule: diffusion.NoiseSchedule, n_layers: int) -> BlockPartition:
-    """All layers in one block owning all of [sigma_min, sigma_max]."""
-    return BlockPartition(
-        layer_counts=(n_layers,),
-        sigma_boundaries=(schedule.sigma_min, schedule.sigma_max),
-        overlap=0.0,
-        schedule=schedule,
-    )
 
 
 class EndToEndDiT(DiffusionBlocksDiT):

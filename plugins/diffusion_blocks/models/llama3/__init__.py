@@ -15,6 +15,7 @@ from ...parallelize import parallelize_dblocks_llama
 from ...validation import build_denoiser_validator
 from .args import dblocks_llama3_flavors
 from .model import DiffusionBlocksLlama
+from .sampler import generate
 from .task import LanguageModelTask
 
 
@@ -32,5 +33,5 @@ def token_embedding_parameters(model) -> list:
 
 FAMILY = ModelFamily(
     "dblocks_llama3", get_train_spec, Transformer, LanguageModelTask(), stock_models=("llama3",),
-    embedding_parameters=token_embedding_parameters,
+    embedding_parameters=token_embedding_parameters, generate_text=generate,
 )
