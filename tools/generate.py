@@ -1,34 +1,54 @@
-"""Generate text from a trained checkpoint (DiffusionBlocks denoiser or end-to-end twin).
+"""Generate text from a trained checkpoint of a text family (the DiffusionBlocks model
+or its end-to-end twin, as the config's `[diffusion_blocks] enable` says).
 
     python tools/generate.py --job.config_file train_configs/llama3_debug.toml \
         --checkpoint outputs/llama3_debug/checkpoint --prompt "the cat" \
         [--max-new-tokens 64] [--steps-per-block 1] [--temperature 0.8 --top-k 20] [--seed 0]
+    python tools/generate.py --job.config_file train_configs/md4_chars.toml \
+        --checkpoint outputs/md4_chars/checkpoint [--prompt "the cat"] [--steps 256] \
+        [--num-samples 4] [--json]
 
-For the denoiser, each new token runs the Euler sampler over the sigma grid (one
-step per block by default); only the block owning each step's sigma runs.
+Each family samples its own way (`ModelFamily.sample_text`):
+- dblocks_llama3: each new token runs the Euler sampler over the sigma grid
+  (--steps-per-block steps per block, default [diffusion_blocks]
+  sampling_steps_per_block), only the block owning each step's sigma running; greedy
+  unless --temperature is given;
+- dblocks_md4: MD4's ancestral sampler from an all-[MASK] sequence of the prompt plus
+  --max-new-tokens characters, --steps steps in all (default [diffusion_blocks]
+  sampling_steps), each run by the block owning its t; temperature 1 unless given.
+--json prints {"checkpoint": ..., "mode": ..., "samples": [...]}.
 """
 
 import argparse
+import json
 import sys
 
-import torch
-
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
-from diffusion_blocks.models.llama3.sampler import DecodingConfig, generate
+from diffusion_blocks.config_loader import ConfigError, exit_on_config_error, parse_job_config
+from diffusion_blocks.family import TextRequest
 from diffusion_blocks.inference import load_for_inference
+from diffusion_blocks.registry import FAMILIES, resolve_run_spec
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--steps-per-block", type=int, default=None,
-                        help="default: [diffusion_blocks] sampling_steps_per_block")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+                        help="autoregressive denoiser (default: [diffusion_blocks] "
+                             "sampling_steps_per_block)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="masked diffusion: sampler steps in all (default: "
+                             "[diffusion_blocks] sampling_steps)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy; default: greedy (autoregressive), 1 (masked diffusion)")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser.parse_known_args(argv)
 
 
@@ -36,23 +56,29 @@ def parse_args(argv):
 def main(argv):
     args, config_args = parse_args(argv)
     job_config = parse_job_config(config_args)
+    family = resolve_run_spec(job_config).family
+    if family.sample_text is None:
+        text_families = sorted(name for name, f in FAMILIES.items() if f.sample_text)
+        raise ConfigError(
+            f"tools/generate.py generates text; [model] name = {job_config.model.name!r} "
+            f"does not (text models: {text_families})"
+        )
+    request = TextRequest(
+        prompt=args.prompt, max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
+        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+        steps_per_block=args.steps_per_block, steps=args.steps,
+    )
     try:
         model, tokenizer, step_folder = load_for_inference(job_config, args.checkpoint)
+        samples = family.sample_text(model, tokenizer, job_config, request)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    steps = args.steps_per_block or job_config.diffusion_blocks.sampling_steps_per_block
-    decoding = DecodingConfig(
-        max_new_tokens=args.max_new_tokens, steps_per_block=steps,
-        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-    )
-    prompt_ids = tokenizer.encode(args.prompt, add_bos=True, add_eos=False)
-    tokens = generate(
-        model, torch.tensor([prompt_ids]), decoding, job_config.training.seq_len
-    )
-    mode = "DiffusionBlocks" if hasattr(model, "partition") else "end-to-end"
+        raise ConfigError(str(e)) from None
+    mode = "DiffusionBlocks" if job_config.diffusion_blocks.enable else "end-to-end"
+    if args.json:
+        print(json.dumps({"checkpoint": str(step_folder), "mode": mode, "samples": samples}))
+        return
     print(f"[{mode} model from {step_folder}]")
-    print(args.prompt + tokenizer.decode(tokens[0, len(prompt_ids):].tolist()))
+    print("\n---\n".join(samples))
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ Our config loader always merges this one, so users need not name it in their TOM
 from dataclasses import dataclass, field
 
 from .diffusion import NoiseSchedule, PARTITIONS
+from .masking import check_masking_schedule
 
 BLOCK_SCHEDULES = ("random", "round_robin", "sequential")  # see schedules.py
 DEVICES = ("auto", "cpu", "cuda")
 OFFLOAD_MODES = ("auto", "on", "off")
+TIME_CONDITIONINGS = ("adaln_zero", "none")
 
 
 @dataclass
@@ -62,8 +64,9 @@ class DiffusionBlocks:
     Read by the LM; the ViT and DiT always use the DiT form (c as wide as the model)."""
 
     sampling_steps: int = 50
-    """Euler steps of the image sampler (DiT), laid on the equi-probability sigma grid;
-    each step runs only the block owning its sigma."""
+    """Euler steps of the image sampler (DiT), laid on the equi-probability sigma grid,
+    or ancestral steps of the masked-diffusion sampler (MD4), on equal decreases of
+    alpha_t; each step runs only the block owning its noise level."""
 
     cfg_scale: float = 2.0
     """Classifier-free guidance scale s of the image sampler (DiT):
@@ -72,6 +75,15 @@ class DiffusionBlocks:
     label_dropout: float = 0.1
     """DiT training: share of class labels replaced by the null class, so one model is
     both conditional and unconditional (needed for guidance). Also used with enable = false."""
+
+    masking_schedule: str = "linear"
+    """MD4 (dblocks_md4): alpha_t, the probability that a token is still unmasked at
+    time t: 'linear' (1 - t), 'cosine' (1 - cos(pi/2 (1 - t))) or 'poly<k>' (1 - t^k)."""
+
+    time_conditioning: str = "adaln_zero"
+    """MD4 (dblocks_md4): how the layers see t: 'adaln_zero' (every layer's AdaLN-Zero
+    and a final modulation, driven by an embedding of t, as the other denoisers) or
+    'none' (only the masked tokens: the share of masks implies t)."""
 
     def noise_schedule(self) -> NoiseSchedule:
         return NoiseSchedule(
@@ -86,9 +98,10 @@ class DiffusionBlocks:
 @dataclass
 class Data:
     tokenizer: str = "auto"
-    """'auto' (the train spec's: bytes for dblocks_llama3, the Hugging Face tokenizer at
-    [model] hf_assets_path for a stock llama3), 'byte' (UTF-8 bytes, no files needed)
-    or 'hf' (the tokenizer at [model] hf_assets_path)."""
+    """'auto' (the train spec's: bytes for dblocks_llama3, characters for dblocks_md4,
+    the Hugging Face tokenizer at [model] hf_assets_path for a stock llama3), 'byte'
+    (UTF-8 bytes with BOS / EOS, no files needed), 'char' (UTF-8 bytes only: a text is
+    one stream of its characters) or 'hf' (the tokenizer at [model] hf_assets_path)."""
 
     holdout_fraction: float = 0.2
     """Image data without an explicit test split (digits, an image folder without
@@ -170,6 +183,14 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
         problems.append(
             ("label_dropout", f"must lie in [0, 1), got {section.label_dropout}")
         )
+    masking_problem = check_masking_schedule(section.masking_schedule)
+    if masking_problem:
+        problems.append(("masking_schedule", masking_problem))
+    if section.time_conditioning not in TIME_CONDITIONINGS:
+        problems.append((
+            "time_conditioning",
+            f"{section.time_conditioning!r} is not one of {list(TIME_CONDITIONINGS)}",
+        ))
     if section.layers_per_block and len(section.layers_per_block) != section.num_blocks:
         problems.append(
             (

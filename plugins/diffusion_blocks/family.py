@@ -1,11 +1,12 @@
 """What a model family provides: its block-partitioned train spec, the end-to-end
-twin's model class and its task. Each family builds one `ModelFamily` in its folder's
-`__init__.py` (models/<family>/); registry.py registers them with torchtitan."""
+twin's model class, its task and, for text families, the sampler tools/generate.py
+calls. Each family builds one `ModelFamily` in its folder's `__init__.py`
+(models/<family>/); registry.py registers them with torchtitan."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
@@ -13,6 +14,27 @@ from torchtitan.protocols.train_spec import TrainSpec
 
 from .metrics import build_blockwise_metrics_processor
 from .tasks import Task
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    """What tools/generate.py asks a text family for. None = the family's default."""
+
+    prompt: str = ""
+    max_new_tokens: int = 64
+    num_samples: int = 1
+    temperature: float | None = None  # autoregressive denoiser: 0 (greedy); MD4: 1
+    top_k: int = 0                    # 0 = the whole vocabulary
+    seed: int = 0
+    steps_per_block: int | None = None
+    """Autoregressive denoiser: Euler steps per block and new token
+    (default [diffusion_blocks] sampling_steps_per_block)."""
+    steps: int | None = None
+    """Masked diffusion: ancestral steps in all (default [diffusion_blocks] sampling_steps)."""
+
+
+# (model, tokenizer, job_config, request) -> one text per sample, prompt included
+TextSampler = Callable[[Any, Any, Any, TextRequest], list[str]]
 
 
 @dataclass(frozen=True)
@@ -24,6 +46,9 @@ class ModelFamily:
     stock_models: tuple[str, ...] = ()
     """Stock torchtitan train specs that `[model] converters = ["diffusion_blocks"]`
     turns into this family's denoiser."""
+    sample_text: TextSampler | None = None
+    """Text generation with the trained model (block-wise or its end-to-end twin);
+    None for families that do not generate text."""
 
 
 def blockwise_train_spec(

@@ -2,15 +2,46 @@
 
 Built once from the `[diffusion_blocks]` section and the model's layer count; the
 model, the train loop, the samplers and tools/partition.py all read it from here.
+
+The noise levels are those of the partition's noise process (`schedule`, a
+`NoiseLevels`): EDM's sigma with its truncated log-normal law (`diffusion.NoiseSchedule`,
+the default: LM, ViT, DiT) or MD4's masking time t with t ~ U(0, 1)
+(`masking.MaskingSchedule`). The process says how [lo, hi] is cut, widened, sampled
+and walked at inference; the partition and the train loop only see ascending
+boundaries, (lo, hi] intervals with block 0 owning the highest, and a level's name.
 """
+
+from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar, Protocol
 
 import torch
 
 from . import diffusion
 from .config import block_layer_ranges, DiffusionBlocks, layers_per_block
+from .masking import MaskingSchedule
+
+
+class NoiseLevels(Protocol):
+    """A noise process's law of levels, as a BlockPartition cuts it."""
+
+    level_name: ClassVar[str]  # "sigma", "t": names the level in logs and metrics
+
+    def boundaries(self, num_blocks: int, partition: str) -> list[float]:
+        """B + 1 ascending boundaries; ValueError for a partition it does not define."""
+
+    def widen(self, lo: float, hi: float, overlap: float) -> tuple[float, float]: ...
+
+    def sample(self, num_samples: int, lo: float, hi: float, generator) -> torch.Tensor:
+        """Levels in [lo, hi] from the law restricted there (float64)."""
+
+    def mass(self, lo: float, hi: float) -> float:
+        """Share of the law inside [lo, hi]."""
+
+    def sampling_plan(self, num_steps: int, boundaries: list[float]) -> list:
+        """The inference steps from the highest level down, each with its owning block."""
 
 
 @dataclass(frozen=True)
@@ -19,35 +50,42 @@ class BlockPartition:
     (torchtitan's Trainer logs `json.dumps(asdict(model_args))`)."""
 
     layer_counts: tuple[int, ...]  # layers per block, block 0 first
-    sigma_boundaries: tuple[float, ...]  # ascending, B+1 values
+    boundaries: tuple[float, ...]  # noise levels, ascending, B+1 values
     overlap: float
-    schedule: diffusion.NoiseSchedule
+    schedule: diffusion.NoiseSchedule | MaskingSchedule  # the noise process (NoiseLevels)
 
     @classmethod
-    def from_config(cls, section: DiffusionBlocks, n_layers: int) -> "BlockPartition":
+    def from_config(
+        cls, section: DiffusionBlocks, n_layers: int, schedule: NoiseLevels | None = None
+    ) -> "BlockPartition":
+        """`schedule`: the family's noise process; default EDM's, from the section."""
         counts = layers_per_block(section, n_layers)
-        schedule = section.noise_schedule()
-        boundaries = diffusion.block_sigma_boundaries(
-            len(counts), schedule, section.partition
-        )
+        schedule = schedule or section.noise_schedule()
         return cls(
             layer_counts=tuple(counts),
-            sigma_boundaries=tuple(boundaries),
+            boundaries=tuple(schedule.boundaries(len(counts), section.partition)),
             overlap=section.overlap,
             schedule=schedule,
         )
 
     @classmethod
-    def from_job_config(cls, job_config, n_layers: int) -> "BlockPartition":
+    def from_job_config(
+        cls, job_config, n_layers: int, schedule: NoiseLevels | None = None
+    ) -> "BlockPartition":
         """As from_config, but a misfit names the file (or CLI flag) that set it."""
         from .config_loader import ConfigError, origin_of
 
+        section = job_config.diffusion_blocks
         try:
-            return cls.from_config(job_config.diffusion_blocks, n_layers)
+            layers_per_block(section, n_layers)
         except ValueError as e:
-            section = job_config.diffusion_blocks
             key = "layers_per_block" if section.layers_per_block else "num_blocks"
             raise ConfigError(f"{origin_of(job_config, 'diffusion_blocks', key)}: {e}") from None
+        try:
+            return cls.from_config(section, n_layers, schedule)
+        except ValueError as e:
+            where = origin_of(job_config, "diffusion_blocks", "partition")
+            raise ConfigError(f"{where}: [diffusion_blocks] {e}") from None
 
     @cached_property
     def layer_ranges(self) -> tuple[range, ...]:
@@ -58,28 +96,34 @@ class BlockPartition:
     def num_blocks(self) -> int:
         return len(self.layer_counts)
 
-    def sigma_interval(self, block: int) -> tuple[float, float]:
-        return diffusion.block_interval(block, list(self.sigma_boundaries))
+    @property
+    def level_name(self) -> str:
+        return self.schedule.level_name
+
+    def interval(self, block: int) -> tuple[float, float]:
+        """(lo, hi] of the noise levels `block` owns."""
+        return diffusion.block_interval(block, list(self.boundaries))
 
     def training_interval(self, block: int) -> tuple[float, float]:
-        return diffusion.block_training_interval(
-            block, list(self.sigma_boundaries), self.overlap, self.schedule
-        )
+        """The interval widened by `overlap`: where the block's training levels lie."""
+        return self.schedule.widen(*self.interval(block), self.overlap)
 
     def training_mass(self, block: int) -> float:
-        """Share of the global truncated log-normal inside the block's training interval."""
-        return diffusion.truncated_mass(*self.training_interval(block), self.schedule)
+        """Share of the global training law inside the block's training interval."""
+        return self.schedule.mass(*self.training_interval(block))
 
-    def sample_training_sigmas(
+    def sample_training_levels(
         self, block: int, num_samples: int, generator: torch.Generator
     ) -> torch.Tensor:
-        lo, hi = self.training_interval(block)
-        return diffusion.sample_sigma(num_samples, lo, hi, self.schedule, generator)
+        """One noise level (sigma, or t) per sample, from the block's training interval."""
+        return self.schedule.sample(num_samples, *self.training_interval(block), generator)
 
-    def block_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
-        return diffusion.block_of_sigma(sigma, list(self.sigma_boundaries))
+    def block_of_level(self, level: torch.Tensor) -> torch.Tensor:
+        """The block owning each level (intervals (lo, hi])."""
+        return diffusion.block_of_sigma(level, list(self.boundaries))
 
-    def sampling_plan(self, num_steps: int) -> list[diffusion.EulerStep]:
-        return diffusion.sampling_plan(
-            num_steps, list(self.sigma_boundaries), self.schedule
-        )
+    def sampling_plan(self, num_steps: int) -> list:
+        """The noise process's inference steps (EDM: `diffusion.EulerStep`s over the
+        equi-probability sigma grid; masking: `masking.AncestralStep`s), each with the
+        block owning its starting level."""
+        return self.schedule.sampling_plan(num_steps, list(self.boundaries))

@@ -24,12 +24,12 @@ from torchtitan.protocols.train_spec import (
 from .config_loader import ConfigError, origin_of
 from .data.text import build_hf_tokenizer_checked, build_tokenizer, register_text_datasets
 from .family import ModelFamily
-from .models import dit, llama3, vit
+from .models import dit, llama3, md4, vit
 from .models.llama3.converter import CONVERTER_NAME, DiffusionBlocksConverter
 from .partition import BlockPartition
 
 FAMILIES: dict[str, ModelFamily] = {
-    family.name: family for family in (llama3.FAMILY, vit.FAMILY, dit.FAMILY)
+    family.name: family for family in (llama3.FAMILY, vit.FAMILY, dit.FAMILY, md4.FAMILY)
 }
 
 # stock torchtitan train specs that `[model] converters = ["diffusion_blocks"]` turns

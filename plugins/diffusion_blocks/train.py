@@ -9,8 +9,9 @@ builds and runs everything (distributed init from `[comm]`, ParallelDims, tokeni
 dataloader, the model on meta, converters, parallelize, CheckpointManager, metrics
 processor, validator, profiling, GC, the train loop). What changes is only:
 - the step: each step trains ONE block, chosen identically on every rank; each sample
-  gets a sigma from the block's widened interval; the family's task computes the
-  w(sigma)-weighted loss, and only that block's layers run (`forward_backward_step`,
+  gets a noise level from the block's widened interval (sigma, or MD4's masking time t:
+  the partition's noise process draws it); the family's task computes the weighted
+  loss, and only that block's layers run (`forward_backward_step`,
   `train_step`, which also clips block-parallel runs with one global coefficient and
   stops before stepping on a non-finite gradient norm);
 - per-block bookkeeping (steps and running CE per block, in the log and TensorBoard);
@@ -122,7 +123,8 @@ class BlockStats:
 
 @dataclass
 class StepTotals:
-    """Per-block sums of one step on this rank: unweighted loss, items, sigma, samples."""
+    """Per-block sums of one step on this rank: unweighted loss, items, noise level
+    (sigma, or t), samples."""
 
     sums_B4: torch.Tensor
 
@@ -130,12 +132,12 @@ class StepTotals:
     def zeros(cls, num_rows: int, device) -> "StepTotals":
         return cls(torch.zeros(num_rows, 4, dtype=torch.float64, device=device))
 
-    def add(self, row: int, unweighted_sum, num_items, sigma_B: torch.Tensor | None) -> None:
-        sigma_sum = float(sigma_B.sum()) if sigma_B is not None else 0.0
-        samples = len(sigma_B) if sigma_B is not None else 0
+    def add(self, row: int, unweighted_sum, num_items, level_B: torch.Tensor | None) -> None:
+        level_sum = float(level_B.sum()) if level_B is not None else 0.0
+        samples = len(level_B) if level_B is not None else 0
         self.sums_B4[row] += torch.stack([
             unweighted_sum.detach().double(), num_items.double(),
-            torch.tensor(sigma_sum, dtype=torch.float64, device=self.sums_B4.device),
+            torch.tensor(level_sum, dtype=torch.float64, device=self.sums_B4.device),
             torch.tensor(float(samples), dtype=torch.float64, device=self.sums_B4.device),
         ])
 
@@ -171,7 +173,8 @@ class BlockwiseTrainer(Trainer):
             self.partition, self.num_blocks = None, 0
             self.block_schedule, self.block_stats = None, None
         self.block: int | None = None
-        # per-rank generators for sigmas (CPU, float64) and noise (on the device)
+        # per-rank generators for noise levels (sigma or t; CPU, float64) and noise (on
+        # the device)
         self.sigma_generator = torch.Generator().manual_seed(section.seed * 1000 + 1 + self.rank)
         self.noise_generator = torch.Generator(self.device).manual_seed(
             section.seed * 1000 + 2 + self.rank
@@ -227,7 +230,7 @@ class BlockwiseTrainer(Trainer):
             params = sum(p.numel() for i in layers for p in self.model.layers[str(i)].parameters())
             logger.info(
                 f"  block {b}: layers {layers.start}-{layers.stop - 1} ({params:,} params), "
-                f"sigma in [{lo:.4g}, {hi:.4g}]"
+                f"{self.partition.level_name} in [{lo:.4g}, {hi:.4g}]"
             )
 
     # -- checkpointed state ------------------------------------------------
@@ -296,16 +299,16 @@ class BlockwiseTrainer(Trainer):
         (torchtitan's convention), backward; returns the detached scaled loss."""
         _, labels, _, extra_kwargs = self.post_dataloading_process(input_dict, labels)
         task = self.family.task
-        sigma_B = None
+        level_B = None
         with self.train_context():
             with self.maybe_enable_amp:
                 if self.enabled:
-                    sigma_B = self.partition.sample_training_sigmas(
+                    level_B = self.partition.sample_training_levels(
                         self.block, labels.shape[0], self.sigma_generator
                     )
                     sums = task.denoiser_loss(
                         self.model, input_dict, labels, self.block,
-                        sigma_B.to(self.device, torch.float32), self.noise_generator,
+                        level_B.to(self.device, torch.float32), self.noise_generator,
                     )
                 else:
                     sums = task.end_to_end_loss(
@@ -313,7 +316,7 @@ class BlockwiseTrainer(Trainer):
                     )
                 loss = sums.loss_sum / global_valid_tokens
             loss.backward()
-        self.step_totals.add(self.block or 0, sums.unweighted_sum, sums.num_items, sigma_B)
+        self.step_totals.add(self.block or 0, sums.unweighted_sum, sums.num_items, level_B)
         return loss.detach()
 
     def normalisation_mesh(self):
@@ -384,7 +387,7 @@ class BlockwiseTrainer(Trainer):
         totals = self.step_totals.sums_B4
         if dist.get_world_size() > 1:
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-        unweighted, items, sigma_sum, samples = totals.sum(0).tolist()
+        unweighted, items, level_sum, samples = totals.sum(0).tolist()
         metrics = {f"{BLOCKWISE_PREFIX}{self.family.task.unweighted_name}": unweighted / max(items, 1)}
         if not self.enabled:
             return metrics
@@ -393,7 +396,8 @@ class BlockwiseTrainer(Trainer):
                 self.block_stats.update(block, ce_sum / n)
         if self.layout is None:
             metrics[f"{BLOCKWISE_PREFIX}block"] = self.block
-        metrics[f"{BLOCKWISE_PREFIX}sigma_mean"] = sigma_sum / max(samples, 1)
+        # the mean noise level: diffusion_blocks/sigma_mean, or t_mean for MD4
+        metrics[f"{BLOCKWISE_PREFIX}{self.partition.level_name}_mean"] = level_sum / max(samples, 1)
         return metrics
 
     def log_step(self, loss, local_items, global_items, grad_norm, lr, step_metrics) -> None:

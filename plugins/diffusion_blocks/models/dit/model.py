@@ -128,7 +128,7 @@ def single_block_partition(schedule: diffusion.NoiseSchedule, n_layers: int) -> 
     """All layers in one block owning all of [sigma_min, sigma_max]."""
     return BlockPartition(
         layer_counts=(n_layers,),
-        sigma_boundaries=(schedule.sigma_min, schedule.sigma_max),
+        boundaries=(schedule.sigma_min, schedule.sigma_max),
         overlap=0.0,
         schedule=schedule,
     )
