@@ -8,7 +8,6 @@ share of the training distribution.
 """
 
 import argparse
-import copy
 import json
 import sys
 
@@ -78,13 +77,12 @@ def partition_from_flags(argv: list[str]) -> tuple[BlockPartition, bool]:
 
 
 def partition_from_job_config(argv: list[str]) -> BlockPartition:
-    """The partition the config's model builds (its family's noise process)."""
+    """The partition the config's model builds (over its family's noise process)."""
     job_config = parse_job_config(argv)
     run = resolve_run_spec(job_config)
-    model_args = copy.deepcopy(run.spec.model_args[job_config.model.flavor])
-    model_args.update_from_config(job_config)
-    partition = getattr(model_args, "partition", None)
-    return partition or BlockPartition.from_job_config(job_config, model_args.n_layers)
+    n_layers = run.spec.model_args[job_config.model.flavor].n_layers
+    noise_levels = run.family.noise_levels(job_config.diffusion_blocks)
+    return BlockPartition.from_job_config(job_config, n_layers, noise_levels)
 
 
 @exit_on_config_error

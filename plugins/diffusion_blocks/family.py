@@ -37,6 +37,11 @@ class TextRequest:
 TextSampler = Callable[[Any, Any, Any, TextRequest], list[str]]
 
 
+def edm_noise_levels(section):
+    """EDM's sigma, its truncated log-normal law from `[diffusion_blocks]`."""
+    return section.noise_schedule()
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     name: str                       # the train spec's name, `[model] name`
@@ -46,6 +51,9 @@ class ModelFamily:
     stock_models: tuple[str, ...] = ()
     """Stock torchtitan train specs that `[model] converters = ["diffusion_blocks"]`
     turns into this family's denoiser."""
+    noise_levels: Callable[[Any], Any] = edm_noise_levels
+    """`[diffusion_blocks]` section -> the noise process the family's blocks partition
+    (a partition.NoiseLevels): EDM's sigma by default, MD4's masking time t."""
     sample_text: TextSampler | None = None
     """Text generation with the trained model (block-wise or its end-to-end twin);
     None for families that do not generate text."""

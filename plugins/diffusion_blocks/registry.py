@@ -100,7 +100,10 @@ def resolve_run_spec(job_config) -> RunSpec:
             f"available: {sorted(spec.model_args)}"
         )
     if enabled:  # a partition that does not fit the model fails here, before any work
-        BlockPartition.from_job_config(job_config, spec.model_args[job_config.model.flavor].n_layers)
+        BlockPartition.from_job_config(
+            job_config, spec.model_args[job_config.model.flavor].n_layers,
+            family.noise_levels(job_config.diffusion_blocks),
+        )
     else:
         spec = dataclasses.replace(spec, model_cls=family.end_to_end_model_cls)
     return RunSpec(spec, family, enabled)

@@ -12,7 +12,7 @@ from ...config_loader import ConfigError, origin_of
 from ...family import blockwise_train_spec, ModelFamily
 from ...parallelize import parallelize_dblocks_llama
 from ...validation import build_task_validator
-from .args import md4_flavors
+from .args import masking_noise_levels, md4_flavors
 from .model import EndToEndMaskedDiffusionLM, MaskedDiffusionLM
 from .sampler import sample_text
 from .task import build_md4_tokenizer, MaskedDiffusionTask
@@ -42,5 +42,5 @@ def get_train_spec() -> TrainSpec:
 
 FAMILY = ModelFamily(
     "dblocks_md4", get_train_spec, EndToEndMaskedDiffusionLM, MaskedDiffusionTask(),
-    sample_text=sample_text,
+    noise_levels=masking_noise_levels, sample_text=sample_text,
 )

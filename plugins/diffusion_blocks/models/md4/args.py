@@ -31,10 +31,16 @@ class MaskedDiffusionArgs(TransformerModelArgs):
     def update_from_config(self, job_config, **kwargs) -> None:
         super().update_from_config(job_config, **kwargs)
         section = job_config.diffusion_blocks
-        schedule = MaskingSchedule(section.masking_schedule)
-        self.partition = BlockPartition.from_job_config(job_config, self.n_layers, schedule)
+        self.partition = BlockPartition.from_job_config(
+            job_config, self.n_layers, masking_noise_levels(section)
+        )
         self.time_conditioning = section.time_conditioning
         self.adaln_cond_dim = section.adaln_cond_dim
+
+
+def masking_noise_levels(section) -> MaskingSchedule:
+    """The family's noise process: MD4's masking time t, `[diffusion_blocks] masking_schedule`."""
+    return MaskingSchedule(section.masking_schedule)
 
 
 def _with_mask_slot(args: TransformerModelArgs, **overrides) -> MaskedDiffusionArgs:
