@@ -74,39 +74,44 @@ class MaskingSchedule:
     def exponent(self) -> float:
         return float(_POLY.fullmatch(self.kind).group(1))
 
-    # -- a(t), its derivative and inverse (the unclipped schedule) ----------------
+    # -- 1 - a(t), the unclipped masking probability, its derivative and inverse --
+    # (written as 1 - a(t), not through a(t), so small t keeps its float32 precision)
 
-    def raw_alpha(self, t: torch.Tensor) -> torch.Tensor:
+    def raw_masked(self, t: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":
-            return 1 - t
+            return t
         if self.kind == "cosine":
-            return 1 - torch.cos(math.pi / 2 * (1 - t))
-        return 1 - t**self.exponent
+            return torch.cos(math.pi / 2 * (1 - t))
+        return t**self.exponent
 
-    def raw_alpha_derivative(self, t: torch.Tensor) -> torch.Tensor:
+    def raw_masked_derivative(self, t: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":
-            return -torch.ones_like(t)
+            return torch.ones_like(t)
         if self.kind == "cosine":
-            return -math.pi / 2 * torch.sin(math.pi / 2 * (1 - t))
-        return -self.exponent * t ** (self.exponent - 1)
+            return math.pi / 2 * torch.sin(math.pi / 2 * (1 - t))
+        return self.exponent * t ** (self.exponent - 1)
 
-    def time_of_raw_alpha(self, a: torch.Tensor) -> torch.Tensor:
-        """t with raw_alpha(t) = a (a in [0, 1])."""
+    def time_of_raw_masked(self, m: torch.Tensor) -> torch.Tensor:
+        """t with raw_masked(t) = m (m in [0, 1])."""
         if self.kind == "linear":
-            return 1 - a
+            return m
         if self.kind == "cosine":
-            return 1 - torch.arccos(1 - a) * 2 / math.pi
-        return (1 - a) ** (1 / self.exponent)
+            return 1 - torch.arccos(m) * 2 / math.pi
+        return m ** (1 / self.exponent)
 
     # -- the clipped schedule and the ELBO -----------------------------------------
 
+    def masked_probability(self, t: torch.Tensor) -> torch.Tensor:
+        """1 - alpha_t: the probability that a token is masked at time t."""
+        return (1 - 2 * self.eps) * self.raw_masked(t) + self.eps
+
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         """Probability that a token is still unmasked at time t."""
-        return (1 - 2 * self.eps) * self.raw_alpha(t) + self.eps
+        return 1 - self.masked_probability(t)
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
         """w(t) = -alpha_t' / (1 - alpha_t) (positive; 1/t for linear at eps = 0)."""
-        return -(1 - 2 * self.eps) * self.raw_alpha_derivative(t) / (1 - self.alpha(t))
+        return (1 - 2 * self.eps) * self.raw_masked_derivative(t) / self.masked_probability(t)
 
     def reconstruction_nats(self, data_vocab_size: int) -> float:
         """MD4's reconstruction term per token: (1 - alpha_0) log V."""
@@ -126,8 +131,8 @@ class MaskingSchedule:
 
     def equal_alpha_times(self, num_intervals: int) -> list[float]:
         """num_intervals + 1 ascending times cutting [0, 1] into equal decreases of alpha."""
-        a = 1 - torch.arange(num_intervals + 1, dtype=torch.float64) / num_intervals
-        times = self.time_of_raw_alpha(a).tolist()
+        m = torch.arange(num_intervals + 1, dtype=torch.float64) / num_intervals
+        times = self.time_of_raw_masked(m).tolist()
         times[0], times[-1] = 0.0, 1.0  # exact ends, whatever the rounding
         return times
 
@@ -145,10 +150,10 @@ class MaskingSchedule:
         """Widen [lo, hi] by `overlap` times its alpha-width on each side, within [0, 1]."""
         if overlap == 0.0:
             return lo, hi
-        a_hi, a_lo = (float(self.raw_alpha(torch.tensor(x, dtype=torch.float64))) for x in (lo, hi))
-        margin = overlap * (a_hi - a_lo)
-        a_lo, a_hi = max(a_lo - margin, 0.0), min(a_hi + margin, 1.0)
-        widened = self.time_of_raw_alpha(torch.tensor([a_hi, a_lo], dtype=torch.float64))
+        m_lo, m_hi = self.raw_masked(torch.tensor([lo, hi], dtype=torch.float64)).tolist()
+        margin = overlap * (m_hi - m_lo)
+        widened = self.time_of_raw_masked(torch.tensor(
+            [max(m_lo - margin, 0.0), min(m_hi + margin, 1.0)], dtype=torch.float64))
         return max(float(widened[0]), 0.0), min(float(widened[1]), 1.0)
 
     def sample(
