@@ -396,3 +396,16 @@ def test_end_to_end_twin_is_one_switch_away_and_tools_read_its_checkpoint(tmp_pa
     out = json.loads(generated.stdout.strip().splitlines()[-1])
     assert out["mode"] == "end-to-end" and len(out["samples"]) == 2
     assert all(s.startswith("the") for s in out["samples"])
+
+
+def test_block_parallel_with_activation_checkpointing(tmp_path):
+    """Two groups of one process, each training its own block every step (the shared
+    block-parallel path), layers under torchtitan's activation checkpointing."""
+    md4_run(tmp_path, 2, 2, "--diffusion_blocks.num_blocks", "2",
+            "--diffusion_blocks.block_parallel", "--activation_checkpoint.mode", "full")
+    records = h.read_records(tmp_path / "records", 2)
+    for rank, record in enumerate(records):
+        assert record["group"] == rank
+        for s in record["steps"]:
+            assert s["block"] == rank and math.isfinite(s["loss"])
+            assert s["ran_layers"] == s["grad_layers"] == list(range(4 * rank, 4 * rank + 4))

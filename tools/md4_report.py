@@ -124,7 +124,7 @@ def main(argv):
         results[name].update(train_seconds=seconds, steps=int(overrides[overrides.index("--training.steps") + 1]))
         print(name, {k: v for k, v in results[name].items() if k != "samples"}, flush=True)
 
-    print(f"\n| model | optimizer steps | held-out bits per character (± stderr) | training time |")
+    print("\n| model | optimizer steps | held-out bits per character (± stderr) | training time |")
     print("|---|---|---|---|")
     for name, r in results.items():
         minutes = "-" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.1f} min"

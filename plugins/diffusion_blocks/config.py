@@ -61,7 +61,8 @@ class DiffusionBlocks:
     adaln_cond_dim: int = 256
     """Width of the noise-condition vector c feeding every layer's AdaLN-Zero
     Linear(SiLU(c)); 0 = the model width (the DiT form, 6 * width^2 per layer).
-    Read by the LM; the ViT and DiT always use the DiT form (c as wide as the model)."""
+    Read by the LMs (dblocks_llama3; dblocks_md4 with time_conditioning = "adaln_zero");
+    the ViT and DiT always use the DiT form (c as wide as the model)."""
 
     sampling_steps: int = 50
     """Euler steps of the image sampler (DiT), laid on the equi-probability sigma grid,

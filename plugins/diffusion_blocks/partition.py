@@ -87,6 +87,15 @@ class BlockPartition:
             where = origin_of(job_config, "diffusion_blocks", "partition")
             raise ConfigError(f"{where}: [diffusion_blocks] {e}") from None
 
+    def single_block(self) -> "BlockPartition":
+        """Every layer in one block owning all of the levels: the end-to-end twin's."""
+        return BlockPartition(
+            layer_counts=(sum(self.layer_counts),),
+            boundaries=(self.boundaries[0], self.boundaries[-1]),
+            overlap=0.0,
+            schedule=self.schedule,
+        )
+
     @cached_property
     def layer_ranges(self) -> tuple[range, ...]:
         """Contiguous layer index ranges, block 0 first."""

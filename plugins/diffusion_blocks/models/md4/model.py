@@ -93,19 +93,9 @@ class MaskedDiffusionLM(Transformer):
         return torch.tensor([self.mask_token_id], device=device)
 
 
-def single_block_partition(partition: BlockPartition, n_layers: int) -> BlockPartition:
-    """Every layer in one block owning all of the noise levels."""
-    return BlockPartition(
-        layer_counts=(n_layers,),
-        boundaries=(partition.boundaries[0], partition.boundaries[-1]),
-        overlap=0.0,
-        schedule=partition.schedule,
-    )
-
-
 class EndToEndMaskedDiffusionLM(MaskedDiffusionLM):
     """MD4 end to end: every forward runs every layer, for any t in [0, 1]."""
 
     def __init__(self, model_args: MaskedDiffusionArgs):
         super().__init__(model_args)
-        self.partition = single_block_partition(model_args.partition, model_args.n_layers)
+        self.partition = model_args.partition.single_block()
