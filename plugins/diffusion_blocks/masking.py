@@ -161,11 +161,12 @@ class MaskingSchedule:
     ) -> torch.Tensor:
         """t ~ U(lo, hi], stratified over the samples as MD4's antithetic time sampling:
         one uniform offset u, sample i at (u + i/n) mod 1 (float64, on the generator's
-        device). Never exactly lo, so t > 0."""
-        offset = torch.rand(1, generator=generator, dtype=torch.float64, device=generator.device)
+        device; torch's default generator when None). Never exactly lo, so t > 0."""
+        device = generator.device if generator is not None else None
+        offset = torch.rand(1, generator=generator, dtype=torch.float64, device=device)
         u = torch.remainder(
-            offset + torch.arange(num_samples, dtype=torch.float64, device=generator.device)
-            / num_samples, 1.0,
+            offset + torch.arange(num_samples, dtype=torch.float64, device=device) / num_samples,
+            1.0,
         )
         return hi - u * (hi - lo)
 
