@@ -54,13 +54,13 @@ CHAR_VOCAB = 256 + 1  # the `char` tokenizer's bytes and [MASK]
 
 
 def md4_flavors() -> dict[str, MaskedDiffusionArgs]:
-    """Character-level shapes (bytes + [MASK]): `chars` (CPU: 8 layers, width 256, the
+    """Character-level shapes (bytes + [MASK]): `chars` (CPU: 8 layers, width 128, the
     debug configs) and `text8` (MD4's text8 network: 12 layers, width 768, 12 heads);
     torchtitan's sdpa llama3 shapes with one more vocabulary slot for [MASK]
     (`debugmodel`, `8B`, `70B`, `405B`; the Llama 3 tokenizer's 128256 ids + 1)."""
     flavors = {
         "chars": MaskedDiffusionArgs(
-            dim=256, n_layers=8, n_heads=8, vocab_size=CHAR_VOCAB, rope_theta=10000,
+            dim=128, n_layers=8, n_heads=4, vocab_size=CHAR_VOCAB, rope_theta=10000,
         ),
         "text8": MaskedDiffusionArgs(
             dim=768, n_layers=12, n_heads=12, vocab_size=CHAR_VOCAB, rope_theta=10000,
