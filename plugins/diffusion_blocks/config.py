@@ -15,6 +15,7 @@ from .bounds import (
 )
 from .diffusion import lognormal_cdf, NoiseSchedule, PARTITIONS, SIGMA_LAWS
 from .schedules import BLOCK_SCHEDULES
+from .masking import check_masking_schedule
 
 DEVICES = ("auto", "cpu", "cuda")
 AUGMENTATIONS = ("none", "crop_flip")  # see data/images.py
@@ -26,6 +27,7 @@ SINGLE_DEGREE_PARALLELISMS = (
     "expert_parallel_degree",
 )
 NONFINITE_POLICIES = ("stop", "skip")  # see BlockwiseTrainer.handle_nonfinite_step
+TIME_CONDITIONINGS = ("adaln_zero", "none")
 
 
 @dataclass
@@ -117,11 +119,13 @@ class DiffusionBlocks:
     adaln_cond_dim: int = 256
     """Width of the noise-condition vector c feeding every layer's AdaLN-Zero
     Linear(SiLU(c)); 0 = the model width (the DiT form, 6 * width^2 per layer).
-    Read by the LM; the ViT and DiT always use the DiT form (c as wide as the model)."""
+    Read by the LMs (dblocks_llama3; dblocks_md4 with time_conditioning = "adaln_zero");
+    the ViT and DiT always use the DiT form (c as wide as the model)."""
 
     sampling_steps: int = 50
-    """Euler steps of the image sampler (DiT), laid on the equi-probability sigma grid;
-    each step runs only the block owning its sigma."""
+    """Euler steps of the image sampler (DiT), laid on the equi-probability sigma grid,
+    or ancestral steps of the masked-diffusion sampler (MD4), on equal decreases of
+    alpha_t; each step runs only the block owning its noise level."""
 
     cfg_scale: float = 2.0
     """Classifier-free guidance scale s of the image sampler (DiT):
@@ -140,6 +144,15 @@ class DiffusionBlocks:
     max_nonfinite_skips: int = 10
     """With on_nonfinite = 'skip': the most steps of a run (resumes included) that may
     be skipped; one more stops the run."""
+
+    masking_schedule: str = "linear"
+    """MD4 (dblocks_md4): alpha_t, the probability that a token is still unmasked at
+    time t: 'linear' (1 - t), 'cosine' (1 - cos(pi/2 (1 - t))) or 'poly<k>' (1 - t^k)."""
+
+    time_conditioning: str = "adaln_zero"
+    """MD4 (dblocks_md4): how the layers see t: 'adaln_zero' (every layer's AdaLN-Zero
+    and a final modulation, driven by an embedding of t, as the other denoisers) or
+    'none' (only the masked tokens: the share of masks implies t)."""
 
     def noise_schedule(self) -> NoiseSchedule:
         return NoiseSchedule(
@@ -178,9 +191,10 @@ class Recurrent:
 @dataclass
 class Data:
     tokenizer: str = "auto"
-    """'auto' (the train spec's: bytes for dblocks_llama3, the Hugging Face tokenizer at
-    [model] hf_assets_path for a stock llama3), 'byte' (UTF-8 bytes, no files needed)
-    or 'hf' (the tokenizer at [model] hf_assets_path)."""
+    """'auto' (the train spec's: bytes for dblocks_llama3, characters for dblocks_md4,
+    the Hugging Face tokenizer at [model] hf_assets_path for a stock llama3), 'byte'
+    (UTF-8 bytes with BOS / EOS, no files needed), 'char' (UTF-8 bytes only: a text is
+    one stream of its characters) or 'hf' (the tokenizer at [model] hf_assets_path)."""
 
     holdout_fraction: float = 0.2
     """Image data without an explicit test split (digits, an image folder without
@@ -327,6 +341,14 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
     if section.on_nonfinite not in NONFINITE_POLICIES:
         problems.append((
             "on_nonfinite", f"{section.on_nonfinite!r} is not one of {list(NONFINITE_POLICIES)}"
+        ))
+    masking_problem = check_masking_schedule(section.masking_schedule)
+    if masking_problem:
+        problems.append(("masking_schedule", masking_problem))
+    if section.time_conditioning not in TIME_CONDITIONINGS:
+        problems.append((
+            "time_conditioning",
+            f"{section.time_conditioning!r} is not one of {list(TIME_CONDITIONINGS)}",
         ))
     if section.layers_per_block and len(section.layers_per_block) != section.num_blocks:
         problems.append(

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from ... import diffusion
-from ...partition import single_block_partition
 from ...sampling import classifier_free_guidance, euler_sample
 from ..conditioning import FinalAdaLN, SigmaEmbedder
 from ..vision_layers import AdaLNZeroLayer, PatchEmbed, sincos_positions_2d, unpatchify
@@ -129,4 +128,4 @@ class EndToEndDiT(DiffusionBlocksDiT):
 
     def __init__(self, args: DiTArgs):
         super().__init__(args)
-        self.partition = single_block_partition(args.partition.schedule, args.n_layers)
+        self.partition = args.partition.single_block()

@@ -14,6 +14,7 @@ from ...family import blockwise_train_spec, ModelFamily
 from ...parallelize import parallelize_dblocks_llama
 from ...validation import build_denoiser_validator
 from ..llama3 import token_embedding_parameters
+from ..llama3.sampler import continue_prompt
 from ..llama3.task import LanguageModelTask
 from .args import recurrent_flavors
 from .model import RecurrentDenoiser, RecurrentTwin
@@ -54,5 +55,5 @@ def check_config(job_config) -> None:
 FAMILY = ModelFamily(
     NAME, get_train_spec, RecurrentTwin, LanguageModelTask(),
     embedding_parameters=token_embedding_parameters, check_config=check_config,
-    generate_text=generate,
+    sample_text=partial(continue_prompt, generate, NAME),
 )

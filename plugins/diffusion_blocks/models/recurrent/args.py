@@ -7,13 +7,12 @@ end-to-end twin's recurrence law (`[recurrent]`). Knobs a run changes from its T
 command line are config keys; what changes the weights' shapes is the flavor.
 """
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from torch import nn
 from torchtitan.models.utils import get_dense_model_nparams_and_flops
 
-from ...partition import single_block_partition
+from ...partition import BlockPartition
 from ..llama3.args import DenoiserOptions, DiffusionBlocksLlamaArgs
 
 
@@ -56,8 +55,12 @@ class RecurrentArgs(DiffusionBlocksLlamaArgs):
         section = job_config.diffusion_blocks
         # the one block is block 0: block0_sigma_sampling (default: the log-normal) is
         # its training law; sampling_sigma_max where the sampler starts
-        self.partition = dataclasses.replace(
-            single_block_partition(section.noise_schedule(), self.n_layers),
+        schedule = section.noise_schedule()
+        self.partition = BlockPartition(
+            layer_counts=(self.n_layers,),
+            boundaries=(schedule.sigma_min, schedule.sigma_max),
+            overlap=0.0,
+            schedule=schedule,
             block0_sigma_sampling=section.block0_sigma_sampling,
             sampling_sigma_max=section.sampling_sigma_max,
         )
