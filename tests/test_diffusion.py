@@ -76,7 +76,7 @@ def draw_via_blocks(partition_name: str, num_blocks: int, n: int) -> torch.Tenso
     blocks = torch.randint(0, num_blocks, (n,), generator=gen)
     counts = torch.bincount(blocks, minlength=num_blocks)
     return torch.cat(
-        [partition.sample_training_sigmas(b, int(counts[b]), gen) for b in range(num_blocks)]
+        [partition.sample_training_levels(b, int(counts[b]), gen) for b in range(num_blocks)]
     )
 
 

@@ -3,7 +3,6 @@ block schedule, uneven layers_per_block end to end, the sampling start sigma, bl
 log-uniform sigma law, the token-embedding init std and LR multiplier, the target
 embedding scale, and one sigma per token. (Overlap: tests/test_diffusion.py.)"""
 
-import copy
 import math
 from collections import Counter
 
@@ -127,12 +126,12 @@ def test_sampling_plan_starts_at_the_start_sigma_and_skips_blocks_above_it():
     sigmas = [step.sigma for step in plan] + [plan[-1].sigma_next]
     assert sigmas == sorted(sigmas, reverse=True) and len(plan) == 8
     for step in plan:
-        assert step.block == int(partition.block_of_sigma(torch.tensor([step.sigma])))
+        assert step.block == int(partition.block_of_level(torch.tensor([step.sigma])))
     # the steps are equi-probable under the log-normal truncated to [sigma_min, 3]
     masses = [dd.truncated_mass(s.sigma_next, s.sigma, partition.schedule) for s in plan]
     assert max(masses) == pytest.approx(min(masses), rel=1e-6)
     # starting on block 0's lower boundary skips block 0 entirely
-    boundary = partition.sigma_interval(0)[0]
+    boundary = partition.interval(0)[0]
     assert {s.block for s in partition.sampling_plan(6, start_sigma=boundary)} == {1, 2, 3}
 
 
@@ -154,7 +153,7 @@ def test_block0_log_uniform_law_spreads_block0_over_its_log_interval():
         DiffusionBlocks(num_blocks=4, block0_sigma_sampling="log_uniform"), 8
     )
     lo, hi = uniform.training_interval(0)
-    sigma = uniform.sample_training_sigmas(0, n, torch.Generator().manual_seed(0))
+    sigma = uniform.sample_training_levels(0, n, torch.Generator().manual_seed(0))
     assert float(sigma.min()) >= lo and float(sigma.max()) <= hi
 
     def log_uniform_cdf(x):
@@ -163,24 +162,24 @@ def test_block0_log_uniform_law_spreads_block0_over_its_log_interval():
     assert ks_statistic(sigma, log_uniform_cdf) < 1.95 / math.sqrt(n)
     share_above_3 = float((sigma > 3).double().mean())
     assert share_above_3 == pytest.approx(math.log(hi / 3) / math.log(hi / lo), abs=0.015)
-    before = lognormal.sample_training_sigmas(0, n, torch.Generator().manual_seed(0))
+    before = lognormal.sample_training_levels(0, n, torch.Generator().manual_seed(0))
     assert float((before > 3).double().mean()) < 0.1  # the log-normal's ~7%
     # other blocks and the validation reference keep the log-normal, draw for draw
     for block in (1, 3):
         assert torch.equal(
-            uniform.sample_training_sigmas(block, 100, torch.Generator().manual_seed(1)),
-            lognormal.sample_training_sigmas(block, 100, torch.Generator().manual_seed(1)),
+            uniform.sample_training_levels(block, 100, torch.Generator().manual_seed(1)),
+            lognormal.sample_training_levels(block, 100, torch.Generator().manual_seed(1)),
         )
     assert torch.equal(
-        uniform.sample_reference_sigmas(0, 100, torch.Generator().manual_seed(2)),
-        lognormal.sample_training_sigmas(0, 100, torch.Generator().manual_seed(2)),
+        uniform.sample_reference_levels(0, 100, torch.Generator().manual_seed(2)),
+        lognormal.sample_training_levels(0, 100, torch.Generator().manual_seed(2)),
     )
 
 
 def test_training_sigmas_come_in_the_requested_shape():
     partition = BlockPartition.from_config(DiffusionBlocks(num_blocks=4), 8)
-    flat = partition.sample_training_sigmas(2, 6, torch.Generator().manual_seed(0))
-    grid = partition.sample_training_sigmas(2, (2, 3), torch.Generator().manual_seed(0))
+    flat = partition.sample_training_levels(2, 6, torch.Generator().manual_seed(0))
+    grid = partition.sample_training_levels(2, (2, 3), torch.Generator().manual_seed(0))
     assert grid.shape == (2, 3) and torch.equal(grid.flatten(), flat)
 
 
@@ -422,4 +421,4 @@ def test_default_trainer_keeps_one_param_group_and_torchtitans_init(make_trainer
     assert len(optimizer.param_groups) == 1
     assert float(trainer.model.tok_embeddings.weight.std()) == pytest.approx(1.0, rel=0.05)
     assert type(trainer.block_schedule).__name__ == "RandomSchedule"
-    assert trainer.sigma_shape(torch.zeros(2, 5)) == (2,)
+    assert trainer.level_shape(torch.zeros(2, 5)) == (2,)

@@ -228,5 +228,5 @@ def test_generate_tool_refuses_zero_steps_per_block_in_one_line(tmp_path):
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith(
-        "error: argument --steps-per-block: must be >= 1, got 0"
+        "error: argument --steps-per-block/--recurrence: must be >= 1, got 0"
     )

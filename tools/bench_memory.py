@@ -2,6 +2,7 @@
 
     python tools/bench_memory.py --job.config_file train_configs/llama3_debug.toml \
         [--blocks 2,4,8] [--ac none,full] [--steps 0] [--json] [--section.key value ...]
+        [--vary section.key=v1,v2,... ...]
 
 For each configuration it builds the real trainer (same code path as training: FSDP2,
 compile, activation checkpointing as configured), runs a few steps on the config's
@@ -13,11 +14,16 @@ data and reports, per rank 0:
   round_robin schedule so every block has optimizer state);
 - peak_bytes: torch.cuda.max_memory_allocated on CUDA, null on CPU;
 - ratio_to_e2e: (activation + resident) / the end-to-end row's (activation + resident).
+`--vary section.key=v1,v2` (repeatable) measures every row again for each combination
+of the listed values (e.g. the recurrent twin's `recurrent.bptt_steps=1,2,4` and
+`recurrent.mean_recurrence=4,8`); each row names its combination under `settings` and
+its ratio is to the end-to-end row of the same combination.
 Run it under torchrun for several processes; figures are per device.
 """
 
 import argparse
 import gc
+import itertools
 import json
 import sys
 
@@ -50,7 +56,26 @@ def parse_args(argv):
     parser.add_argument("--steps", type=number_arg(int, NON_NEGATIVE), default=0,
                         help="steps per configuration (default: max(B, 2))")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--vary", action="append", type=vary_arg, default=[],
+                        metavar="SECTION.KEY=V1,V2",
+                        help="measure every row at each of these values (repeatable)")
     return parser.parse_known_args(argv)
+
+
+def vary_arg(text: str) -> tuple[str, list[str]]:
+    """'section.key=v1,v2' -> ('section.key', ['v1', 'v2']); the values are checked
+    as config values when each configuration is parsed."""
+    key, sep, values = text.partition("=")
+    section, dot, name = key.partition(".")
+    if not (sep and dot and section and name and values) or "" in values.split(","):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected section.key=v1,v2,...")
+    return key, values.split(",")
+
+
+def settings_grid(vary: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
+    """[(a.b, [1, 2]), (c.d, [x])] -> [{a.b: 1, c.d: x}, {a.b: 2, c.d: x}]."""
+    axes = [[(key, value) for value in values] for key, values in vary]
+    return [dict(combination) for combination in itertools.product(*axes)]
 
 
 def measure(config_args: list[str], steps: int) -> dict:
@@ -88,7 +113,19 @@ def measure(config_args: list[str], steps: int) -> dict:
     }
 
 
-def benchmark_rows(argv_config: list[str], blocks: list[int], ac_modes: list[str], steps: int):
+def benchmark_rows(
+    argv_config: list[str], blocks: list[int], ac_modes: list[str], steps: int,
+    vary: list[str] = (),
+):
+    rows = []
+    for settings in settings_grid(list(vary)):
+        setting_args = [a for key, value in settings.items() for a in (f"--{key}", value)]
+        for row in benchmark_rows_at(argv_config + setting_args, blocks, ac_modes, steps):
+            rows.append({"settings": settings, **row})
+    return rows
+
+
+def benchmark_rows_at(argv_config: list[str], blocks: list[int], ac_modes: list[str], steps: int):
     rows = []
     for ac in ac_modes:
         ac_args = ["--activation_checkpoint.mode", ac]
@@ -112,15 +149,19 @@ def benchmark_rows(argv_config: list[str], blocks: list[int], ac_modes: list[str
 
 
 def format_table(rows: list[dict]) -> str:
+    varied = any(r.get("settings") for r in rows)
     lines = [
-        "| mode | B | AC | offload | activations MiB (est.) | params+grads+AdamW MiB (est.) "
+        "| mode | B | AC | offload | " + ("settings | " if varied else "")
+        + "activations MiB (est.) | params+grads+AdamW MiB (est.) "
         "| peak MiB (est.) | (act+res) / e2e |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|" + ("---|" if varied else "") + "---|---|---|---|",
     ]
     for r in rows:
         peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / MiB:.0f}"
+        settings = " ".join(f"{k}={v}" for k, v in r.get("settings", {}).items())
         lines.append(
             f"| {r['mode']} | {r['num_blocks']} | {r['ac']} | {r['offload']} | "
+            + (f"{settings} | " if varied else "") +
             f"{r['activation_bytes'] / MiB:.1f} ({r['estimated_activation_bytes'] / MiB:.1f}) | "
             f"{r['resident_bytes'] / MiB:.1f} ({r['estimated_resident_bytes'] / MiB:.1f}) | "
             f"{peak} ({r['estimated_peak_bytes'] / MiB:.0f}) | {r['ratio_to_e2e']:.3f} |"
@@ -132,7 +173,7 @@ def format_table(rows: list[dict]) -> str:
 def main(argv):
     args, config_args = parse_args(argv)
     use_single_process_env()
-    rows = benchmark_rows(config_args, args.blocks, args.ac, args.steps)
+    rows = benchmark_rows(config_args, args.blocks, args.ac, args.steps, args.vary)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     if dist.is_initialized():

@@ -1,5 +1,6 @@
-"""Show how DiffusionBlocks cuts a model: each block's layers, sigma interval, widened
-training interval and share of the training distribution.
+"""Show how DiffusionBlocks cuts a model: each block's layers, noise-level interval
+(sigma; MD4's masking time t for a dblocks_md4 config), widened training interval and
+share of the training distribution.
 
     python tools/partition.py --num-blocks 3 [--overlap 0.1] [--partition uniform_log]
                               [--n-layers 12] [--json]
@@ -15,21 +16,23 @@ from diffusion_blocks.bounds import AT_LEAST_1, number_arg
 from diffusion_blocks.config import DiffusionBlocks
 from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
 from diffusion_blocks.partition import BlockPartition
-from torchtitan.protocols.train_spec import get_train_spec
+from diffusion_blocks.registry import resolve_run_spec
 
 
 def partition_rows(partition: BlockPartition, layers_known: bool) -> list[dict]:
+    """One row per block; the interval's keys name the level: sigma_lo / t_lo, ..."""
+    level = partition.level_name
     rows = []
     for block in range(partition.num_blocks):
-        lo, hi = partition.sigma_interval(block)
+        lo, hi = partition.interval(block)
         train_lo, train_hi = partition.training_interval(block)
         layers = partition.layer_ranges[block]
         rows.append(
             {
                 "block": block,
                 "layers": [layers.start, layers.stop - 1] if layers_known else None,
-                "sigma_lo": lo,
-                "sigma_hi": hi,
+                f"{level}_lo": lo,
+                f"{level}_hi": hi,
                 "train_lo": train_lo,
                 "train_hi": train_hi,
                 "mass": partition.training_mass(block),
@@ -38,14 +41,14 @@ def partition_rows(partition: BlockPartition, layers_known: bool) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    header = f"{'block':>5}  {'layers':>9}  {'sigma interval':>21}  {'training interval':>21}  {'mass':>6}"
+def format_table(rows: list[dict], level: str) -> str:
+    header = f"{'block':>5}  {'layers':>9}  {level + ' interval':>21}  {'training interval':>21}  {'mass':>6}"
     lines = [header, "-" * len(header)]
     for row in rows:
         layers = "-" if row["layers"] is None else f"{row['layers'][0]}-{row['layers'][1]}"
         lines.append(
             f"{row['block']:>5}  {layers:>9}  "
-            f"[{row['sigma_lo']:8.4g}, {row['sigma_hi']:8.4g}]  "
+            f"[{row[level + '_lo']:8.4g}, {row[level + '_hi']:8.4g}]  "
             f"[{row['train_lo']:8.4g}, {row['train_hi']:8.4g}]  {row['mass']:6.3f}"
         )
     return "\n".join(lines)
@@ -75,9 +78,12 @@ def partition_from_flags(argv: list[str]) -> tuple[BlockPartition, bool]:
 
 
 def partition_from_job_config(argv: list[str]) -> BlockPartition:
+    """The partition the config's model builds (over its family's noise process)."""
     job_config = parse_job_config(argv)
-    model_args = get_train_spec(job_config.model.name).model_args[job_config.model.flavor]
-    return BlockPartition.from_job_config(job_config, model_args.n_layers)
+    run = resolve_run_spec(job_config)
+    n_layers = run.spec.model_args[job_config.model.flavor].n_layers
+    noise_levels = run.family.noise_levels(job_config.diffusion_blocks)
+    return BlockPartition.from_job_config(job_config, n_layers, noise_levels)
 
 
 @exit_on_config_error
@@ -89,7 +95,7 @@ def main(argv: list[str]) -> None:
     else:
         partition, layers_known = partition_from_flags(argv)
     rows = partition_rows(partition, layers_known)
-    print(json.dumps(rows, indent=2) if as_json else format_table(rows))
+    print(json.dumps(rows, indent=2) if as_json else format_table(rows, partition.level_name))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from .bounds import (
 )
 from .diffusion import lognormal_cdf, NoiseSchedule, PARTITIONS, SIGMA_LAWS
 from .schedules import BLOCK_SCHEDULES
+from .masking import check_masking_schedule
 
 DEVICES = ("auto", "cpu", "cuda")
 AUGMENTATIONS = ("none", "crop_flip")  # see data/images.py
@@ -26,6 +27,7 @@ SINGLE_DEGREE_PARALLELISMS = (
     "expert_parallel_degree",
 )
 NONFINITE_POLICIES = ("stop", "skip")  # see BlockwiseTrainer.handle_nonfinite_step
+TIME_CONDITIONINGS = ("adaln_zero", "none")
 
 
 @dataclass
@@ -117,11 +119,13 @@ class DiffusionBlocks:
     adaln_cond_dim: int = 256
     """Width of the noise-condition vector c feeding every layer's AdaLN-Zero
     Linear(SiLU(c)); 0 = the model width (the DiT form, 6 * width^2 per layer).
-    Read by the LM; the ViT and DiT always use the DiT form (c as wide as the model)."""
+    Read by the LMs (dblocks_llama3; dblocks_md4 with time_conditioning = "adaln_zero");
+    the ViT and DiT always use the DiT form (c as wide as the model)."""
 
     sampling_steps: int = 50
-    """Euler steps of the image sampler (DiT), laid on the equi-probability sigma grid;
-    each step runs only the block owning its sigma."""
+    """Euler steps of the image sampler (DiT), laid on the equi-probability sigma grid,
+    or ancestral steps of the masked-diffusion sampler (MD4), on equal decreases of
+    alpha_t; each step runs only the block owning its noise level."""
 
     cfg_scale: float = 2.0
     """Classifier-free guidance scale s of the image sampler (DiT):
@@ -141,6 +145,15 @@ class DiffusionBlocks:
     """With on_nonfinite = 'skip': the most steps of a run (resumes included) that may
     be skipped; one more stops the run."""
 
+    masking_schedule: str = "linear"
+    """MD4 (dblocks_md4): alpha_t, the probability that a token is still unmasked at
+    time t: 'linear' (1 - t), 'cosine' (1 - cos(pi/2 (1 - t))) or 'poly<k>' (1 - t^k)."""
+
+    time_conditioning: str = "adaln_zero"
+    """MD4 (dblocks_md4): how the layers see t: 'adaln_zero' (every layer's AdaLN-Zero
+    and a final modulation, driven by an embedding of t, as the other denoisers) or
+    'none' (only the masked tokens: the share of masks implies t)."""
+
     def noise_schedule(self) -> NoiseSchedule:
         return NoiseSchedule(
             sigma_min=self.sigma_min,
@@ -151,12 +164,37 @@ class DiffusionBlocks:
         )
 
 
+RECURRENCE_LAWS = ("poisson_lognormal", "uniform", "fixed")  # see models/recurrent/model.py
+
+
+@dataclass
+class Recurrent:
+    """`[recurrent]`: the recurrent-depth model's end-to-end twin (dblocks_recurrent with
+    `[diffusion_blocks] enable = false`), trained Huginn-style. The DiffusionBlocks
+    recipe trains one core pass per step and reads none of these; both recipes take
+    their inference iterations r from `[diffusion_blocks] sampling_steps_per_block`
+    (the one block's Euler steps)."""
+
+    mean_recurrence: int = 8
+    """Mean number r of core iterations per training step."""
+
+    bptt_steps: int = 4
+    """k: backpropagate through the last k iterations only (earlier ones run under
+    no_grad); saved activations grow with k, not with r."""
+
+    recurrence_law: str = "poisson_lognormal"
+    """How r is drawn each step (identically on every rank): 'poisson_lognormal'
+    (Huginn's: Poisson(lambda) + 1 with lambda log-normal, mean r), 'uniform' (1 .. 2r - 1)
+    or 'fixed' (always r)."""
+
+
 @dataclass
 class Data:
     tokenizer: str = "auto"
-    """'auto' (the train spec's: bytes for dblocks_llama3, the Hugging Face tokenizer at
-    [model] hf_assets_path for a stock llama3), 'byte' (UTF-8 bytes, no files needed)
-    or 'hf' (the tokenizer at [model] hf_assets_path)."""
+    """'auto' (the train spec's: bytes for dblocks_llama3, characters for dblocks_md4,
+    the Hugging Face tokenizer at [model] hf_assets_path for a stock llama3), 'byte'
+    (UTF-8 bytes with BOS / EOS, no files needed), 'char' (UTF-8 bytes only: a text is
+    one stream of its characters) or 'hf' (the tokenizer at [model] hf_assets_path)."""
 
     holdout_fraction: float = 0.2
     """Image data without an explicit test split (digits, an image folder without
@@ -214,6 +252,7 @@ class JobConfig:
     training: Training = field(default_factory=Training)
     model: Model = field(default_factory=Model)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    recurrent: Recurrent = field(default_factory=Recurrent)
 
 
 # one Bounds per numeric key; keys that need each other are checked below
@@ -303,6 +342,14 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
         problems.append((
             "on_nonfinite", f"{section.on_nonfinite!r} is not one of {list(NONFINITE_POLICIES)}"
         ))
+    masking_problem = check_masking_schedule(section.masking_schedule)
+    if masking_problem:
+        problems.append(("masking_schedule", masking_problem))
+    if section.time_conditioning not in TIME_CONDITIONINGS:
+        problems.append((
+            "time_conditioning",
+            f"{section.time_conditioning!r} is not one of {list(TIME_CONDITIONINGS)}",
+        ))
     if section.layers_per_block and len(section.layers_per_block) != section.num_blocks:
         problems.append(
             (
@@ -331,6 +378,19 @@ def check_block_weights(section: DiffusionBlocks) -> list[tuple[str, str]]:
     if not all(math.isfinite(w) and w > 0 for w in weights):
         return [("block_weights", f"every weight must be a finite number > 0, got {weights}")]
     return []
+
+
+RECURRENT_BOUNDS = {"mean_recurrence": AT_LEAST_1, "bptt_steps": AT_LEAST_1}
+
+
+def check_recurrent(section: Recurrent) -> list[tuple[str, str]]:
+    problems = bounds_problems(section, RECURRENT_BOUNDS)
+    if section.recurrence_law not in RECURRENCE_LAWS:
+        problems.append((
+            "recurrence_law",
+            f"{section.recurrence_law!r} is not one of {list(RECURRENCE_LAWS)}",
+        ))
+    return problems
 
 
 def check_data(section: Data) -> list[tuple[str, str]]:
@@ -552,6 +612,7 @@ SECTION_CHECKS = {
     "comm": check_comm,
     "parallelism": check_parallelism,
     "activation_checkpoint": check_activation_checkpoint,
+    "recurrent": check_recurrent,
 }
 
 

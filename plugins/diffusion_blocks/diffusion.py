@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -29,6 +29,27 @@ class NoiseSchedule:
     p_mean: float = -1.2
     p_std: float = 1.2
     sigma_data: float = 0.5
+
+    level_name: ClassVar[str] = "sigma"
+
+    # the noise-level law a BlockPartition cuts (partition.NoiseLevels)
+
+    def boundaries(self, num_blocks: int, partition: str) -> list[float]:
+        return block_sigma_boundaries(num_blocks, self, partition)
+
+    def widen(self, lo: float, hi: float, overlap: float) -> tuple[float, float]:
+        return widen_interval(lo, hi, overlap, self)
+
+    def sample(self, num_samples: int, lo: float, hi: float, generator) -> torch.Tensor:
+        return sample_sigma(num_samples, lo, hi, self, generator)
+
+    def mass(self, lo: float, hi: float) -> float:
+        return truncated_mass(lo, hi, self)
+
+    def sampling_plan(
+        self, num_steps: int, boundaries: list[float], start_sigma: float | None = None
+    ) -> list["EulerStep"]:
+        return sampling_plan(num_steps, boundaries, self, start_sigma)
 
 
 # ---------------------------------------------------------------------------

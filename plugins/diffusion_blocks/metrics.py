@@ -1,8 +1,9 @@
 """torchtitan's MetricsProcessor (tokens/s per device, TFLOPS and MFU, data-loading
 time, memory, TensorBoard / W&B) plus what a block-wise run adds:
 
-- a second log line per logged step with the block trained, its mean sigma, the
-  unweighted CE and, per block, the steps taken and a running (EMA) CE; the same
+- a second log line per logged step with the block trained, its mean noise level
+  (sigma, or MD4's t), the unweighted CE and, per block, the steps taken and a
+  running (EMA) CE; the same
   figures reach TensorBoard under `diffusion_blocks/...` (the trainer passes them as
   torchtitan's `extra_metrics`);
 - `<dump_folder>/metrics.jsonl` on rank 0: every logged dict (training and
@@ -116,6 +117,7 @@ class BlockwiseMetricsProcessor(MetricsProcessor):
 
 
 UNWEIGHTED_NAMES = ("ce", "mse")
+LEVEL_NAMES = ("sigma", "t")  # the partitions' noise levels (EDM sigma, MD4's masking time)
 
 
 def blockwise_log_line(metrics: dict[str, Any]) -> str:
@@ -127,8 +129,9 @@ def blockwise_log_line(metrics: dict[str, Any]) -> str:
     parts = []
     if f"{p}block" in metrics:
         parts.append(f"block: {int(metrics[f'{p}block'])}")
-    if f"{p}sigma_mean" in metrics:
-        parts.append(f"sigma: {metrics[f'{p}sigma_mean']:.3f}")
+    for level in LEVEL_NAMES:
+        if f"{p}{level}_mean" in metrics:
+            parts.append(f"{level}: {metrics[f'{p}{level}_mean']:.3f}")
     parts.append(f"{name}: {metrics[f'{p}{name}']:.4f}")
     steps = [v for _, v in sorted(_per_block(metrics, "steps_block"))]
     if steps:

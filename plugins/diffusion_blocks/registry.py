@@ -21,16 +21,18 @@ from torchtitan.protocols.train_spec import (
     TrainSpec,
 )
 
+from .config import DiffusionBlocks
 from .config_loader import ConfigError, origin_of
 from .data.text import build_hf_tokenizer_checked, build_tokenizer, register_text_datasets
 from .family import ModelFamily
-from .models import dit, llama3, vit
+from .models import dit, llama3, md4, recurrent, vit
 from .models.llama3.converter import CONVERTER_NAME, DiffusionBlocksConverter
 from .optimizers import with_embedding_lr
 from .partition import BlockPartition
 
 FAMILIES: dict[str, ModelFamily] = {
-    family.name: family for family in (llama3.FAMILY, vit.FAMILY, dit.FAMILY)
+    family.name: family
+    for family in (llama3.FAMILY, vit.FAMILY, dit.FAMILY, md4.FAMILY, recurrent.FAMILY)
 }
 
 # stock torchtitan train specs that `[model] converters = ["diffusion_blocks"]` turns
@@ -94,6 +96,9 @@ def resolve_run_spec(job_config) -> RunSpec:
             f"{origin_of(job_config, 'model', 'name')}: [model] name = {name!r} is not a "
             f"DiffusionBlocks model; available: {sorted(FAMILIES)}{stock_hint}"
         )
+    refuse_unused_keys(family, job_config)
+    if family.check_config is not None:
+        family.check_config(job_config)
     if job_config.model.flavor not in spec.model_args:
         raise ConfigError(
             f"{origin_of(job_config, 'model', 'flavor')}: [model] flavor = "
@@ -101,11 +106,26 @@ def resolve_run_spec(job_config) -> RunSpec:
             f"available: {sorted(spec.model_args)}"
         )
     if enabled:  # a partition that does not fit the model fails here, before any work
-        BlockPartition.from_job_config(job_config, spec.model_args[job_config.model.flavor].n_layers)
+        BlockPartition.from_job_config(
+            job_config, spec.model_args[job_config.model.flavor].n_layers,
+            family.noise_levels(job_config.diffusion_blocks),
+        )
         spec = with_embedding_lr_multiplier(spec, family, job_config)
     else:
         spec = dataclasses.replace(spec, model_cls=family.end_to_end_model_cls)
     return RunSpec(spec, family, enabled)
+
+
+def refuse_unused_keys(family: ModelFamily, job_config) -> None:
+    """A `[diffusion_blocks]` key the family never reads must keep its default."""
+    section, defaults = job_config.diffusion_blocks, DiffusionBlocks()
+    for key in family.unused_keys:
+        if getattr(section, key) != getattr(defaults, key):
+            raise ConfigError(
+                f"{origin_of(job_config, 'diffusion_blocks', key)}: [diffusion_blocks] {key} "
+                f"= {getattr(section, key)!r} is not read by {family.name}; remove it "
+                f"(default: {getattr(defaults, key)!r})"
+            )
 
 
 def with_embedding_lr_multiplier(spec: TrainSpec, family: ModelFamily, job_config) -> TrainSpec:

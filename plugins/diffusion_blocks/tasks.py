@@ -2,8 +2,9 @@
 DiffusionBlocks. Each family's task lives in its folder (models/<family>/task.py).
 
 A task keeps the train loop free of per-architecture if-chains: the loop picks the
-block and the sigmas (one per sample, shape (B,); with `[diffusion_blocks]
-sigma_per_token`, one per label token, (B, T), for models that say `sigma_per_token`),
+block and each sample's noise level (drawn by the partition's noise process: EDM's
+sigma, or MD4's masking time t; one per sample, shape (B,), or with `[diffusion_blocks]
+sigma_per_token` one per label token, (B, T), for models that say `sigma_per_token`),
 the task noises the target, runs the model and scores it. Losses
 are sums over the microbatch's items with their count (objectives.LossSums); the loop
 divides by the global item count, as torchtitan does.
@@ -43,8 +44,9 @@ class Task(Protocol):
 
     def denoiser_loss(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
-        block: int, sigma_B: torch.Tensor, generator: torch.Generator,
-    ) -> LossSums: ...
+        block: int, level_B: torch.Tensor, generator: torch.Generator,
+    ) -> LossSums:
+        """level_B: each sample's noise level (sigma, or t), float32 on the device."""
 
     def end_to_end_loss(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,

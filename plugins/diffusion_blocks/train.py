@@ -9,9 +9,10 @@ builds and runs everything (distributed init from `[comm]`, ParallelDims, tokeni
 dataloader, the model on meta, converters, parallelize, CheckpointManager, metrics
 processor, validator, profiling, GC, the train loop). What changes is only:
 - the step: each step trains ONE block, chosen identically on every rank; each sample
-  gets a sigma from the block's widened interval; the family's task computes the
-  w(sigma)-weighted loss, and only that block's layers run (`forward_backward_step`,
-  `train_step`, which also clips block-parallel runs with one global coefficient);
+  gets a noise level from the block's widened interval (sigma, or MD4's masking time t:
+  the partition's noise process draws it); the family's task computes the weighted
+  loss, and only that block's layers run (`forward_backward_step`, `train_step`, which
+  also clips block-parallel runs with one global coefficient);
 - a step is committed only if it is finite: before the optimizer steps, the loss and
   the gradient norm are checked on every rank; a non-finite one stops the run or
   skips the step (`[diffusion_blocks] on_nonfinite`, `max_nonfinite_skips`);
@@ -135,7 +136,8 @@ class BlockStats:
 
 @dataclass
 class StepTotals:
-    """Per-block sums of one step on this rank: unweighted loss, items, sigma, samples."""
+    """Per-block sums of one step on this rank: unweighted loss, items, noise level
+    (sigma, or t), samples."""
 
     sums_B4: torch.Tensor
 
@@ -143,13 +145,14 @@ class StepTotals:
     def zeros(cls, num_rows: int, device) -> "StepTotals":
         return cls(torch.zeros(num_rows, 4, dtype=torch.float64, device=device))
 
-    def add(self, row: int, unweighted_sum, num_items, sigma: torch.Tensor | None) -> None:
-        """sigma: the step's noise levels, one per sample or one per token (any shape)."""
-        sigma_sum = float(sigma.sum()) if sigma is not None else 0.0
-        samples = sigma.numel() if sigma is not None else 0
+    def add(self, row: int, unweighted_sum, num_items, level: torch.Tensor | None) -> None:
+        """level: the step's noise levels (sigma or t), one per sample or one per
+        token (any shape)."""
+        level_sum = float(level.sum()) if level is not None else 0.0
+        samples = level.numel() if level is not None else 0
         self.sums_B4[row] += torch.stack([
             unweighted_sum.detach().double(), num_items.double(),
-            torch.tensor(sigma_sum, dtype=torch.float64, device=self.sums_B4.device),
+            torch.tensor(level_sum, dtype=torch.float64, device=self.sums_B4.device),
             torch.tensor(float(samples), dtype=torch.float64, device=self.sums_B4.device),
         ])
 
@@ -193,7 +196,8 @@ class BlockwiseTrainer(Trainer):
             job_config.checkpoint.allow_fresh_start,
             self.metrics_processor.mark_restart,
         )
-        # per-rank generators for sigmas (CPU, float64) and noise (on the device)
+        # per-rank generators for noise levels (sigma or t; CPU, float64) and noise (on
+        # the device)
         self.sigma_generator = torch.Generator().manual_seed(section.seed * 1000 + 1 + self.rank)
         self.noise_generator = torch.Generator(self.device).manual_seed(
             section.seed * 1000 + 2 + self.rank
@@ -250,7 +254,7 @@ class BlockwiseTrainer(Trainer):
             params = sum(p.numel() for i in layers for p in self.model.layers[str(i)].parameters())
             logger.info(
                 f"  block {b}: layers {layers.start}-{layers.stop - 1} ({params:,} params), "
-                f"sigma in [{lo:.4g}, {hi:.4g}]"
+                f"{self.partition.level_name} in [{lo:.4g}, {hi:.4g}]"
             )
 
     # -- checkpointed state ------------------------------------------------
@@ -338,16 +342,16 @@ class BlockwiseTrainer(Trainer):
         (torchtitan's convention), backward; returns the detached scaled loss."""
         _, labels, _, extra_kwargs = self.post_dataloading_process(input_dict, labels)
         task = self.family.task
-        sigma = None
+        level = None
         with self.train_context():
             with self.maybe_enable_amp:
                 if self.enabled:
-                    sigma = self.partition.sample_training_sigmas(
-                        self.block, self.sigma_shape(labels), self.sigma_generator
+                    level = self.partition.sample_training_levels(
+                        self.block, self.level_shape(labels), self.sigma_generator
                     )
                     sums = task.denoiser_loss(
                         self.model, input_dict, labels, self.block,
-                        sigma.to(self.device, torch.float32), self.noise_generator,
+                        level.to(self.device, torch.float32), self.noise_generator,
                     )
                 else:
                     sums = task.end_to_end_loss(
@@ -355,12 +359,12 @@ class BlockwiseTrainer(Trainer):
                     )
                 loss = sums.loss_sum / global_valid_tokens
             loss.backward()
-        self.step_totals.add(self.block or 0, sums.unweighted_sum, sums.num_items, sigma)
+        self.step_totals.add(self.block or 0, sums.unweighted_sum, sums.num_items, level)
         return loss.detach()
 
-    def sigma_shape(self, labels: torch.Tensor) -> tuple[int, ...]:
-        """One sigma per sample (B,), or with `sigma_per_token` one per label token
-        (B, T) (check_sigma_per_token made sure the model takes them)."""
+    def level_shape(self, labels: torch.Tensor) -> tuple[int, ...]:
+        """One noise level per sample (B,), or with `sigma_per_token` one per label
+        token (B, T) (check_sigma_per_token made sure the model takes them)."""
         if self.job_config.diffusion_blocks.sigma_per_token:
             return tuple(labels.shape[:2])
         return tuple(labels.shape[:1])
@@ -450,7 +454,7 @@ class BlockwiseTrainer(Trainer):
         return f"step {self.step}: {' and '.join(what)} on {self.describe_blocks(trained)}"
 
     def describe_blocks(self, blocks: list[int | None]) -> str:
-        """'block 2 (layers 4-5, sigma in [0.18, 0.51])', or the end-to-end model."""
+        """'block 2 (layers 4-5, sigma in [0.18, 0.51])' (t for MD4), or the end-to-end model."""
         if not self.enabled:
             return "the end-to-end model"
         parts = []
@@ -459,7 +463,7 @@ class BlockwiseTrainer(Trainer):
             lo, hi = self.partition.training_interval(block)
             parts.append(
                 f"block {block} (layers {layers.start}-{layers.stop - 1}, "
-                f"sigma in [{lo:.4g}, {hi:.4g}])"
+                f"{self.partition.level_name} in [{lo:.4g}, {hi:.4g}])"
             )
         return ", ".join(parts)
 
@@ -499,7 +503,7 @@ class BlockwiseTrainer(Trainer):
         totals = self.step_totals.sums_B4
         if dist.get_world_size() > 1:
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-        unweighted, items, sigma_sum, samples = totals.sum(0).tolist()
+        unweighted, items, level_sum, samples = totals.sum(0).tolist()
         metrics = {f"{BLOCKWISE_PREFIX}{self.family.task.unweighted_name}": unweighted / max(items, 1)}
         if not self.enabled:
             return metrics
@@ -508,7 +512,8 @@ class BlockwiseTrainer(Trainer):
                 self.block_stats.update(block, ce_sum / n)
         if self.layout is None:
             metrics[f"{BLOCKWISE_PREFIX}block"] = self.block
-        metrics[f"{BLOCKWISE_PREFIX}sigma_mean"] = sigma_sum / max(samples, 1)
+        # the mean noise level: diffusion_blocks/sigma_mean, or t_mean for MD4
+        metrics[f"{BLOCKWISE_PREFIX}{self.partition.level_name}_mean"] = level_sum / max(samples, 1)
         return metrics
 
     def log_step(self, loss, local_items, global_items, grad_norm, lr, step_metrics) -> None:

@@ -67,7 +67,7 @@ class DenoiserValidator(Validator):
                 self.metrics_processor.ntokens_since_last_log += labels.numel()
                 input_dict = {k: v.to(device) for k, v in input_dict.items()}
                 labels = labels.to(device)
-                sigma_B = partition.sample_reference_sigmas(block, labels.shape[0], sigma_generator)
+                sigma_B = partition.sample_reference_levels(block, labels.shape[0], sigma_generator)
                 with self.validation_context(), self.maybe_enable_amp:
                     sums = self.task.denoiser_loss(
                         model, input_dict, labels, block,

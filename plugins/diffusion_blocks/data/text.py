@@ -1,6 +1,9 @@
-"""Text data for the LM: a byte-level tokenizer, a generated corpus that needs no
-network, and local text/JSONL files, all served by torchtitan's own HF text dataset
-and dataloader (we only add entries to its DATASETS registry)."""
+"""Text data for the LMs: byte-level tokenizers (with BOS/EOS for the autoregressive
+LM; `char`, without, for character-level masked diffusion), a generated corpus that
+needs no network (and held-out sentences of the same grammar), and local text/JSONL
+files (by paragraph, or `text_chars`: every character in order), all served by
+torchtitan's own HF text dataset and dataloader (we only add entries to its DATASETS
+registry)."""
 
 import codecs
 import json
@@ -32,7 +35,26 @@ class ByteTokenizer(BaseTokenizer):
         return 258
 
 
-TOKENIZERS = {"byte": lambda job_config: ByteTokenizer()}
+class CharTokenizer(ByteTokenizer):
+    """UTF-8 bytes 0..255 and nothing else: no BOS / EOS, so a text is one unbroken
+    stream of its characters (one token per character of ASCII text: text8,
+    tinyshakespeare). The character-level data of the masked-diffusion LM."""
+
+    def __init__(self):
+        super().__init__()
+        self.bos_id = self.eos_id = None
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def get_vocab_size(self) -> int:
+        return 256
+
+
+TOKENIZERS = {
+    "byte": lambda job_config: ByteTokenizer(),
+    "char": lambda job_config: CharTokenizer(),
+}
 
 
 def build_hf_tokenizer_checked(job_config) -> BaseTokenizer:
@@ -92,8 +114,15 @@ def _load_synthetic(path: str):
 # our datasets whose dataset_path names a local file: what it must be
 LOCAL_TEXT_DATASETS = {
     "text_file": "a .txt file (split into paragraphs) or a .jsonl file with a 'text' field",
+    "text_chars": "a UTF-8 text file (its characters, every one in order)",
 }
 JSON_SUFFIXES = (".jsonl", ".json")
+
+
+def _load_synthetic_heldout(path: str):
+    """Other sentences from the same grammar (another seed): held-out data that needs
+    no file."""
+    return Dataset.from_dict({"text": synthetic_sentences(2_000, seed=1)})
 
 
 def _load_text_file(path: str):
@@ -189,6 +218,30 @@ def check_json_records(path: str) -> None:
         raise ConfigError(f"dataset file {path}: every 'text' field is empty or whitespace")
 
 
+CHARS_CHUNK = 4096  # characters per sample of `text_chars`; the stream is the same
+
+
+def _load_text_chars(path: str):
+    """A text file's characters, every one of them in order (line and paragraph breaks
+    kept), as consecutive chunks: with the `char` tokenizer the token stream is the
+    file itself."""
+    from ..config_loader import ConfigError
+
+    if not path:
+        raise ConfigError(
+            "[training] dataset = 'text_chars' needs [training] dataset_path (and "
+            "[validation] dataset_path for held-out text): "
+            + LOCAL_TEXT_DATASETS["text_chars"]
+        )
+    if not Path(path).is_file():
+        raise ConfigError(f"dataset_path {path!r} is not a file")
+    check_text_file(path)
+    text = Path(path).read_text(encoding="utf-8")
+    return Dataset.from_dict(
+        {"text": [text[i:i + CHARS_CHUNK] for i in range(0, len(text), CHARS_CHUNK)]}
+    )
+
+
 def _text_field(sample) -> str:
     return sample["text"]
 
@@ -201,4 +254,13 @@ def register_text_datasets() -> None:
     DATASETS.setdefault(
         "text_file",
         DatasetConfig(path="", loader=_load_text_file, sample_processor=_text_field),
+    )
+    DATASETS.setdefault(
+        "synthetic_text_heldout",
+        DatasetConfig(path="generated", loader=_load_synthetic_heldout,
+                      sample_processor=_text_field),
+    )
+    DATASETS.setdefault(
+        "text_chars",
+        DatasetConfig(path="", loader=_load_text_chars, sample_processor=_text_field),
     )

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from ... import diffusion
-from ...partition import BlockPartition
 from ...sampling import classifier_free_guidance, euler_sample
 from ..conditioning import FinalAdaLN, SigmaEmbedder
 from ..vision_layers import AdaLNZeroLayer, PatchEmbed, sincos_positions_2d, unpatchify
@@ -124,19 +123,9 @@ class DiffusionBlocksDiT(nn.Module):
         return euler_sample(denoise, z_BCHW, self.partition.sampling_plan(num_steps))
 
 
-def single_block_partition(schedule: diffusion.NoiseSchedule, n_layers: int) -> BlockPartition:
-    """All layers in one block owning all of [sigma_min, sigma_max]."""
-    return BlockPartition(
-        layer_counts=(n_layers,),
-        sigma_boundaries=(schedule.sigma_min, schedule.sigma_max),
-        overlap=0.0,
-        schedule=schedule,
-    )
-
-
 class EndToEndDiT(DiffusionBlocksDiT):
     """The same DiT as one denoiser over all sigma: every forward runs every layer."""
 
     def __init__(self, args: DiTArgs):
         super().__init__(args)
-        self.partition = single_block_partition(args.partition.schedule, args.n_layers)
+        self.partition = args.partition.single_block()

@@ -37,7 +37,7 @@ class ImageGenerationTask:
 
     def end_to_end_loss(self, model, inputs, labels, extra_kwargs, generator):
         """One block with every layer; sigma from the global truncated log-normal."""
-        sigma_B = model.partition.sample_training_sigmas(0, labels.shape[0], generator)
+        sigma_B = model.partition.sample_training_levels(0, labels.shape[0], generator)
         return self.denoiser_loss(
             model, inputs, labels, 0, sigma_B.to(labels.device, torch.float32), generator
         )

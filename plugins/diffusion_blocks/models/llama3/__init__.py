@@ -15,6 +15,7 @@ from ...parallelize import parallelize_dblocks_llama
 from ...validation import build_denoiser_validator
 from .args import dblocks_llama3_flavors
 from .model import DiffusionBlocksLlama
+from .sampler import continue_prompt, generate
 from .task import LanguageModelTask
 
 
@@ -33,4 +34,5 @@ def token_embedding_parameters(model) -> list:
 FAMILY = ModelFamily(
     "dblocks_llama3", get_train_spec, Transformer, LanguageModelTask(), stock_models=("llama3",),
     embedding_parameters=token_embedding_parameters,
+    sample_text=partial(continue_prompt, generate, "dblocks_llama3"),
 )

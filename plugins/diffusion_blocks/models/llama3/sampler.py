@@ -136,7 +136,7 @@ TOKEN_STEPS: dict[str, TokenStep] = {
 
 def owner_of(partition, sigma: float) -> int:
     """The block that owns sigma."""
-    return int(partition.block_of_sigma(torch.tensor([sigma], dtype=torch.float64)))
+    return int(partition.block_of_level(torch.tensor([sigma], dtype=torch.float64)))
 
 
 def last_row_denoiser(model, context_BT: torch.Tensor):
@@ -232,3 +232,29 @@ def forwards_per_token(model, config: DecodingConfig) -> int:
     if not is_denoiser(model):
         return 1
     return model.partition.num_blocks * config.steps_per_block + 1
+
+
+def decoding_config(request, job_config) -> DecodingConfig:
+    """A `family.TextRequest` as the autoregressive denoisers' DecodingConfig (its
+    unset fields from `[diffusion_blocks]` and the defaults)."""
+    return DecodingConfig(
+        max_new_tokens=request.max_new_tokens,
+        steps_per_block=(request.steps_per_block
+                         or job_config.diffusion_blocks.sampling_steps_per_block),
+        temperature=request.temperature or 0.0, top_k=request.top_k, seed=request.seed,
+        sampler=request.sampler or DEFAULT_SAMPLER, churn=request.churn,
+        start_sigma=request.start_sigma,
+    )
+
+
+def continue_prompt(generate_fn, family: str, model, tokenizer, job_config, request) -> list[str]:
+    """`ModelFamily.sample_text` of an autoregressive family: the prompt continued token
+    by token with `generate_fn(model, prompt_BT, DecodingConfig, max_context)`, one
+    text per sample, prompt included (greedy unless a temperature is given)."""
+    request.refuse_options(("steps",), family)
+    prompt_ids = tokenizer.encode(request.prompt, add_bos=True, add_eos=False)
+    prompts_BT = torch.tensor([prompt_ids] * request.num_samples)
+    tokens_BT = generate_fn(
+        model, prompts_BT, decoding_config(request, job_config), job_config.training.seq_len
+    )
+    return [request.prompt + tokenizer.decode(row[len(prompt_ids):].tolist()) for row in tokens_BT]

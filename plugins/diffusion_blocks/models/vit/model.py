@@ -143,7 +143,7 @@ class DiffusionBlocksViT(ViTShared):
             z_BD, plan,
         )
         # the final logits: the block owning sigma_min reads the sampled label
-        final_block = int(self.partition.block_of_sigma(torch.tensor([schedule.sigma_min])))
+        final_block = int(self.partition.block_of_level(torch.tensor([schedule.sigma_min])))
         return denoise(z_BD, schedule.sigma_min, final_block).logits_BK
 
 

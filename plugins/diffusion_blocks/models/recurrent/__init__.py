@@ -1,0 +1,59 @@
+"""Recurrent-depth (looped) LM (`dblocks_recurrent`): a prelude, one shared core applied
+r times, a coda. DiffusionBlocks trains the core as one denoiser in a single pass at a
+random sigma; the end-to-end twin is Huginn's recipe (random r, truncated BPTT)."""
+
+from functools import partial
+
+from torchtitan.components.loss import build_cross_entropy_loss
+from torchtitan.hf_datasets.text_datasets import build_text_dataloader
+from torchtitan.protocols.train_spec import TrainSpec
+
+from ...config_loader import ConfigError, origin_of
+from ...data.text import build_tokenizer
+from ...family import blockwise_train_spec, ModelFamily
+from ...parallelize import parallelize_dblocks_llama
+from ...validation import build_denoiser_validator
+from ..llama3 import token_embedding_parameters
+from ..llama3.sampler import continue_prompt
+from ..llama3.task import LanguageModelTask
+from .args import recurrent_flavors
+from .model import RecurrentDenoiser, RecurrentTwin
+from .sampler import generate
+
+NAME = "dblocks_recurrent"
+
+
+def get_train_spec() -> TrainSpec:
+    return blockwise_train_spec(
+        RecurrentDenoiser, recurrent_flavors(), parallelize_dblocks_llama,
+        build_text_dataloader, build_tokenizer, build_cross_entropy_loss,
+        partial(build_denoiser_validator, LanguageModelTask()),
+    )
+
+
+def check_config(job_config) -> None:
+    """One block: the shared core is one denoiser over all of [sigma_min, sigma_max];
+    how many times it runs (r) is chosen at inference, not by a partition."""
+    section = job_config.diffusion_blocks
+    if not section.enable:
+        return
+    for key, value, ok in (
+        ("num_blocks", section.num_blocks, section.num_blocks == 1),
+        ("layers_per_block", section.layers_per_block, len(section.layers_per_block) <= 1),
+        ("block_parallel", section.block_parallel, not section.block_parallel),
+    ):
+        if not ok:
+            raise ConfigError(
+                f"{origin_of(job_config, 'diffusion_blocks', key)}: [diffusion_blocks] {key} "
+                f"= {value}: {NAME} trains ONE shared core over all of [sigma_min, "
+                "sigma_max] (a single block; r is chosen at inference with "
+                "sampling_steps_per_block); set num_blocks = 1, no layers_per_block, "
+                "block_parallel = false"
+            )
+
+
+FAMILY = ModelFamily(
+    NAME, get_train_spec, RecurrentTwin, LanguageModelTask(),
+    embedding_parameters=token_embedding_parameters, check_config=check_config,
+    sample_text=partial(continue_prompt, generate, NAME),
+)
