@@ -24,10 +24,12 @@ workers: no port is chosen, released and bound again later), and the trainer get
 `--training.device cpu` (gloo), so a host with a GPU runs the same CPU tests.
 """
 
+import gc
 import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -404,3 +406,23 @@ def launch(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     launch(sys.argv[1:])
+
+
+@contextmanager
+def closing_trainers(build):
+    """Yields make(*args) -> build(*args): trainers built in the test process, all
+    closed afterwards, and the garbage collector torchtitan's Trainer disables turned
+    back on (the body of the in-process `make_trainer` fixtures)."""
+    trainers = []
+
+    def make(*args):
+        trainer = build(*args)
+        trainers.append(trainer)
+        return trainer
+
+    try:
+        yield make
+    finally:
+        for trainer in trainers:
+            trainer.close()
+        gc.enable()

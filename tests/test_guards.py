@@ -41,19 +41,11 @@ def args_for(dump: Path, steps: int, *extra: str) -> list[str]:
 
 @pytest.fixture
 def make_trainer(process_group):
-    trainers = []
+    def build(dump: Path, steps: int, *extra: str) -> train.BlockwiseTrainer:
+        return train.BlockwiseTrainer(parse_job_config(args_for(dump, steps, *extra)))
 
-    def make(dump: Path, steps: int, *extra: str) -> train.BlockwiseTrainer:
-        trainer = train.BlockwiseTrainer(parse_job_config(args_for(dump, steps, *extra)))
-        trainers.append(trainer)
-        return trainer
-
-    try:
+    with h.closing_trainers(build) as make:
         yield make
-    finally:
-        for trainer in trainers:
-            trainer.close()
-        gc.enable()  # torchtitan's Trainer turns the garbage collector off
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ process (one gloo process group of size 1 for the module):
   and the steps since the last interval checkpoint never saved).
 """
 
-import gc
 import itertools
 import logging
 import uuid
@@ -25,23 +24,15 @@ from diffusion_blocks.config_loader import ConfigError, parse_job_config
 
 @pytest.fixture
 def make_trainer(process_group, tmp_path):
-    trainers = []
-
-    def make(*extra: str) -> train.BlockwiseTrainer:
-        trainer = train.BlockwiseTrainer(parse_job_config([
+    def build(*extra: str) -> train.BlockwiseTrainer:
+        return train.BlockwiseTrainer(parse_job_config([
             *h.CPU, "--job.config_file", str(h.DEBUG_TOML), *h.TINY,
             "--job.dump_folder", str(tmp_path), "--metrics.no_enable_tensorboard",
             "--checkpoint.no_enable", *extra,
         ]))
-        trainers.append(trainer)
-        return trainer
 
-    try:
+    with h.closing_trainers(build) as make:
         yield make
-    finally:
-        for trainer in trainers:
-            trainer.close()
-        gc.enable()  # torchtitan's Trainer disables the garbage collector
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ single-process unit tests build the real BlockwiseTrainer in this process (one g
 process group of size 1 for the whole module).
 """
 
-import gc
 import math
 import shutil
 from collections import Counter
@@ -264,24 +263,17 @@ def test_two_process_kill_and_resume_reproduce_the_uninterrupted_run(tmp_path):
 
 @pytest.fixture
 def make_trainer(process_group, tmp_path):
-    trainers = []
+    count = iter(range(1000))
 
-    def make(*extra: str) -> train.BlockwiseTrainer:
+    def build(*extra: str) -> train.BlockwiseTrainer:
         args = debug_args(
-            tmp_path / f"trainer{len(trainers)}", 10,
+            tmp_path / f"trainer{next(count)}", 10,
             "--checkpoint.no_enable", "--metrics.no_enable_tensorboard", *extra,
         )
-        trainer = train.BlockwiseTrainer(parse_job_config([*h.CPU, *args]))
-        trainers.append(trainer)
-        return trainer
+        return train.BlockwiseTrainer(parse_job_config([*h.CPU, *args]))
 
-    try:
+    with h.closing_trainers(build) as make:
         yield make
-    finally:
-        for trainer in trainers:
-            trainer.close()
-        # torchtitan's Trainer takes over garbage collection (gc.disable()); give it back
-        gc.enable()
 
 
 def force_block(trainer, block: int) -> None:
