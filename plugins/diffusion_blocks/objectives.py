@@ -38,10 +38,24 @@ def per_sample_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) 
     return (ce_BT * valid_BT).sum(1) / valid_BT.sum(1).clamp_min(1.0)
 
 
+def label_ce_sums(
+    ce: torch.Tensor, labels: torch.Tensor, row_weight: torch.Tensor | None = None
+) -> LossSums:
+    """LossSums of per-label CE (any shape, 0 where the label is IGNORE_INDEX): the sum
+    of row_weight * CE (of CE without weights), the plain CE sum, the valid count."""
+    ce_sum = ce.sum()
+    loss_sum = ce_sum if row_weight is None else (row_weight * ce).sum()
+    return LossSums(loss_sum, ce_sum.detach(), (labels != IGNORE_INDEX).sum())
+
+
+def sigma_loss_weights(sigma: torch.Tensor, sigma_data: float, ce_BT: torch.Tensor) -> torch.Tensor:
+    """w(sigma) per CE entry: sigma is one per sequence (B,) or one per token (B, T)."""
+    return broadcast_sigma(loss_weight(sigma.to(ce_BT.dtype), sigma_data), ce_BT)
+
+
 def cross_entropy_sums(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> LossSums:
-    ce_BT, valid_BT = _token_cross_entropy(logits_BTV, labels_BT)
-    ce_sum = ce_BT.sum()
-    return LossSums(ce_sum, ce_sum.detach(), valid_BT.sum())
+    ce_BT, _ = _token_cross_entropy(logits_BTV, labels_BT)
+    return label_ce_sums(ce_BT, labels_BT)
 
 
 def weighted_cross_entropy_sums(
@@ -50,9 +64,8 @@ def weighted_cross_entropy_sums(
 ) -> LossSums:
     """sum over valid positions of w(sigma_bt) * CE_bt, and of CE_bt; sigma is one per
     sequence (B,) or one per token (B, T)."""
-    ce_BT, valid_BT = _token_cross_entropy(logits_BTV, labels_BT)
-    weight = broadcast_sigma(loss_weight(sigma.to(ce_BT.dtype), sigma_data), ce_BT)
-    return LossSums((weight * ce_BT).sum(), ce_BT.sum().detach(), valid_BT.sum())
+    ce_BT, _ = _token_cross_entropy(logits_BTV, labels_BT)
+    return label_ce_sums(ce_BT, labels_BT, sigma_loss_weights(sigma, sigma_data, ce_BT))
 
 
 def weighted_squared_error_sums(
