@@ -1,6 +1,10 @@
-"""The chunked linear cross-entropy: the same loss and gradients as the dense head + CE,
-with IGNORE_INDEX labels and w(sigma) weights, with fewer bytes saved for backward.
-The CUDA fused kernel (cut-cross-entropy) is not tested here: no GPU."""
+"""The chunked linear cross-entropy (`[diffusion_blocks] head_loss = "chunked"`): the
+same loss and gradients as the dense head + CE, with IGNORE_INDEX labels and w(sigma)
+weights, in training (denoiser and end-to-end twin), with fewer bytes saved for
+backward. The CUDA fused kernel (cut-cross-entropy) is not tested here: no GPU."""
+
+import copy
+import dataclasses
 
 import pytest
 import torch
@@ -8,9 +12,19 @@ import torch.nn.functional as F
 
 from torchtitan.components.loss import IGNORE_INDEX
 
+from diffusion_blocks.config_loader import ConfigError, parse_job_config
 from diffusion_blocks.linear_ce import chunked_linear_cross_entropy, linear_cross_entropy_sums
 from diffusion_blocks.memory import count_saved_activations
+from diffusion_blocks.models.cross_entropy_head import (
+    CrossEntropyHead, scoring_labels, use_cross_entropy_head,
+)
+from diffusion_blocks.models.llama3.task import LanguageModelTask
 from diffusion_blocks.objectives import cross_entropy_sums, weighted_cross_entropy_sums
+from diffusion_blocks.registry import resolve_run_spec
+
+import _train_helpers as h
+from test_llama_model import make_model, SEQ
+from test_train_loop import data_of, make_trainer, run_step  # noqa: F401 (fixture)
 
 N, D, V = 37, 16, 50  # 37 rows: no chunk size below divides it
 
@@ -96,3 +110,147 @@ def test_chunked_saves_no_logits():
     assert counts["chunked"] == N * D * 4 + N * 4 + N * 8 + N * 4
     # dense saves the (N, V) float32 log-softmax instead of the logsumexp
     assert counts["dense"] - counts["chunked"] >= N * V * 4 - N * 4
+
+
+# ---------------------------------------------------------------------------
+# The denoiser: per-sequence and per-token sigma, the head swapped in place
+
+
+def chunked_twin(model, chunk_rows=5):
+    twin = copy.deepcopy(model)
+    use_cross_entropy_head(twin, chunk_rows)
+    return twin
+
+
+def denoiser_loss_and_grads(model, sigma, labels):
+    model.zero_grad()
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 97, labels.shape, generator=gen)
+    with count_saved_activations(model) as counter:
+        sums = LanguageModelTask().denoiser_loss(
+            model, {"input": tokens}, labels, 1, sigma, torch.Generator().manual_seed(4)
+        )
+        sums.loss_sum.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return sums, grads, counter.bytes
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_denoiser_chunked_head_equals_dense(per_token):
+    model = make_model(vocab_size=97).train()
+    model.options = dataclasses.replace(model.options, sigma_per_token=per_token)
+    gen = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 97, (2, SEQ), generator=gen)  # the denoiser embeds every label
+    sigma = torch.exp(torch.randn((2, SEQ) if per_token else (2,), generator=gen))
+    dense, dense_grads, dense_bytes = denoiser_loss_and_grads(model, sigma, labels)
+    chunked_model = chunked_twin(model)
+    assert isinstance(chunked_model.output, CrossEntropyHead)
+    chunked, chunked_grads, chunked_bytes = denoiser_loss_and_grads(chunked_model, sigma, labels)
+    torch.testing.assert_close(chunked.loss_sum, dense.loss_sum)
+    torch.testing.assert_close(chunked.unweighted_sum, dense.unweighted_sum)
+    assert chunked.num_items == dense.num_items == 2 * SEQ
+    assert chunked_grads.keys() == dense_grads.keys() and "output.weight" in dense_grads
+    for name, grad in dense_grads.items():  # to float32 round-off of each tensor's scale
+        scale = grad.abs().max()
+        torch.testing.assert_close(chunked_grads[name] / scale, grad / scale, msg=name)
+    # the chunked head saves one logsumexp per row instead of the (B, T, V) log-softmax
+    assert dense_bytes - chunked_bytes >= 2 * SEQ * (97 - 1) * 4
+    # outside scoring_labels the chunked head is the plain head: logits
+    tokens, z = labels, torch.randn(2, SEQ, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            chunked_model.denoise(tokens, z, sigma, 0).logits_BTV,
+            model.denoise(tokens, z, sigma, 0).logits_BTV,
+        )
+
+
+def test_head_refuses_labels_of_another_shape():
+    model = chunked_twin(make_model())
+    with scoring_labels(model, torch.zeros(2, SEQ, dtype=torch.long)):
+        with pytest.raises(ValueError, match="does not match labels"):
+            model.output(torch.randn(3, SEQ, 64))
+    assert model.output.labels is None
+
+
+# ---------------------------------------------------------------------------
+# Training steps of the debug LM: chunked == dense, block-wise and end to end
+
+
+SEEDS = ["--debug.seed", "0", "--diffusion_blocks.seed", "0"]
+
+
+@pytest.mark.parametrize("extra, rel", [
+    ([], 1e-5),
+    (["--diffusion_blocks.sigma_per_token"], 1e-5),
+    (["--diffusion_blocks.no_enable"], 1e-5),
+    # FSDP2 (one-rank mesh) holds the head in the root unit: the CE runs in its forward
+    (["--diffusion_blocks.offload_inactive_blocks", "on"], 1e-5),
+    # torchtitan's single-device AMP: the head's matmuls in bfloat16 under autocast
+    (["--training.mixed_precision_param", "bfloat16"], 1e-3),
+])
+def test_training_step_with_chunked_head_equals_dense(make_trainer, extra, rel):  # noqa: F811
+    logged = {}
+    for head_loss in ("dense", "chunked"):
+        rows = ["--diffusion_blocks.head_loss_chunk_rows", "7"] if head_loss == "chunked" else []
+        trainer = make_trainer(*SEEDS, *extra, "--diffusion_blocks.head_loss", head_loss, *rows)
+        assert isinstance(trainer.model.output, CrossEntropyHead) == (head_loss == "chunked")
+        data = data_of(trainer)
+        if trainer.enabled:
+            logged[head_loss] = [run_step(trainer, data, block) for block in (0, 3)]
+        else:
+            logged[head_loss] = [end_to_end_step(trainer, data) for _ in range(2)]
+    # step 2's loss also checks step 1's update, so its gradients
+    for dense, chunked in zip(logged["dense"], logged["chunked"]):
+        assert chunked["loss"] == pytest.approx(dense["loss"], rel=rel)
+        assert chunked["grad_norm"] == pytest.approx(dense["grad_norm"], rel=10 * rel)
+        assert chunked[h.CE] == pytest.approx(dense[h.CE], rel=rel)
+
+
+def end_to_end_step(trainer, data_iterator) -> dict:
+    logged = {}
+    original = trainer.metrics_processor.log
+
+    def log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
+        logged.update(extra_metrics or {}, loss=global_avg_loss, grad_norm=grad_norm)
+        return original(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
+
+    trainer.metrics_processor.log = log
+    trainer.step += 1
+    try:
+        trainer.train_step(data_iterator)
+    finally:
+        trainer.metrics_processor.log = original
+    return logged
+
+
+# ---------------------------------------------------------------------------
+# Config
+
+
+def debug_config(*overrides):
+    return parse_job_config(["--job.config_file", str(h.DEBUG_TOML), *h.CPU, *overrides])
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["--diffusion_blocks.head_loss", "fused"], ["head_loss", "'fused'", "'dense'", "'chunked'"]),
+    (["--diffusion_blocks.head_loss", "chunked", "--diffusion_blocks.head_loss_chunk_rows", "0"],
+     ["head_loss_chunk_rows", ">= 1"]),
+    (["--diffusion_blocks.head_loss_chunk_rows", "64"],
+     ["head_loss_chunk_rows", "read only by head_loss = 'chunked'"]),
+])
+def test_bad_head_loss_settings_are_one_line_config_errors(overrides, fragments):
+    with pytest.raises(ConfigError) as info:
+        debug_config(*overrides)
+    message = str(info.value)
+    assert "\n" not in message.strip()
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_families_without_the_chunked_head_refuse_it():
+    config = parse_job_config([
+        "--job.config_file", str(h.REPO / "train_configs" / "recurrent_debug.toml"),
+        "--diffusion_blocks.head_loss", "chunked",
+    ])
+    with pytest.raises(ConfigError, match=r"head_loss = 'chunked' is not read by dblocks_recurrent"):
+        resolve_run_spec(config)

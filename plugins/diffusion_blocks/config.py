@@ -28,6 +28,7 @@ SINGLE_DEGREE_PARALLELISMS = (
 )
 NONFINITE_POLICIES = ("stop", "skip")  # see BlockwiseTrainer.handle_nonfinite_step
 TIME_CONDITIONINGS = ("adaln_zero", "none")
+HEAD_LOSSES = ("dense", "chunked")  # see models/cross_entropy_head.py
 
 
 @dataclass
@@ -144,6 +145,19 @@ class DiffusionBlocks:
     max_nonfinite_skips: int = 10
     """With on_nonfinite = 'skip': the most steps of a run (resumes included) that may
     be skipped; one more stops the run."""
+
+    head_loss: str = "dense"
+    """LM (dblocks_llama3 and its end-to-end twin): how the head's cross-entropy is
+    computed. 'dense': the full-vocabulary logits, then CE (their log-softmax is saved
+    for backward). 'chunked': the head computes each label's CE itself,
+    head_loss_chunk_rows rows at a time, saving only its input and one logsumexp per
+    row (backward recomputes each chunk's logits); on CUDA with cut-cross-entropy
+    installed (`pip install -e ".[fused-ce]"`) its fused kernel instead. Same loss and
+    gradients, w(sigma) weighting included."""
+
+    head_loss_chunk_rows: int = 1024
+    """head_loss = 'chunked': rows (tokens) per chunk; a chunk's float32 logits take
+    rows x vocab x 4 bytes while computed. Set only with head_loss = 'chunked'."""
 
     masking_schedule: str = "linear"
     """MD4 (dblocks_md4): alpha_t, the probability that a token is still unmasked at
@@ -271,6 +285,7 @@ DIFFUSION_BLOCKS_BOUNDS = {
     "cfg_scale": NON_NEGATIVE,  # 1 = no guidance
     "label_dropout": Bounds(low=0, high=1, high_open=True),
     "max_nonfinite_skips": NON_NEGATIVE,
+    "head_loss_chunk_rows": AT_LEAST_1,
 }
 # the least share of the log-normal that must fall on [sigma_min, sigma_max]
 MIN_SIGMA_MASS = 1e-6
@@ -342,6 +357,7 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
         problems.append((
             "on_nonfinite", f"{section.on_nonfinite!r} is not one of {list(NONFINITE_POLICIES)}"
         ))
+    problems += check_head_loss(section)
     masking_problem = check_masking_schedule(section.masking_schedule)
     if masking_problem:
         problems.append(("masking_schedule", masking_problem))
@@ -377,6 +393,16 @@ def check_block_weights(section: DiffusionBlocks) -> list[tuple[str, str]]:
                  f"{section.num_blocks}), got {len(weights)}: {weights}")]
     if not all(math.isfinite(w) and w > 0 for w in weights):
         return [("block_weights", f"every weight must be a finite number > 0, got {weights}")]
+    return []
+
+
+def check_head_loss(section: DiffusionBlocks) -> list[tuple[str, str]]:
+    if section.head_loss not in HEAD_LOSSES:
+        return [("head_loss", f"{section.head_loss!r} is not one of {list(HEAD_LOSSES)}")]
+    default_rows = DiffusionBlocks.head_loss_chunk_rows
+    if section.head_loss != "chunked" and section.head_loss_chunk_rows != default_rows:
+        return [("head_loss_chunk_rows", "is read only by head_loss = 'chunked', but "
+                 f"head_loss is {section.head_loss!r}")]
     return []
 
 

@@ -62,6 +62,12 @@ def edm_noise_levels(section):
     return section.noise_schedule()
 
 
+# `[diffusion_blocks]` keys that only MD4 reads; keys that only dblocks_llama3 (the
+# autoregressive denoiser and its end-to-end twin) reads
+MD4_KEYS = ("masking_schedule", "time_conditioning")
+HEAD_LOSS_KEYS = ("head_loss", "head_loss_chunk_rows")
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     name: str                       # the train spec's name, `[model] name`
@@ -83,7 +89,7 @@ class ModelFamily:
     sample_text: TextSampler | None = None
     """Text generation with the trained model (block-wise or its end-to-end twin);
     None for families that do not generate text."""
-    unused_keys: tuple[str, ...] = ("masking_schedule", "time_conditioning")
+    unused_keys: tuple[str, ...] = MD4_KEYS + HEAD_LOSS_KEYS
     """`[diffusion_blocks]` keys the family never reads: registry.resolve_run_spec
     refuses a value other than the default, so no setting is silently ignored."""
 

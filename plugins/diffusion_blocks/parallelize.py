@@ -18,6 +18,8 @@ from torchtitan.models.llama3 import parallelize_llama
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list, apply_compile
 from torchtitan.tools import utils as titan_utils
 
+from .models.cross_entropy_head import apply_head_loss
+
 
 def check_supported_parallelism(parallel_dims: ParallelDims) -> None:
     unsupported = {
@@ -109,6 +111,8 @@ def shard_blockwise(
 
 def parallelize_dblocks_llama(model: nn.Module, parallel_dims: ParallelDims, job_config):
     check_supported_parallelism(parallel_dims)
+    # the head's class decides how its CE is computed; FSDP2 must wrap the final class
+    apply_head_loss(model, job_config.diffusion_blocks)
     if block_parallel_enabled(job_config):
         from .block_parallel import parallelize_block_parallel
 

@@ -9,7 +9,9 @@ from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.protocols.train_spec import TrainSpec
 
 from ...config_loader import ConfigError, origin_of
-from ...family import AUTOREGRESSIVE_LM_KEYS, blockwise_train_spec, EDM_KEYS, ModelFamily
+from ...family import (
+    AUTOREGRESSIVE_LM_KEYS, blockwise_train_spec, EDM_KEYS, HEAD_LOSS_KEYS, ModelFamily,
+)
 from ...parallelize import parallelize_dblocks_llama
 from ...validation import build_task_validator
 from .args import masking_noise_levels, md4_flavors
@@ -43,5 +45,7 @@ def get_train_spec() -> TrainSpec:
 FAMILY = ModelFamily(
     "dblocks_md4", get_train_spec, EndToEndMaskedDiffusionLM, MaskedDiffusionTask(),
     noise_levels=masking_noise_levels, sample_text=sample_text,
-    unused_keys=EDM_KEYS + AUTOREGRESSIVE_LM_KEYS + ("cfg_scale", "label_dropout"),
+    unused_keys=(
+        EDM_KEYS + AUTOREGRESSIVE_LM_KEYS + HEAD_LOSS_KEYS + ("cfg_scale", "label_dropout")
+    ),
 )
