@@ -14,7 +14,7 @@ from torchtitan.components.loss import IGNORE_INDEX
 
 from diffusion_blocks.config_loader import ConfigError, parse_job_config
 from diffusion_blocks.linear_ce import chunked_linear_cross_entropy, linear_cross_entropy_sums
-from diffusion_blocks.memory import count_saved_activations
+from diffusion_blocks.memory import count_saved_activations, estimate_step
 from diffusion_blocks.models.cross_entropy_head import (
     CrossEntropyHead, scoring_labels, use_cross_entropy_head,
 )
@@ -224,7 +224,7 @@ def end_to_end_step(trainer, data_iterator) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Config
+# Config and estimator
 
 
 def debug_config(*overrides):
@@ -254,3 +254,20 @@ def test_families_without_the_chunked_head_refuse_it():
     ])
     with pytest.raises(ConfigError, match=r"head_loss = 'chunked' is not read by dblocks_recurrent"):
         resolve_run_spec(config)
+
+
+@pytest.mark.parametrize("extra", [[], ["--diffusion_blocks.no_enable"]])
+def test_estimator_drops_the_log_softmax_with_the_chunked_head(extra):
+    rows, vocab = 2 * 32, 2048  # batch x seq_len; debugmodel_8l's vocabulary
+    shape = ["--training.seq_len", "32", "--training.local_batch_size", "2", *extra]
+    dense = estimate_step(debug_config(*shape), nproc=1)
+    chunked = estimate_step(debug_config(
+        *shape, "--diffusion_blocks.head_loss", "chunked",
+        "--diffusion_blocks.head_loss_chunk_rows", "16",
+    ), nproc=1)
+    # the (rows, V) float32 log-softmax goes, one logsumexp per row comes (and the
+    # dense CE's scalar total weight goes)
+    saved = dense.activation_bytes - chunked.activation_bytes
+    assert saved == pytest.approx(rows * vocab * 4 - rows * 4, abs=8)
+    assert chunked.resident.total == dense.resident.total
+    assert (dense.transient_bytes - chunked.transient_bytes) == (rows - 16) * vocab * 4

@@ -172,6 +172,13 @@ class StepEstimate:
         return self.activation_bytes + self.resident.total + self.transient_bytes
 
 
+def transient_logit_bytes(rows: int, vocab: int, chunk_rows: int | None) -> int:
+    """float32 logits alive while the head's CE is computed: all rows' for the dense
+    head, one chunk's for the chunked head (on CUDA with cut-cross-entropy less still:
+    its kernel keeps no logits in global memory)."""
+    return (rows if chunk_rows is None else min(rows, chunk_rows)) * vocab * 4
+
+
 def estimate_step(job_config, nproc: int, block: int | None = None) -> StepEstimate:
     """Per-device memory of one training step of the configured model, on meta.
 
@@ -193,6 +200,7 @@ def estimate_step(job_config, nproc: int, block: int | None = None) -> StepEstim
     from torchtitan.tools import utils as titan_utils
 
     from .inference import single_process_parallel_dims
+    from .models.cross_entropy_head import apply_head_loss, scores_labels_in_head
     from .registry import resolve_run_spec
 
     run = resolve_run_spec(job_config)
@@ -206,6 +214,7 @@ def estimate_step(job_config, nproc: int, block: int | None = None) -> StepEstim
     with meta, titan_utils.set_default_dtype(TORCH_DTYPE_MAP[job_config.training.dtype]):
         model = run.spec.model_cls(model_args)
     build_model_converters(job_config, single_process_parallel_dims()).convert(model)
+    apply_head_loss(model, job_config.diffusion_blocks)  # as parallelize_dblocks_llama does
     if job_config.activation_checkpoint.mode != "none":
         apply_ac(model, job_config.activation_checkpoint)
 
@@ -237,7 +246,10 @@ def estimate_step(job_config, nproc: int, block: int | None = None) -> StepEstim
         if enabled else total
     )
     biggest_layer = max(layer_params.values())
-    logits = batch * seq_len * getattr(model_args, "vocab_size", 0) * 4
+    logits = transient_logit_bytes(
+        batch * seq_len, getattr(model_args, "vocab_size", 0),
+        job_config.diffusion_blocks.head_loss_chunk_rows if scores_labels_in_head(model) else None,
+    )
     if offloads_inactive_blocks(job_config):
         resident = ResidentBytes(
             params=shared * element // nproc,
