@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torchtitan.components.loss import IGNORE_INDEX
 
 from diffusion_blocks.config_loader import ConfigError, parse_job_config
+from diffusion_blocks import linear_ce
 from diffusion_blocks.linear_ce import chunked_linear_cross_entropy, linear_cross_entropy_sums
 from diffusion_blocks.memory import count_saved_activations, estimate_step
 from diffusion_blocks.models.cross_entropy_head import (
@@ -110,6 +111,34 @@ def test_chunked_saves_no_logits():
     assert counts["chunked"] == N * D * 4 + N * 4 + N * 8 + N * 4
     # dense saves the (N, V) float32 log-softmax instead of the logsumexp
     assert counts["dense"] - counts["chunked"] >= N * V * 4 - N * 4
+
+
+def fake_cut_cross_entropy(calls):
+    """Stands in for cut_cross_entropy.linear_cross_entropy (its signature; the dense
+    CE as its result), recording how it was called."""
+
+    def linear_cross_entropy(e, c, targets, bias=None, ignore_index=-100, softcap=None,
+                             reduction="mean", shift=0, filter_eps="auto", **_):
+        calls.append(dict(dtypes=(e.dtype, c.dtype), ignore_index=ignore_index,
+                          reduction=reduction, filter_eps=filter_eps))
+        return F.cross_entropy(F.linear(e, c).float(), targets, ignore_index=ignore_index,
+                               reduction=reduction)
+
+    return linear_cross_entropy
+
+
+def test_fused_path_asks_cut_cross_entropy_for_exact_per_token_ce(monkeypatch):
+    """Only the call contract: the kernel itself needs a GPU (untested here)."""
+    calls = []
+    monkeypatch.setattr(linear_ce, "cut_cross_entropy_kernel", lambda: fake_cut_cross_entropy(calls))
+    x, weight, labels, _ = head_inputs(torch.float32)
+    assert not linear_ce.uses_fused_kernel(x.device)  # the CPU always runs the chunked path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ce_N = linear_ce.fused_linear_cross_entropy(x, weight, labels)
+    assert calls == [dict(dtypes=(torch.bfloat16, torch.bfloat16), ignore_index=IGNORE_INDEX,
+                          reduction="none", filter_eps=None)]
+    assert ce_N.shape == labels.shape and ce_N.dtype == torch.float32
+    assert linear_ce.uses_fused_kernel(torch.device("cuda"))
 
 
 # ---------------------------------------------------------------------------

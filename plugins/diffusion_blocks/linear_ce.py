@@ -103,7 +103,7 @@ def chunked_linear_cross_entropy(
 
 
 @cache
-def cut_cross_entropy():
+def cut_cross_entropy_kernel():
     """cut-cross-entropy's `linear_cross_entropy`, or None when it is not installed."""
     try:
         from cut_cross_entropy import linear_cross_entropy
@@ -113,7 +113,7 @@ def cut_cross_entropy():
 
 
 def uses_fused_kernel(device: torch.device) -> bool:
-    return device.type == "cuda" and cut_cross_entropy() is not None
+    return device.type == "cuda" and cut_cross_entropy_kernel() is not None
 
 
 def fused_linear_cross_entropy(
@@ -123,7 +123,7 @@ def fused_linear_cross_entropy(
     filter_eps=None: no gradient filtering, so the gradients are the exact ones the
     dense and chunked paths give (not tested here: no GPU)."""
     dtype = matmul_dtype(h_ND)
-    ce_N = cut_cross_entropy()(
+    ce_N = cut_cross_entropy_kernel()(
         h_ND.to(dtype), weight_VD.to(dtype), labels_N,
         ignore_index=IGNORE_INDEX, reduction="none", filter_eps=None,
     )
