@@ -43,5 +43,5 @@ def get_train_spec() -> TrainSpec:
 FAMILY = ModelFamily(
     "dblocks_md4", get_train_spec, EndToEndMaskedDiffusionLM, MaskedDiffusionTask(),
     noise_levels=masking_noise_levels, sample_text=sample_text,
-    unused_keys=EDM_KEYS + AUTOREGRESSIVE_LM_KEYS + ("cfg_scale", "label_dropout"),
+    unused_keys=EDM_KEYS + AUTOREGRESSIVE_LM_KEYS + ("cfg_scale", "label_dropout", "sampler"),
 )
