@@ -205,7 +205,7 @@ def test_steps_per_block_churn_and_start_sigma_set_the_states_the_blocks_see(mon
 
 
 @pytest.mark.parametrize("bad", [
-    dict(steps_per_block=0), dict(sampler="heun"), dict(temperature=-1.0), dict(top_k=-1),
+    dict(steps_per_block=0), dict(sampler="rk4"), dict(temperature=-1.0), dict(top_k=-1),
     dict(churn=-0.5), dict(start_sigma=0.0),
 ])
 def test_decoding_config_rejects_bad_values(bad):

@@ -3,11 +3,12 @@ twin: whichever the config's `[diffusion_blocks] enable` says).
 
     python tools/classify.py --job.config_file train_configs/vit_digits.toml \
         --checkpoint outputs/vit_digits/checkpoint [--split test] [--json] \
-        [--batch-size 256] [--steps-per-block K] [--section.key value ...]
+        [--batch-size 256] [--steps-per-block K] [--sampler euler|heun] [--section.key value ...]
 
 --checkpoint is a step-N folder or a checkpoint folder (its newest step-N is used).
-The denoiser classifies by Euler sampling of the label embedding ([diffusion_blocks]
-sampling_steps_per_block Euler steps per block unless --steps-per-block is given).
+The denoiser classifies by Euler (or Heun) sampling of the label embedding
+([diffusion_blocks] sampling_steps_per_block steps per block and sampler, unless
+--steps-per-block / --sampler are given; a Heun step costs two network evaluations).
 """
 
 import argparse
@@ -22,6 +23,7 @@ from diffusion_blocks.config_loader import ConfigError, exit_on_config_error, pa
 from diffusion_blocks.data.images import load_job_split
 from diffusion_blocks.inference import load_model
 from diffusion_blocks.models.vit.task import count_correct
+from diffusion_blocks.sampling import ODE_SAMPLERS
 
 
 def parse_args(argv):
@@ -33,6 +35,8 @@ def parse_args(argv):
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--batch-size", type=number_arg(int, AT_LEAST_1), default=256)
     parser.add_argument("--steps-per-block", type=number_arg(int, AT_LEAST_1), default=None)
+    parser.add_argument("--sampler", choices=list(ODE_SAMPLERS), default=None,
+                        help="default: [diffusion_blocks] sampler")
     parser.add_argument("--device", type=device_arg, default="cpu")
     return parser.parse_known_args(argv)
 
@@ -43,6 +47,8 @@ def main(argv=None) -> None:
     job_config = parse_job_config(config_args, reads_data=True)
     if args.steps_per_block is not None:
         job_config.diffusion_blocks.sampling_steps_per_block = args.steps_per_block
+    if args.sampler is not None:
+        job_config.diffusion_blocks.sampler = args.sampler
     if not hasattr(job_config, "model") or job_config.model.name != "dblocks_vit":
         raise ConfigError(
             f"tools/classify.py scores dblocks_vit models; the config's [model] name is "

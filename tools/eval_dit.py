@@ -3,7 +3,7 @@ config's training split judges class-conditional samples.
 
     python tools/eval_dit.py --job.config_file train_configs/dit_digits.toml \
         --checkpoint outputs/dit_digits/checkpoint [--samples-per-class 50] \
-        [--steps 50] [--cfg-scale 2.0 ...] [--grid grid.png] [--json] [--section.key value ...]
+        [--steps 50] [--sampler euler|heun] [--cfg-scale 2.0 ...] [--grid grid.png] [--json] [--section.key value ...]
 
 Reports, per CFG scale: the judge's accuracy on the samples (does it see the class the
 sample was conditioned on?) and the Frechet distance between the judge's penultimate
@@ -11,6 +11,8 @@ features of the samples and of the held-out test images. For scale: the judge's 
 test accuracy, and the Frechet distance of real training images (as many as the
 samples) to the same test images, the floor a perfect generator would reach.
 The judge is deterministic (fixed seed), so separate runs use the same judge.
+"network_evaluations" counts the denoiser calls of one sample (--steps for Euler, twice
+that for Heun; a CFG pair is one batched call).
 """
 
 import argparse
@@ -32,6 +34,7 @@ from diffusion_blocks.image_metrics import (
     train_feature_cnn,
 )
 from diffusion_blocks.inference import expect_model, load_model
+from diffusion_blocks.sampling import network_evaluations, ODE_SAMPLERS
 
 
 def parse_args(argv):
@@ -42,6 +45,8 @@ def parse_args(argv):
     parser.add_argument("--samples-per-class", type=number_arg(int, AT_LEAST_1), default=50)
     parser.add_argument("--steps", type=number_arg(int, AT_LEAST_1), default=None,
                         help="default: [diffusion_blocks] sampling_steps")
+    parser.add_argument("--sampler", choices=list(ODE_SAMPLERS), default=None,
+                        help="default: [diffusion_blocks] sampler")
     parser.add_argument(
         "--cfg-scale", type=number_arg(float, NON_NEGATIVE), nargs="+", default=None,
         help="one or more scales; default: [diffusion_blocks] cfg_scale",
@@ -55,10 +60,10 @@ def parse_args(argv):
     return parser.parse_known_args(argv)
 
 
-def draw_samples(model, classes, steps, cfg_scale, seed, batch_size):
+def draw_samples(model, classes, steps, cfg_scale, seed, batch_size, sampler):
     generator = torch.Generator().manual_seed(seed)
     chunks = [
-        model.sample(classes[i : i + batch_size], steps, cfg_scale, generator)
+        model.sample(classes[i : i + batch_size], steps, cfg_scale, generator, sampler)
         for i in range(0, len(classes), batch_size)
     ]
     return torch.cat(chunks)
@@ -80,6 +85,7 @@ def main(argv=None) -> None:
     section = job_config.diffusion_blocks
     steps = args.steps or section.sampling_steps
     scales = args.cfg_scale or [section.cfg_scale]
+    sampler = args.sampler or section.sampler
     train, test = load_job_split(job_config, "train"), load_job_split(job_config, "test")
     model, _ = load_model(job_config, args.checkpoint, torch.device("cpu"))
     num_classes = model.model_args.num_classes
@@ -93,13 +99,15 @@ def main(argv=None) -> None:
         "diffusion_blocks": section.enable,
         "num_blocks": model.partition.num_blocks,
         "sampling_steps": steps,
+        "sampler": sampler,
+        "network_evaluations": network_evaluations(sampler, model.partition.sampling_plan(steps)),
         "num_samples": len(classes),
         "judge_test_accuracy": float((test_predictions == test.labels_N).float().mean()),
         "real_train_frechet_distance": real_floor(judge, train, test, len(classes), args.seed),
         "by_cfg_scale": {},
     }
     for scale in scales:
-        samples = draw_samples(model, classes, steps, scale, args.seed, args.batch_size)
+        samples = draw_samples(model, classes, steps, scale, args.seed, args.batch_size, sampler)
         quality = judge_samples(judge, samples, classes, test)
         result["by_cfg_scale"][str(scale)] = {
             "sample_accuracy": quality.sample_accuracy,
@@ -107,7 +115,9 @@ def main(argv=None) -> None:
         }
     if args.grid:
         grid_classes = torch.arange(min(num_classes, 10)).repeat_interleave(8)
-        images = draw_samples(model, grid_classes, steps, scales[0], args.seed, args.batch_size)
+        images = draw_samples(
+            model, grid_classes, steps, scales[0], args.seed, args.batch_size, sampler
+        )
         result["grid"] = str(save_png(make_grid(images, rows=len(grid_classes) // 8, scale=4), args.grid))
     result["seconds"] = time.perf_counter() - started
 
@@ -115,7 +125,8 @@ def main(argv=None) -> None:
         print(json.dumps(result))
         return
     mode = "DiffusionBlocks" if section.enable else "end-to-end"
-    print(f"{mode} DiT ({result['num_blocks']} block(s)), {len(classes)} samples, {steps} Euler steps")
+    print(f"{mode} DiT ({result['num_blocks']} block(s)), {len(classes)} samples, {steps} "
+          f"{sampler} steps ({result['network_evaluations']} network evaluations)")
     print(f"  judge CNN test accuracy {result['judge_test_accuracy']:.4f}; "
           f"real train images vs test: Frechet distance {result['real_train_frechet_distance']:.2f}")
     for scale, q in result["by_cfg_scale"].items():

@@ -4,7 +4,7 @@ or its end-to-end twin, as the config's `[diffusion_blocks] enable` says).
     python tools/generate.py --job.config_file train_configs/llama3_debug.toml \
         --checkpoint outputs/llama3_debug/checkpoint --prompt "the cat" \
         [--max-new-tokens 64] [--steps-per-block 1] [--temperature 0.8 --top-k 20] [--seed 0] \
-        [--sampler ancestral|euler] [--churn 0] [--start-sigma S]
+        [--sampler ancestral|euler|heun] [--churn 0] [--start-sigma S]
     python tools/generate.py --job.config_file train_configs/md4_chars.toml \
         --checkpoint outputs/md4_chars/checkpoint [--prompt "the cat"] [--steps 256] \
         [--num-samples 4] [--json]
@@ -61,8 +61,10 @@ def parse_args(argv):
     parser.add_argument("--seed", type=number_arg(int, SEED), default=0)
     parser.add_argument("--sampler", choices=sorted(TOKEN_STEPS), default=None,
                         help="autoregressive denoisers' token sampler: 'euler' (ODE step "
-                             "with softmax(logits) @ normalised embeddings) or 'ancestral' "
-                             f"(draw a token, re-noise its embedding; default {DEFAULT_SAMPLER})")
+                             "with softmax(logits) @ normalised embeddings), 'heun' (EDM's "
+                             "second-order step with the same D: two block calls per step) "
+                             "or 'ancestral' (draw a token, re-noise its embedding; default "
+                             f"{DEFAULT_SAMPLER})")
     parser.add_argument("--churn", type=number_arg(float, NON_NEGATIVE), default=0.0,
                         help="autoregressive denoiser: EDM S_churn, fresh noise raising "
                              "each step's sigma (0 = none)")

@@ -2,7 +2,7 @@
 
     python tools/lm_report.py --data ../shared/data/tinyshakespeare.txt \
         [--job.config_file train_configs/llama3_text.toml] [--steps 300] [--warmup 30]
-        [--num-blocks 4] [--init-from-e2e] [--samplers ancestral,euler]
+        [--num-blocks 4] [--init-from-e2e] [--samplers ancestral,euler[,heun]]
         [--steps-per-block 1,2,4,8] [--temperatures 0.7,0.85,1.0] [--prompts 32]
         [--prompt-len 32] [--new-tokens 32] [--eval-windows 16]
         [--out outputs/lm_report] [--skip-training] [--report FILE] [--section.key value ...]

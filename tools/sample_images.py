@@ -1,12 +1,13 @@
 """A PNG grid of class-conditional DiT samples, one row per class.
 
     python tools/sample_images.py --job.config_file train_configs/dit_digits.toml \
-        --checkpoint outputs/dit_digits/checkpoint [--steps 50] [--cfg-scale 2.0] \
-        [--per-class 8] [--classes 0,1,2] [--scale 4] [--seed 0] [--out grid.png]
+        --checkpoint outputs/dit_digits/checkpoint [--steps 50] [--sampler euler|heun] \
+        [--cfg-scale 2.0] [--per-class 8] [--classes 0,1,2] [--scale 4] [--seed 0] [--out grid.png]
 
 --checkpoint is a step-N folder or a checkpoint folder (its newest step-N is used).
-Euler over the equi-probability sigma grid; each step runs only the block owning its
-sigma (the end-to-end twin has one block holding every layer).
+Euler or Heun steps over the equi-probability sigma grid; each network evaluation runs
+only the block owning its sigma (the end-to-end twin has one block holding every layer).
+A Heun step evaluates twice, so --steps N costs 2N evaluations.
 """
 
 import argparse
@@ -21,6 +22,7 @@ from diffusion_blocks.bounds import (
 from diffusion_blocks.config_loader import ConfigError, exit_on_config_error, parse_job_config
 from diffusion_blocks.image_grid import make_grid, save_png
 from diffusion_blocks.inference import expect_model, load_model
+from diffusion_blocks.sampling import network_evaluations, ODE_SAMPLERS
 
 
 def parse_args(argv):
@@ -30,6 +32,8 @@ def parse_args(argv):
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--steps", type=number_arg(int, AT_LEAST_1), default=None,
                         help="default: [diffusion_blocks] sampling_steps")
+    parser.add_argument("--sampler", choices=list(ODE_SAMPLERS), default=None,
+                        help="default: [diffusion_blocks] sampler")
     parser.add_argument("--cfg-scale", type=number_arg(float, NON_NEGATIVE), default=None,
                         help="default: [diffusion_blocks] cfg_scale")
     parser.add_argument("--per-class", type=number_arg(int, AT_LEAST_1), default=8)
@@ -60,14 +64,17 @@ def main(argv=None) -> None:
     section = job_config.diffusion_blocks
     steps = args.steps or section.sampling_steps
     cfg_scale = section.cfg_scale if args.cfg_scale is None else args.cfg_scale
+    sampler = args.sampler or section.sampler
     device = torch.device(args.device)
     model, _ = load_model(job_config, args.checkpoint, device)
     classes = class_list(args.classes, model.model_args.num_classes)
     labels = torch.tensor(classes, device=device).repeat_interleave(args.per_class)
     generator = torch.Generator(device).manual_seed(args.seed)
-    images = model.sample(labels, steps, cfg_scale, generator)
+    images = model.sample(labels, steps, cfg_scale, generator, sampler)
     path = save_png(make_grid(images.cpu(), rows=len(classes), scale=args.scale), args.out)
-    print(f"wrote {path}: {len(classes)} classes x {args.per_class} samples, {steps} Euler steps, cfg scale {cfg_scale}")
+    nfe = network_evaluations(sampler, model.partition.sampling_plan(steps))
+    print(f"wrote {path}: {len(classes)} classes x {args.per_class} samples, {steps} "
+          f"{sampler} steps ({nfe} network evaluations), cfg scale {cfg_scale}")
 
 
 if __name__ == "__main__":

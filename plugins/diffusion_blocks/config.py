@@ -14,6 +14,7 @@ from .bounds import (
     ANY_FINITE, AT_LEAST_1, Bounds, bounds_problems, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL,
 )
 from .diffusion import lognormal_cdf, NoiseSchedule, PARTITIONS, SIGMA_LAWS
+from .sampling import ODE_SAMPLERS
 from .schedules import BLOCK_SCHEDULES
 from .masking import check_masking_schedule
 
@@ -127,6 +128,12 @@ class DiffusionBlocks:
     """Euler steps of the image sampler (DiT), laid on the equi-probability sigma grid,
     or ancestral steps of the masked-diffusion sampler (MD4), on equal decreases of
     alpha_t; each step runs only the block owning its noise level."""
+
+    sampler: str = "euler"
+    """The step of the DiT's image sampler and the ViT's label sampler over the sigma
+    grid: 'euler' (one network evaluation per step) or 'heun' (EDM's second-order step:
+    two, the second at the step's end sigma by the block owning it; the same grid, so
+    twice the evaluations). The text families take theirs from tools/generate.py --sampler."""
 
     cfg_scale: float = 2.0
     """Classifier-free guidance scale s of the image sampler (DiT):
@@ -327,6 +334,8 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
             )
         )
     problems += check_block_weights(section)
+    if section.sampler not in ODE_SAMPLERS:
+        problems.append(("sampler", f"{section.sampler!r} is not one of {list(ODE_SAMPLERS)}"))
     if section.block0_sigma_sampling not in SIGMA_LAWS:
         problems.append((
             "block0_sigma_sampling",

@@ -1,5 +1,5 @@
 """The DiffusionBlocks core: noise distribution, block partition, EDM preconditioning,
-loss weight and the Euler sampler (DESIGN.md sections 2, 3, 4 and 6).
+loss weight and the Euler and Heun steps of the sampler (DESIGN.md sections 2, 3, 4 and 6).
 
 Conventions:
 - sigma boundaries are ascending: boundaries[0] = sigma_min, boundaries[-1] = sigma_max;
@@ -256,17 +256,23 @@ def sampling_sigmas(
 
 @dataclass(frozen=True)
 class EulerStep:
+    """One step of the sampling grid, sigma -> sigma_next. `block` owns sigma and takes
+    the step; `next_block` owns sigma_next: the next step's block, or at the last step
+    the block owning sigma_min. Heun's second evaluation, D(z', sigma_next), is run by
+    `next_block` (at a block boundary that is the block below, not `block`)."""
+
     sigma: float
     sigma_next: float
     block: int
+    next_block: int
 
 
 def sampling_plan(
     num_steps: int, boundaries: list[float], schedule: NoiseSchedule,
     start_sigma: float | None = None,
 ) -> list[EulerStep]:
-    """The Euler steps from start_sigma (default sigma_max) to sigma_min, each with the
-    block that owns its starting sigma; blocks whose interval lies wholly above
+    """The steps from start_sigma (default sigma_max) to sigma_min, each with the blocks
+    that own its starting and its ending sigma; blocks whose interval lies wholly above
     start_sigma take no step. Grid points within 1e-9 (relative) of a block boundary
     are snapped onto it so float rounding cannot hand a step to the wrong block."""
     grid = sampling_sigmas(num_steps, schedule, start_sigma)
@@ -274,9 +280,9 @@ def sampling_plan(
         for boundary in boundaries:
             if abs(sigma - boundary) <= 1e-9 * boundary:
                 grid[i] = boundary
-    owners = block_of_sigma(torch.tensor(grid[:-1], dtype=torch.float64), boundaries)
+    owners = block_of_sigma(torch.tensor(grid, dtype=torch.float64), boundaries).tolist()
     return [
-        EulerStep(grid[k], grid[k + 1], int(owners[k])) for k in range(num_steps)
+        EulerStep(grid[k], grid[k + 1], owners[k], owners[k + 1]) for k in range(num_steps)
     ]
 
 
@@ -285,6 +291,33 @@ def euler_step(
 ) -> torch.Tensor:
     """z <- z + (sigma_next - sigma) * (z - D) / sigma (probability-flow ODE, EDM form)."""
     return z + (sigma_next - sigma) * (z - denoised) / sigma
+
+
+def ode_slope(z: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
+    """dz/dsigma = (z - D(z, sigma)) / sigma: the probability-flow ODE (EDM form)."""
+    return (z - denoised) / sigma
+
+
+def heun_step(
+    z: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float,
+    denoise_next: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """EDM's second-order step (Karras et al. 2022, Algorithm 1, lines 5-8):
+
+        d  = (z - D(z, sigma)) / sigma                    (denoised = D(z, sigma))
+        z' = z + (sigma_next - sigma) d                   (the Euler step)
+        d' = (z' - D(z', sigma_next)) / sigma_next        (denoise_next(z') = D(z', sigma_next))
+        z_next = z + (sigma_next - sigma) (d + d') / 2
+
+    EDM's grid ends at sigma = 0, where d' is undefined and the last step is Euler. Our
+    grids end at sigma_min > 0, so every step is a Heun step (2 evaluations); the
+    Euler fallback only serves a sigma_next of 0."""
+    d = ode_slope(z, denoised, sigma)
+    z_euler = z + (sigma_next - sigma) * d
+    if sigma_next == 0:
+        return z_euler
+    d_next = ode_slope(z_euler, denoise_next(z_euler), sigma_next)
+    return z + (sigma_next - sigma) * (d + d_next) / 2
 
 
 def noised(clean: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:

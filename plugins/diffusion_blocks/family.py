@@ -34,7 +34,7 @@ class TextRequest:
     steps: int | None = None
     """Masked diffusion: ancestral steps in all (default [diffusion_blocks] sampling_steps)."""
     sampler: str | None = None
-    """Autoregressive denoisers: the token sampler ('ancestral' or 'euler'; None: the
+    """Autoregressive denoisers: the token sampler ('ancestral', 'euler' or 'heun'; None: the
     default, `models.llama3.sampler.DEFAULT_SAMPLER`)."""
     churn: float = 0.0
     """Autoregressive denoiser: EDM's S_churn (0 = none)."""
@@ -62,9 +62,12 @@ def edm_noise_levels(section):
     return section.noise_schedule()
 
 
-# `[diffusion_blocks]` keys that only MD4 reads; keys that only dblocks_llama3 (the
-# autoregressive denoiser and its end-to-end twin) reads
-MD4_KEYS = ("masking_schedule", "time_conditioning")
+# `[diffusion_blocks]` keys only the masked-diffusion LM reads
+MASKING_KEYS = ("masking_schedule", "time_conditioning")
+# keys only the vision samplers (DiT, ViT) read; the text families' sampler is
+# tools/generate.py --sampler
+VISION_SAMPLER_KEYS = ("sampler",)
+# keys only dblocks_llama3 (the autoregressive denoiser and its end-to-end twin) reads
 HEAD_LOSS_KEYS = ("head_loss", "head_loss_chunk_rows")
 
 
@@ -89,7 +92,7 @@ class ModelFamily:
     sample_text: TextSampler | None = None
     """Text generation with the trained model (block-wise or its end-to-end twin);
     None for families that do not generate text."""
-    unused_keys: tuple[str, ...] = MD4_KEYS + HEAD_LOSS_KEYS
+    unused_keys: tuple[str, ...] = MASKING_KEYS + HEAD_LOSS_KEYS
     """`[diffusion_blocks]` keys the family never reads: registry.resolve_run_spec
     refuses a value other than the default, so no setting is silently ignored."""
 

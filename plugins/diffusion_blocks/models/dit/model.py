@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ... import diffusion
-from ...sampling import classifier_free_guidance, euler_sample
+from ...sampling import classifier_free_guidance, ODE_SAMPLERS
 from ..conditioning import FinalAdaLN, SigmaEmbedder
 from ..vision_layers import AdaLNZeroLayer, PatchEmbed, sincos_positions_2d, unpatchify
 from .args import DiTArgs
@@ -107,9 +107,10 @@ class DiffusionBlocksDiT(nn.Module):
     @torch.no_grad()
     def sample(
         self, classes_B: torch.Tensor, num_steps: int = 50, cfg_scale: float = 2.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, sampler: str = "euler",
     ) -> torch.Tensor:
-        """Images (B, C, H, W), roughly in [-1, 1], of the given classes."""
+        """Images (B, C, H, W), roughly in [-1, 1], of the given classes: `num_steps`
+        steps of `sampler` ('euler' or 'heun', sampling.ODE_SAMPLERS) over the grid."""
         args = self.model_args
         sigma_max = self.partition.schedule.sigma_max
         z_BCHW = diffusion.initial_noise_scale(sigma_max, data_is_unit_norm=False) * torch.randn(
@@ -120,7 +121,7 @@ class DiffusionBlocksDiT(nn.Module):
         def denoise(z, sigma, block):
             return self.guided_denoise(z, sigma, classes_B, block, cfg_scale)
 
-        return euler_sample(denoise, z_BCHW, self.partition.sampling_plan(num_steps))
+        return ODE_SAMPLERS[sampler](denoise, z_BCHW, self.partition.sampling_plan(num_steps))
 
 
 class EndToEndDiT(DiffusionBlocksDiT):

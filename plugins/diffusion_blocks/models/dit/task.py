@@ -48,7 +48,9 @@ class ImageGenerationTask:
         section = ctx.job_config.diffusion_blocks
         generator = torch.Generator(ctx.device).manual_seed(EVAL_SEED)
         classes = grid_classes(model.model_args.num_classes, GRID_PER_CLASS, ctx.device)
-        images = model.sample(classes, section.sampling_steps, section.cfg_scale, generator)
+        images = model.sample(
+            classes, section.sampling_steps, section.cfg_scale, generator, section.sampler
+        )
         if ctx.dp_rank == 0 and (not dist.is_initialized() or dist.get_rank() == 0):
             grid = make_grid(images.cpu(), rows=int(classes.max()) + 1, scale=4)
             save_png(grid, Path(ctx.job_config.job.dump_folder) / "samples" / f"step-{ctx.step}.png")

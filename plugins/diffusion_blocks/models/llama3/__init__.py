@@ -10,7 +10,7 @@ from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAda
 from torchtitan.protocols.train_spec import TrainSpec
 
 from ...data.text import build_tokenizer
-from ...family import blockwise_train_spec, MD4_KEYS, ModelFamily
+from ...family import blockwise_train_spec, MASKING_KEYS, ModelFamily, VISION_SAMPLER_KEYS
 from ...parallelize import parallelize_dblocks_llama
 from ...validation import build_denoiser_validator
 from .args import dblocks_llama3_flavors
@@ -35,5 +35,5 @@ FAMILY = ModelFamily(
     "dblocks_llama3", get_train_spec, Transformer, LanguageModelTask(), stock_models=("llama3",),
     embedding_parameters=token_embedding_parameters,
     sample_text=partial(continue_prompt, generate, "dblocks_llama3"),
-    unused_keys=MD4_KEYS,
+    unused_keys=MASKING_KEYS + VISION_SAMPLER_KEYS,
 )

@@ -4,7 +4,7 @@ Denoiser, per new token (DESIGN.md section 6): the noisy row of the next token s
 from sigma_start * N(0, I) (sigma_start = `start_sigma` if given, else `[diffusion_blocks] sampling_sigma_max`,
 else sigma_max; see
 `uninformative_state`) and walks the equi-probability sigma grid down to sigma_min in
-`steps_per_block` x B steps, each step run by the block that owns its sigma. Two token
+`steps_per_block` x B steps, each step run by the block that owns its sigma. Three token
 samplers take the steps:
 
 - "euler": the probability-flow ODE step z <- z + (sigma' - sigma) (z - D) / sigma with
@@ -12,7 +12,10 @@ samplers take the steps:
   c_skip z + c_out h (no loss constrains that one's norm or off-table direction);
 - "ancestral": draw a token from softmax(logits) and re-noise its normalised embedding
   to the next sigma, z <- e_hat[token] + sigma' eps, so every block sees the kind of
-  state it was trained on.
+  state it was trained on;
+- "heun": EDM's second-order step (`diffusion.heun_step`) with the same D: the Euler
+  step to z', then D(z', sigma') from the block owning sigma' (the next block at a block
+  boundary), and the average of the two slopes. Two block calls per step.
 
 `churn` (EDM's S_churn) optionally raises each step's sigma with fresh noise first.
 After the last step the block owning sigma_min reads z at sigma_min, and its logits
@@ -41,7 +44,7 @@ class DecodingConfig:
     temperature: float = 0.0      # of the final pick only; 0 = greedy
     top_k: int = 0                # of the final pick only; 0 = whole vocabulary
     seed: int = 0
-    sampler: str = DEFAULT_SAMPLER  # the denoiser's token sampler: "euler" | "ancestral"
+    sampler: str = DEFAULT_SAMPLER  # the denoiser's token sampler: a key of TOKEN_STEPS
     churn: float = 0.0            # EDM S_churn (0 = none)
     start_sigma: float | None = None  # None = the partition's sampling_start_sigma
 
@@ -105,29 +108,49 @@ def pick_tokens(logits_BV: torch.Tensor, config: DecodingConfig, generator) -> t
 
 
 # ---------------------------------------------------------------------------
-# The token samplers' steps: (z, logits at sigma, table, sigma, sigma_next) -> z at sigma_next
+# The token samplers' steps: (z, logits at sigma, table, sigma, sigma_next, generator,
+# next_logits) -> z at sigma_next. next_logits(z') gives the logits at sigma_next from
+# the block owning sigma_next; only the Heun step calls it.
 
+Logits = Callable[[torch.Tensor], torch.Tensor]
 TokenStep = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, float, float, torch.Generator], torch.Tensor
+    [torch.Tensor, torch.Tensor, torch.Tensor, float, float, torch.Generator, Logits],
+    torch.Tensor,
 ]
 
 
-def euler_token_step(z_BD, logits_BV, table_VD, sigma, sigma_next, generator):
+def euler_token_step(z_BD, logits_BV, table_VD, sigma, sigma_next, generator, next_logits=None):
     """The ODE step with the expected clean embedding D = softmax(logits) @ table."""
     denoised_BD = diffusion.expected_clean_embedding(logits_BV, table_VD).to(z_BD.dtype)
     return diffusion.euler_step(z_BD, denoised_BD, sigma, sigma_next)
 
 
-def ancestral_token_step(z_BD, logits_BV, table_VD, sigma, sigma_next, generator):
+def ancestral_token_step(z_BD, logits_BV, table_VD, sigma, sigma_next, generator, next_logits=None):
     """Draw x ~ softmax(logits) and re-noise: z <- e_hat[x] + sigma_next * eps."""
     clean_BD = table_VD[sample_from(logits_BV, generator)].to(z_BD.dtype)
     return diffusion.noised(clean_BD, sigma_next, standard_normal_like(clean_BD, generator))
 
 
+def heun_token_step(z_BD, logits_BV, table_VD, sigma, sigma_next, generator, next_logits):
+    """EDM's Heun step with D = softmax(logits) @ table at both ends; the second D from
+    next_logits(z'), the block owning sigma_next."""
+
+    def denoised(logits_BV):
+        return diffusion.expected_clean_embedding(logits_BV, table_VD).to(z_BD.dtype)
+
+    return diffusion.heun_step(
+        z_BD, denoised(logits_BV), sigma, sigma_next,
+        lambda z_euler_BD: denoised(next_logits(z_euler_BD)),
+    )
+
+
 TOKEN_STEPS: dict[str, TokenStep] = {
     "euler": euler_token_step,
     "ancestral": ancestral_token_step,
+    "heun": heun_token_step,
 }
+# block calls per step (a Heun step ends at sigma_next >= sigma_min > 0: always 2)
+CALLS_PER_STEP = {"euler": 1, "ancestral": 1, "heun": 2}
 
 
 # ---------------------------------------------------------------------------
@@ -190,7 +213,11 @@ def denoise_next_token_logits(
             z_BD = diffusion.churn(z_BD, step.sigma, sigma, standard_normal_like(z_BD, generator))
             block = owner_of(partition, sigma)
         logits_BV = block_logits(z_BD, sigma, block)
-        z_BD = token_step(z_BD, logits_BV, table_VD, sigma, step.sigma_next, generator)
+
+        def next_logits(z_next_BD):
+            return block_logits(z_next_BD, step.sigma_next, step.next_block)
+
+        z_BD = token_step(z_BD, logits_BV, table_VD, sigma, step.sigma_next, generator, next_logits)
     return block_logits(z_BD, schedule.sigma_min, owner_of(partition, schedule.sigma_min))
 
 
@@ -227,11 +254,13 @@ def generate(
 
 
 def forwards_per_token(model, config: DecodingConfig) -> int:
-    """Model calls per new token: B x steps_per_block steps plus the final read for the
-    denoiser (each runs one block), one for the end-to-end twin (all its layers)."""
+    """Model calls per new token: B x steps_per_block steps (two calls each for Heun)
+    plus the final read for the denoiser (each runs one block), one for the end-to-end
+    twin (all its layers)."""
     if not is_denoiser(model):
         return 1
-    return model.partition.num_blocks * config.steps_per_block + 1
+    steps = model.partition.num_blocks * config.steps_per_block
+    return steps * CALLS_PER_STEP[config.sampler] + 1
 
 
 def decoding_config(request, job_config) -> DecodingConfig:

@@ -46,6 +46,7 @@ FAMILY = ModelFamily(
     "dblocks_md4", get_train_spec, EndToEndMaskedDiffusionLM, MaskedDiffusionTask(),
     noise_levels=masking_noise_levels, sample_text=sample_text,
     unused_keys=(
-        EDM_KEYS + AUTOREGRESSIVE_LM_KEYS + HEAD_LOSS_KEYS + ("cfg_scale", "label_dropout")
+        EDM_KEYS + AUTOREGRESSIVE_LM_KEYS + HEAD_LOSS_KEYS
+        + ("cfg_scale", "label_dropout", "sampler")
     ),
 )

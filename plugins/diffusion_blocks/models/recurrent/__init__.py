@@ -10,7 +10,9 @@ from torchtitan.protocols.train_spec import TrainSpec
 
 from ...config_loader import ConfigError, origin_of
 from ...data.text import build_tokenizer
-from ...family import blockwise_train_spec, ModelFamily
+from ...family import (
+    blockwise_train_spec, HEAD_LOSS_KEYS, MASKING_KEYS, ModelFamily, VISION_SAMPLER_KEYS,
+)
 from ...parallelize import parallelize_dblocks_llama
 from ...validation import build_denoiser_validator
 from ..llama3 import token_embedding_parameters
@@ -56,4 +58,5 @@ FAMILY = ModelFamily(
     NAME, get_train_spec, RecurrentTwin, LanguageModelTask(),
     embedding_parameters=token_embedding_parameters, check_config=check_config,
     sample_text=partial(continue_prompt, generate, NAME),
+    unused_keys=MASKING_KEYS + VISION_SAMPLER_KEYS + HEAD_LOSS_KEYS,
 )

@@ -6,8 +6,10 @@ context; the state row starts from N(0, I) * sqrt(1 + sigma_max^2); each of the 
 iterations is one denoiser pass (one core pass, the coda, the head) at the next point
 of the r-point equi-probability sigma grid and one step of the LM's token sampler
 (`--sampler`: ancestral, or Euler with the expected clean embedding softmax(logits) @
-normalize(E), DESIGN.md section 6); the last pass's logits are decoded. The twin (`RecurrentTwin`): the prelude once, r core
-iterations from a random state, the coda, the logits.
+normalize(E), DESIGN.md section 6, or Heun with the same D: two passes per step, the
+second at the step's end sigma, 2r in all); the last pass's logits are decoded. The
+twin (`RecurrentTwin`): the prelude once, r core iterations from a random state, the
+coda, the logits.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ def denoiser_logits(
 ) -> torch.Tensor:
     """r steps of the shared core for every position at once (state row j stands for
     the token after tokens_BT[:, j]), each step taken by the LM's token sampler
-    (`TOKEN_STEPS`: Euler with the expected clean embedding, or ancestral); the last
-    pass's logits (B, T, V)."""
+    (`TOKEN_STEPS`: Euler with the expected clean embedding, ancestral, or Heun); the
+    last pass's logits (B, T, V): for Heun its second pass, at sigma_min."""
     batch, seq_len = tokens_BT.shape
     table_VD = model.clean_embedding_table()
     token_step = TOKEN_STEPS[token_sampler]
@@ -38,12 +40,18 @@ def denoiser_logits(
         (batch * seq_len, table_VD.shape[-1]), generator=generator
     ).to(tokens_BT.device, table_VD.dtype)
     logits_BTV = None
+
+    def pass_logits(z_ND: torch.Tensor, sigma: float) -> torch.Tensor:
+        """One denoiser pass at sigma; its logits (B * T, V), kept as the last pass's."""
+        nonlocal logits_BTV
+        sigma_B = torch.full((batch,), sigma, device=tokens_BT.device)
+        logits_BTV = model.denoise(e_BTD, z_ND.view(batch, seq_len, -1), sigma_B).logits_BTV
+        return logits_BTV.flatten(0, 1)
+
     for step in model.partition.sampling_plan(recurrence, start):
-        sigma_B = torch.full((batch,), step.sigma, device=tokens_BT.device)
-        z_BTD = z_ND.view(batch, seq_len, -1)
-        logits_BTV = model.denoise(e_BTD, z_BTD, sigma_B).logits_BTV
         z_ND = token_step(
-            z_ND, logits_BTV.flatten(0, 1), table_VD, step.sigma, step.sigma_next, generator
+            z_ND, pass_logits(z_ND, step.sigma), table_VD, step.sigma, step.sigma_next,
+            generator, lambda z_next_ND: pass_logits(z_next_ND, step.sigma_next),
         )
     return logits_BTV
 

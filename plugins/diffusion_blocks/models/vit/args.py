@@ -28,6 +28,9 @@ class ViTArgs(ImageTransformerArgs):
     sampling_steps_per_block: int = 1
     """Filled from `[diffusion_blocks]` by update_from_config."""
 
+    sampler: str = "euler"
+    """Filled from `[diffusion_blocks]` by update_from_config: 'euler' or 'heun'."""
+
     @property
     def num_patches(self) -> int:
         return self.grid_size**2
@@ -46,6 +49,7 @@ class ViTArgs(ImageTransformerArgs):
     def update_from_config(self, job_config, **kwargs) -> None:
         super().update_from_config(job_config, **kwargs)
         self.sampling_steps_per_block = job_config.diffusion_blocks.sampling_steps_per_block
+        self.sampler = job_config.diffusion_blocks.sampler
         for key in ("dropout", "attention_dropout"):
             value = getattr(job_config.model, key, None)
             if value is not None:

@@ -6,8 +6,9 @@ eps, scaled by c_in, takes the [CLS] position 0 in front of the patch tokens. Ea
 layer is DiT-style adaLN-Zero on c_noise; after the shared final norm the output h at
 position 0 gives D = c_skip z + c_out h, and logits = head(final_adaln(D, c)).
 
-Inference (`classify`): z ~ N(0, I) sqrt(1 + sigma_max^2), Euler steps over the
-equi-probability grid, each run by the block owning its sigma only, with the denoised
+Inference (`classify`): z ~ N(0, I) sqrt(1 + sigma_max^2), Euler (or Heun: `[diffusion_blocks]
+sampler`) steps over the equi-probability grid, each evaluation run by the block owning
+its sigma only, with the denoised
 estimate softmax(logits) @ normalised label table; the class is the argmax of the
 final logits, read at sigma_min by the block owning it (as the official code does). PlainViT is the same patch embedding, layers and head with a real [CLS] token.
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import diffusion
-from ...sampling import euler_sample
+from ...sampling import ODE_SAMPLERS
 from ..conditioning import FinalAdaLN, SigmaEmbedder
 from ..vision_layers import AdaLNZeroLayer, PatchEmbed, PreNormLayer
 from .args import ViTArgs
@@ -78,6 +79,7 @@ class DiffusionBlocksViT(ViTShared):
         super().__init__(args, AdaLNZeroLayer)
         self.partition = args.partition
         self.sampling_steps_per_block = args.sampling_steps_per_block
+        self.sampler = args.sampler
         self.label_embed = nn.Embedding(args.num_classes, args.dim)
         self.sigma_embedder = SigmaEmbedder(args.dim)
         self.final_adaln = FinalAdaLN(args.dim, eps=args.norm_eps)
@@ -121,10 +123,11 @@ class DiffusionBlocksViT(ViTShared):
     @torch.no_grad()
     def classify(
         self, images_BCHW: torch.Tensor, generator: torch.Generator | None = None,
-        steps_per_block: int | None = None,
+        steps_per_block: int | None = None, sampler: str | None = None,
     ) -> torch.Tensor:
-        """Class logits after Euler sampling of the label embedding (B, K)."""
+        """Class logits after Euler or Heun sampling of the label embedding (B, K)."""
         steps = steps_per_block or self.sampling_steps_per_block
+        sample = ODE_SAMPLERS[sampler or self.sampler]
         plan = self.partition.sampling_plan(self.partition.num_blocks * steps)
         schedule = self.partition.schedule
         scale = diffusion.initial_noise_scale(schedule.sigma_max, data_is_unit_norm=True)
@@ -138,7 +141,7 @@ class DiffusionBlocksViT(ViTShared):
             # self(...) rather than self.forward: FSDP hooks run on the root call
             return self(images_BCHW, block=block, sigma_B=sigma_B, z_BD=z_BD)
 
-        z_BD = euler_sample(
+        z_BD = sample(
             lambda z, sigma, block: denoise(z, sigma, block).label_estimate_BD.to(z.dtype),
             z_BD, plan,
         )
@@ -167,5 +170,6 @@ class PlainViT(ViTShared):
         return self.head(self.norm(x_BTD[:, 0]))
 
     @torch.no_grad()
-    def classify(self, images_BCHW: torch.Tensor, generator=None, steps_per_block=None):
+    def classify(self, images_BCHW: torch.Tensor, generator=None, steps_per_block=None,
+                 sampler=None):
         return self(images_BCHW)
