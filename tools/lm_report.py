@@ -5,7 +5,8 @@
         [--num-blocks 4] [--init-from-e2e] [--samplers ancestral,euler[,heun]]
         [--steps-per-block 1,2,4,8] [--temperatures 0.7,0.85,1.0] [--prompts 32]
         [--prompt-len 32] [--new-tokens 32] [--eval-windows 16]
-        [--out outputs/lm_report] [--skip-training] [--report FILE] [--section.key value ...]
+        [--out outputs/lm_report] [--skip-training | --train-missing]
+        [--dblocks-args="--diffusion_blocks.key value ..."] [--report FILE] [--section.key value ...]
 
 1. splits the file: the last 10% (at a line break) is held out;
 2. trains the same model end to end for --steps optimizer steps; an independent JUDGE,
@@ -42,6 +43,7 @@ import argparse
 import dataclasses
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +141,13 @@ def parse_args(argv):
                         help="held-out windows of seq_len for the teacher-forced CE")
     parser.add_argument("--out", default=str(REPO / "outputs" / "lm_report"))
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--train-missing", action="store_true",
+                        help="train only the runs whose final checkpoint is not in --out "
+                             "(e.g. the end-to-end and judge folders linked from a baseline)")
+    parser.add_argument("--dblocks-args", type=shlex.split, default=[],
+                        help="overrides for the DiffusionBlocks runs only, one quoted "
+                             "string after =: e.g. --dblocks-args=\"--diffusion_blocks.sigma_per_token\" "
+                             "(one lever measured against the same baseline)")
     parser.add_argument("--report", default=None, help="default: <out>/report.json")
     args, run_overrides = parser.parse_known_args(argv)
     unknown = [a for a in run_overrides if a.startswith("-") and "." not in a]
@@ -165,19 +174,20 @@ def planned_runs(args, run_overrides, train_path: Path) -> dict[str, Run]:
         return Run([*overrides, *extra, *run_overrides], steps, dump)
 
     dblocks = f"DiffusionBlocks B={blocks}"
+    lever = args.dblocks_args
     runs = {
         "end-to-end": run("e2e", args.steps, args.warmup, "--diffusion_blocks.no_enable"),
         "judge": run("judge", 2 * args.steps, 2 * args.warmup, "--diffusion_blocks.no_enable",
                      "--debug.seed", str(JUDGE_SEED)),
         dblocks: run("dblocks", blocks * args.steps, blocks * args.warmup,
-                     "--diffusion_blocks.num_blocks", str(blocks)),
+                     "--diffusion_blocks.num_blocks", str(blocks), *lever),
     }
     if args.init_from_e2e:
         e2e_weights = out / "e2e" / checkpoint_folder(runs["end-to-end"].overrides) / f"step-{args.steps}"
         runs[f"{dblocks}, from the end-to-end weights"] = run(
             "dblocks_from_e2e", blocks * args.steps, blocks * args.warmup,
             "--diffusion_blocks.num_blocks", str(blocks),
-            "--checkpoint.initial_load_path", str(e2e_weights),
+            "--checkpoint.initial_load_path", str(e2e_weights), *lever,
         )
     return runs
 
@@ -281,6 +291,10 @@ def main(argv):
         raise ConfigError(f"--prompt-len + --new-tokens must be <= [training] seq_len {seq_len}")
     if not args.skip_training:
         for name, run in runs.items():
+            final = out / run.dump / checkpoint_folder(run.overrides) / f"step-{run.steps}"
+            if args.train_missing and (final / ".metadata").is_file():
+                print(f"{name}: {final} is there, not trained again", flush=True)
+                continue
             train(name, run.overrides, run.steps, out / f"log_{run.dump}.txt")
 
     models, tokenizer = {}, None
