@@ -74,9 +74,10 @@ def recipe_overrides(config_args, train_path: Path, dump: Path, steps: int, warm
     ]
 
 
-def timed_train(overrides: list[str]) -> float:
+def timed_train(name: str, overrides: list[str], steps: int, log: Path) -> float:
+    """lm_report's training run (output in `log`, a progress bar), timed."""
     start = time.perf_counter()
-    train(overrides)
+    train(name, overrides, steps, log)
     return time.perf_counter() - start
 
 
@@ -112,7 +113,7 @@ def main(argv):
     seconds = report.setdefault("train_seconds", {})
     for name, overrides in runs.items():
         if args.retrain or not (out / name / "checkpoint" / f"step-{args.steps}" / ".metadata").is_file():
-            seconds[name] = timed_train(overrides)
+            seconds[name] = timed_train(name, overrides, args.steps, out / f"log_{name}.txt")
 
     judge, tokenizer = load_for_inference(
         parse_job_config(runs["judge"]), out / "judge" / "checkpoint")[:2]
