@@ -121,3 +121,30 @@ def test_lm_report_writes_the_documented_keys(tmp_path):
     assert math.isfinite(report["teacher_forced"]["judge"]["next_token_ce"])
     # the judge is trained twice as long as the end-to-end run, with another seed
     assert (out / "judge" / "checkpoint" / "step-4").is_dir()
+
+
+def test_dblocks_args_reach_only_the_diffusion_blocks_runs_and_train_missing_skips_finished_runs(
+    tmp_path, monkeypatch
+):
+    tool = load_tool()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(synthetic_sentences(50)) + "\n")
+    args, overrides = tool.parse_args([
+        "--data", str(corpus), "--out", str(tmp_path), "--train-missing",
+        "--dblocks-args=--diffusion_blocks.block0_sigma_sampling log_uniform",
+    ])
+    runs = tool.planned_runs(args, overrides, tmp_path / "train.txt")
+    lever = ["--diffusion_blocks.block0_sigma_sampling", "log_uniform"]
+    for name, run in runs.items():
+        has_lever = any(run.overrides[i:i + 2] == lever for i in range(len(run.overrides)))
+        assert has_lever == name.startswith("DiffusionBlocks"), name
+    # a run whose final checkpoint is there is not trained again
+    e2e = runs["end-to-end"]
+    (tmp_path / e2e.dump / "checkpoint" / f"step-{e2e.steps}").mkdir(parents=True)
+    (tmp_path / e2e.dump / "checkpoint" / f"step-{e2e.steps}" / ".metadata").write_text("")
+    trained = []
+    monkeypatch.setattr(tool, "train", lambda name, *a: trained.append(name))
+    monkeypatch.setattr(tool, "load", lambda overrides: (_ for _ in ()).throw(SystemExit("stop")))
+    with pytest.raises(SystemExit, match="stop"):
+        tool.main(["--data", str(corpus), "--out", str(tmp_path), "--train-missing"])
+    assert trained == ["judge", "DiffusionBlocks B=4"]

@@ -472,3 +472,29 @@ def launch(argv: list[str]) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     launch(sys.argv[1:])
+
+
+def test_recurrent_report_writes_quality_per_r(tmp_path):
+    """tools/recurrent_report.py end to end at a toy size: both recipes and the judge
+    trained, every r evaluated, report.json with its keys."""
+    from diffusion_blocks.data.text import synthetic_sentences
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(synthetic_sentences(300)) + "\n")
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, str(h.REPO / "tools" / "recurrent_report.py"), "--data", str(corpus),
+         "--out", str(out), "--steps", "2", "--warmup", "1", "--recurrences", "1,3",
+         "--windows", "1", "--prompts", "2", "--prompt-len", "8", "--new-tokens", "4",
+         "--training.seq_len", "16", "--training.local_batch_size", "2"],
+        cwd=h.REPO, env=h.subprocess_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["recurrences"] == [1, 3] and math.isfinite(report["real_text_judge_ce"])
+    assert set(report["train_seconds"]) == {"dblocks", "twin", "judge"}
+    for recipe in ("dblocks", "twin"):
+        per_r = report["recipes"][recipe]["per_r"]
+        assert set(per_r) == {"1", "3"}
+        for row in per_r.values():
+            assert 0 <= row["p_true_next"] <= 1 and math.isfinite(row["judge_ce"])
