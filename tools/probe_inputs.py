@@ -537,7 +537,7 @@ PROBES: list[Probe] = [
           "--data", "{dir}/data.txt", "--out", "{dir}/out", "--skip-training", toml=None,
           files={"data.txt": "To be, or not to be.\n" * 50}, expect="--new-tokens must be <="),
     # faults: a blow-up, broken checkpoints, checkpoints of other settings
-    probe("nan_blowup_lr_10", "train", toml="[optimizer]\nlr = 10.0\n[training]\nsteps = 40\n"
+    probe("nan_blowup_huge_lr", "train", toml="[optimizer]\nlr = 1e20\n[training]\nsteps = 10\n"
           "[checkpoint]\nenable = true\ninterval = 1\n",
           expect=("stopped", "nothing non-finite was saved", "sigma in")),
     probe("resume_every_checkpoint_incomplete", "train", toml=RESUME,
