@@ -53,7 +53,7 @@ def main(argv):
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"| mode | B | AC | activations GiB | params+grads+AdamW GiB | est. peak GiB | peak / e2e |")
+    print("| mode | B | AC | activations GiB | params+grads+AdamW GiB | est. peak GiB | peak / e2e |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['num_blocks']} | {r['ac']} | {r['activation_bytes'] / GiB:.2f} | "
