@@ -25,7 +25,7 @@ from diffusion_blocks.registry import resolve_run_spec
 
 import _train_helpers as h
 from test_llama_model import make_model, SEQ
-from test_train_loop import data_of, make_trainer, run_step  # noqa: F401 (fixture)
+from test_train_loop import data_of, logged_train_step, make_trainer, run_step  # noqa: F401 (fixture)
 
 N, D, V = 37, 16, 50  # 37 rows: no chunk size below divides it
 
@@ -227,29 +227,12 @@ def test_training_step_with_chunked_head_equals_dense(make_trainer, extra, rel):
         if trainer.enabled:
             logged[head_loss] = [run_step(trainer, data, block) for block in (0, 3)]
         else:
-            logged[head_loss] = [end_to_end_step(trainer, data) for _ in range(2)]
+            logged[head_loss] = [logged_train_step(trainer, data) for _ in range(2)]
     # step 2's loss also checks step 1's update, so its gradients
     for dense, chunked in zip(logged["dense"], logged["chunked"]):
         assert chunked["loss"] == pytest.approx(dense["loss"], rel=rel)
         assert chunked["grad_norm"] == pytest.approx(dense["grad_norm"], rel=10 * rel)
         assert chunked[h.CE] == pytest.approx(dense[h.CE], rel=rel)
-
-
-def end_to_end_step(trainer, data_iterator) -> dict:
-    logged = {}
-    original = trainer.metrics_processor.log
-
-    def log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
-        logged.update(extra_metrics or {}, loss=global_avg_loss, grad_norm=grad_norm)
-        return original(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
-
-    trainer.metrics_processor.log = log
-    trainer.step += 1
-    try:
-        trainer.train_step(data_iterator)
-    finally:
-        trainer.metrics_processor.log = original
-    return logged
 
 
 # ---------------------------------------------------------------------------

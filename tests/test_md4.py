@@ -422,3 +422,26 @@ def test_block_parallel_with_activation_checkpointing(tmp_path):
         for s in record["steps"]:
             assert s["block"] == rank and math.isfinite(s["loss"])
             assert s["ran_layers"] == s["grad_layers"] == list(range(4 * rank, 4 * rank + 4))
+
+
+def test_md4_report_trains_both_and_writes_the_bpc_of_each(tmp_path):
+    """tools/md4_report.py end to end at a toy size."""
+    from diffusion_blocks.data.text import synthetic_sentences
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(synthetic_sentences(400)) + "\n")
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "tools/md4_report.py", "--data", str(corpus), "--out", str(out),
+         "--steps", "2", "--warmup", "1", "--eval-batches", "1", "--num-samples", "1",
+         "--training.seq_len", "32", "--training.local_batch_size", "2",
+         "--validation.seq_len", "32", "--validation.local_batch_size", "2"],
+        cwd=h.REPO, env=h.subprocess_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((out / "report.json").read_text())["results"]
+    assert {name: r["steps"] for name, r in results.items()} == {
+        "end-to-end MD4": 2, "DiffusionBlocks B=4": 8}
+    for r in results.values():
+        assert math.isfinite(r["bpc"]) and r["stderr"] >= 0 and len(r["samples"]) == 1
+    assert (out / "log_e2e.txt").is_file() and (out / "log_dblocks.txt").is_file()

@@ -285,10 +285,9 @@ def data_of(trainer):
     return trainer.batch_generator(trainer.dataloader)
 
 
-def run_step(trainer, data_iterator, block: int) -> dict:
-    """One train_step on `block`; returns what the trainer logged for it (log_freq 1):
-    loss (global weighted mean), grad_norm, lr and our extra metrics."""
-    force_block(trainer, block)
+def logged_train_step(trainer, data_iterator) -> dict:
+    """One train_step; returns what the trainer logged for it (log_freq 1): loss
+    (global weighted mean), grad_norm, lr and our extra metrics."""
     logged = {}
     original = trainer.metrics_processor.log
 
@@ -302,6 +301,13 @@ def run_step(trainer, data_iterator, block: int) -> dict:
         assert trainer.train_step(data_iterator) is None
     finally:
         trainer.metrics_processor.log = original
+    return logged
+
+
+def run_step(trainer, data_iterator, block: int) -> dict:
+    """One train_step on `block`; what the trainer logged for it."""
+    force_block(trainer, block)
+    logged = logged_train_step(trainer, data_iterator)
     assert trainer.block == block and logged[h.BLOCK] == block
     return logged
 

@@ -46,6 +46,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -92,8 +93,10 @@ def common_overrides(
     ]
 
 
-def train(name: str, overrides: list[str], steps: int, log: Path) -> None:
-    """One training run under torchrun, its output in `log`, a progress bar on its steps."""
+def train(name: str, overrides: list[str], steps: int, log: Path) -> float:
+    """One training run under torchrun, its output in `log`, a progress bar on its
+    steps; returns the seconds it took."""
+    start = time.monotonic()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
            "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
            "-m", "diffusion_blocks.train", *overrides]
@@ -109,6 +112,7 @@ def train(name: str, overrides: list[str], steps: int, log: Path) -> None:
             tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
             raise SystemExit(f"training {name} failed (exit {process.returncode}); "
                              f"the end of {log}:\n{tail}")
+    return time.monotonic() - start
 
 
 def comma_list(kind):

@@ -19,9 +19,7 @@ Prints a markdown table and the samples; writes <out>/report.json.
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ from diffusion_blocks.family import TextRequest
 from diffusion_blocks.inference import load_for_inference
 from diffusion_blocks.models.md4.sampler import sample_text
 from diffusion_blocks.models.md4.task import build_md4_tokenizer, heldout_batches, heldout_bpc
+from lm_report import train
 from torchtitan.hf_datasets.text_datasets import build_text_validation_dataloader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,17 +62,6 @@ def run_overrides(config, train_path, heldout_path, dump, steps, warmup, extra) 
         "--metrics.log_freq", "50",
         *extra,
     ]
-
-
-def train(overrides: list[str]) -> float:
-    """Seconds the run took."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
-           "-m", "diffusion_blocks.train", *overrides]
-    print("$", " ".join(cmd), flush=True)
-    start = time.monotonic()
-    subprocess.run(cmd, check=True, cwd=REPO)
-    return time.monotonic() - start
 
 
 def evaluate(job_config, eval_batches: int, num_samples: int) -> dict:
@@ -119,9 +107,11 @@ def main(argv):
     }
     results = {}
     for name, overrides in runs.items():
-        seconds = None if args.skip_training else train(overrides)
+        steps = int(overrides[overrides.index("--training.steps") + 1])
+        log = out / f"log_{Path(overrides[overrides.index('--job.dump_folder') + 1]).name}.txt"
+        seconds = None if args.skip_training else train(name, overrides, steps, log)
         results[name] = evaluate(parse_job_config(overrides), args.eval_batches, args.num_samples)
-        results[name].update(train_seconds=seconds, steps=int(overrides[overrides.index("--training.steps") + 1]))
+        results[name].update(train_seconds=seconds, steps=steps)
         print(name, {k: v for k, v in results[name].items() if k != "samples"}, flush=True)
 
     print("\n| model | optimizer steps | held-out bits per character (± stderr) | training time |")

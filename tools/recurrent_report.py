@@ -26,7 +26,6 @@ Prints markdown tables and writes <out>/report.json.
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -74,13 +73,6 @@ def recipe_overrides(config_args, train_path: Path, dump: Path, steps: int, warm
     ]
 
 
-def timed_train(name: str, overrides: list[str], steps: int, log: Path) -> float:
-    """lm_report's training run (output in `log`, a progress bar), timed."""
-    start = time.perf_counter()
-    train(name, overrides, steps, log)
-    return time.perf_counter() - start
-
-
 @torch.no_grad()
 def teacher_forced(model, windows_BS: torch.Tensor, recurrence: int, batch: int = 8):
     """(P(true next byte), CE of the last pass's logits) over every position."""
@@ -113,7 +105,7 @@ def main(argv):
     seconds = report.setdefault("train_seconds", {})
     for name, overrides in runs.items():
         if args.retrain or not (out / name / "checkpoint" / f"step-{args.steps}" / ".metadata").is_file():
-            seconds[name] = timed_train(name, overrides, args.steps, out / f"log_{name}.txt")
+            seconds[name] = train(name, overrides, args.steps, out / f"log_{name}.txt")
 
     judge, tokenizer = load_for_inference(
         parse_job_config(runs["judge"]), out / "judge" / "checkpoint")[:2]
