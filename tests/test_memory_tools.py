@@ -173,6 +173,31 @@ def test_estimator_models_offload_and_sharding(estimated_rows):
     assert sharded[1]["resident_bytes"] == pytest.approx(resident[1]["resident_bytes"] / 4, rel=0.01)
 
 
+def test_estimator_models_whole_model_offload():
+    """[training] enable_cpu_offload: nothing resident; on the device the computing
+    layers, the root's parameters and gradients for the whole step, and the larger of
+    the embedding unit and the head unit (norm, final AdaLN, output) with its gradient."""
+    args = [*CPU, "--job.config_file", str(DEBUG_TOML), *TINY, *NO_AC,
+            "--diffusion_blocks.offload_inactive_blocks", "on"]
+    layers_only = estimate_step(parse_job_config(args), nproc=1)
+    whole = estimate_step(parse_job_config([*args, "--training.enable_cpu_offload"]), nproc=1)
+    model, _, _ = build_model(parse_job_config(args), torch.device("meta"),
+                              single_process_parallel_dims(), parallelize=lambda m: m)
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    embedding = sum(n for k, n in sizes.items() if k.startswith("tok_embeddings."))
+    head = sum(n for k, n in sizes.items() if k.split(".")[0] in ("norm", "final_adaln", "output"))
+    root = sum(n for k, n in sizes.items() if not k.startswith(("layers.", "tok_embeddings.")))
+    root -= head
+    assert head > embedding > root > 0  # the final AdaLN makes the head group the larger
+    shared_bytes = 4 * (embedding + head + root)
+    assert whole.resident.total == 0
+    assert whole.activation_bytes == layers_only.activation_bytes
+    # layer offload keeps the shared parameters, gradients and two AdamW moments resident
+    assert layers_only.resident.total == 4 * shared_bytes
+    assert whole.transient_bytes - layers_only.transient_bytes == 2 * 4 * (root + head)
+    assert whole.peak_bytes < layers_only.peak_bytes
+
+
 # ---------------------------------------------------------------------------
 # The benchmark: its own counters in real trainer steps
 

@@ -14,8 +14,8 @@ from diffusion_blocks.config_loader import ConfigError, parse_job_config
 from diffusion_blocks.parallelize import offloads_inactive_blocks
 
 
-def run(tmp_path, offload: str, record: bool):
-    dump = tmp_path / offload
+def run(tmp_path, offload: str, record: bool, *extra: str):
+    dump = tmp_path / (offload + "".join(extra).replace("-", "_").replace(".", "_"))
     proc = torchrun([
         "--job.config_file", str(DEBUG_TOML), *TINY,
         "--job.dump_folder", str(dump),
@@ -23,7 +23,7 @@ def run(tmp_path, offload: str, record: bool):
         "--checkpoint.no_enable", "--metrics.no_enable_tensorboard",
         "--diffusion_blocks.offload_inactive_blocks", offload,
         "--diffusion_blocks.block_schedule", "sequential",
-        "--debug.seed", "0",
+        "--debug.seed", "0", *extra,
     ], nproc=2, record_dir=dump / "records" if record else None)
     check_ok(proc)
     return dump
@@ -45,6 +45,23 @@ def test_offloaded_training_matches_resident_training(tmp_path):
         assert record["layer_param_devices"] == ["cpu"]
         assert record["layer_state_devices"] == ["cpu"]
         assert record["fsdp_layers"] == 8 and record["model_is_fsdp"]
+        assert record["shared_units"] == [True, True]  # embedding, head group
+        assert record["shared_units_offloaded"] == [False, False]
+
+
+def test_whole_model_offload_matches_resident_training(tmp_path):
+    """[training] enable_cpu_offload with offloaded blocks: the shared modules (root,
+    embedding unit, head unit) live on the host too; the numbers do not change."""
+    whole = run(tmp_path, "on", True, "--training.enable_cpu_offload")
+    on = training_rows(whole / "metrics.jsonl")
+    off = training_rows(run(tmp_path, "off", record=False) / "metrics.jsonl")
+    assert [r[BLOCK] for r in on] == [r[BLOCK] for r in off] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [r[LOSS] for r in on] == pytest.approx([r[LOSS] for r in off], rel=1e-5)
+    assert [r[GRAD_NORM] for r in on] == pytest.approx([r[GRAD_NORM] for r in off], rel=1e-5)
+    for record in read_records(whole / "records", 2):
+        assert record["offloaded_layers"] == 8
+        assert record["root_offloaded"] is True
+        assert record["shared_units_offloaded"] == [True, True]
 
 
 @pytest.mark.parametrize(

@@ -179,6 +179,24 @@ def transient_logit_bytes(rows: int, vocab: int, chunk_rows: int | None) -> int:
     return (rows if chunk_rows is None else min(rows, chunk_rows)) * vocab * 4
 
 
+def offloaded_shared_bytes(model: nn.Module, element: int) -> int:
+    """Device bytes of the shared modules when they live on the host
+    (`parallelize.shard_blockwise` with enable_cpu_offload, or torchtitan's own
+    apply_fsdp): the root unit's parameters and gradients are gathered for the whole
+    step; of the embedding and head units, the larger one's parameters and gradients
+    (the head from the forward's end through its backward, the embedding at the
+    backward's end, after the head's gradients have left for the host)."""
+    from .parallelize import shared_units
+
+    def numel(modules) -> int:
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    units = [numel(unit) for unit in shared_units(model)]
+    shared = sum(p.numel() for p in model.parameters()) - numel(model.layers.values())
+    root = shared - sum(units)
+    return 2 * (root + max(units, default=0)) * element
+
+
 def estimate_step(job_config, nproc: int, block: int | None = None) -> StepEstimate:
     """Per-device memory of one training step of the configured model, on meta.
 
@@ -250,7 +268,12 @@ def estimate_step(job_config, nproc: int, block: int | None = None) -> StepEstim
         batch * seq_len, getattr(model_args, "vocab_size", 0),
         job_config.diffusion_blocks.head_loss_chunk_rows if scores_labels_in_head(model) else None,
     )
-    if offloads_inactive_blocks(job_config):
+    if job_config.training.enable_cpu_offload:
+        # torchtitan's whole-model offload: parameters, gradients and AdamW state all on
+        # the host; the device holds the computing layers and shared units, unsharded
+        resident = ResidentBytes(params=0, grads=0, optimizer_state=0)
+        transient = 3 * biggest_layer * element + offloaded_shared_bytes(model, element) + logits
+    elif offloads_inactive_blocks(job_config):
         resident = ResidentBytes(
             params=shared * element // nproc,
             grads=shared * element // nproc,

@@ -82,30 +82,54 @@ def data_parallel_mesh(parallel_dims: ParallelDims, device_type: str) -> DeviceM
     return init_device_mesh(device_type, (1,))
 
 
+# The LM's shared modules FSDP2 wraps as units of their own, as torchtitan's apply_fsdp
+# does: the token embedding, and the head group (final norm, final AdaLN, output). What
+# is left (sigma embedder, ...) stays in the root unit.
+EMBEDDING_UNIT = ("tok_embeddings",)
+HEAD_UNIT = ("norm", "final_adaln", "output")
+
+
+def shared_units(model: nn.Module) -> list[list[nn.Module]]:
+    """The embedding and head units of a model that has both (the LM families); []
+    for the others (vision models keep their shared modules in the root)."""
+    if not all(hasattr(model, name) for name in ("tok_embeddings", "output")):
+        return []
+    return [
+        [getattr(model, name) for name in names if getattr(model, name, None) is not None]
+        for names in (EMBEDDING_UNIT, HEAD_UNIT)
+    ]
+
+
 def shard_blockwise(
     model: nn.Module, mesh: DeviceMesh, job_config, offload_layers: bool
 ) -> None:
-    """FSDP2 on each layer, then the root (which holds the shared modules).
+    """FSDP2 on each layer, on the LM's embedding and head units, then the root.
 
     offload_layers: every layer's sharded parameters, gradients and optimizer state
     live in host memory (FSDP2 CPUOffloadPolicy); a layer is copied to the device
-    only while its block computes. Shared modules stay on the device."""
+    only while its block computes. The shared modules stay on the device unless
+    `[training] enable_cpu_offload` (torchtitan's whole-model offload) moves them to
+    the host too: then the device holds only what the step is computing, one unit at
+    a time (the embedding is gathered for the forward's start and the backward's end,
+    the head group from the forward's end through its backward)."""
     mp_policy = MixedPrecisionPolicy(
         param_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_param],
         reduce_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_reduce],
     )
     offload = CPUOffloadPolicy(pin_memory=titan_utils.device_type == "cuda")
-    # [training] enable_cpu_offload: torchtitan's whole-model offload, shared modules too
-    offload_root = job_config.training.enable_cpu_offload
-    layer_config = {"mesh": mesh, "mp_policy": mp_policy}
-    if offload_layers or offload_root:
-        layer_config["offload_policy"] = offload
+    offload_shared = job_config.training.enable_cpu_offload
+    unit_config = {"mesh": mesh, "mp_policy": mp_policy}
+    shared_config = dict(unit_config, offload_policy=offload) if offload_shared else unit_config
+    layer_config = dict(unit_config, offload_policy=offload) if offload_layers else shared_config
     for layer in model.layers.values():
         fully_shard(layer, **layer_config)
-    root_config = {"mesh": mesh, "mp_policy": mp_policy}
-    if offload_root:
-        root_config["offload_policy"] = offload
-    fully_shard(model, **root_config)
+    embedding, head = shared_units(model) or ([], [])
+    if embedding:
+        fully_shard(embedding, **shared_config)
+    if head:
+        # as torchtitan: the head's backward follows its forward at once
+        fully_shard(head, **shared_config, reshard_after_forward=False)
+    fully_shard(model, **shared_config)
     configure_gradient_reduction(model)
 
 

@@ -7,7 +7,8 @@
    meshes on "cuda", init_distributed picks NCCL, the memory monitor, the memory
    snapshot and set_pg_timeouts call torch.cuda). `use_device` rebinds them to "cpu"
    and a host device module when the run is on the CPU, so torchtitan's own code runs
-   there unchanged: its init_distributed then starts gloo, with `[comm]` honoured.
+   there unchanged: its init_distributed then starts gloo, with `[comm]` honoured (and
+   no second "cpu:gloo" backend for `[training] enable_cpu_offload`: the host is the device).
    torchtitan's profiler context lists `None` as the accelerator activity when there
    is none, which torch.profiler rejects: on the CPU the Trainer gets
    `profile_on_host`, the same traces (same schedule, folders and file names) of CPU
@@ -159,6 +160,17 @@ def use_device(device_type: str) -> None:
     for module in _DEVICE_MODULE_HOLDERS:
         module.device_module = HOST_DEVICE_MODULE
     titan_train.maybe_enable_profiling = profile_on_host
+    titan_dist_utils.init_distributed = init_distributed_on_host
+
+
+def init_distributed_on_host(comm_config, enable_cpu_backend: bool = False, **kwargs):
+    """torchtitan's init_distributed on the CPU. `[training] enable_cpu_offload` asks it
+    for a second, host backend ("cpu:gloo" beside the device's): on the CPU the device's
+    backend already is gloo on the host, and the doubled "cpu:gloo,cpu:gloo" is refused."""
+    return _TITAN_INIT_DISTRIBUTED(comm_config, enable_cpu_backend=False, **kwargs)
+
+
+_TITAN_INIT_DISTRIBUTED = titan_dist_utils.init_distributed
 
 
 def running_on_cpu() -> bool:
