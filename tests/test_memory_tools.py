@@ -217,6 +217,33 @@ def test_bench_memory_rows_have_the_documented_keys(bench_rows):
     assert [r["ratio_to_e2e"] for r in bench_rows if r["mode"] == "e2e"] == [1.0, 1.0]
 
 
+def test_bench_memory_adds_offload_rows_where_the_device_is_not_the_host(monkeypatch):
+    """On a CUDA device each B is measured again with offloaded layers (rows with
+    offload true); on the CPU (one memory) there are no such rows."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_memory", REPO / "tools" / "bench_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for device_type, expected in (("cpu", [False, False]), ("cuda", [False, True, False, True])):
+        calls = []
+
+        def fake_measure(args, steps, device_type=device_type):
+            calls.append(args)
+            offloaded = args[args.index("--diffusion_blocks.offload_inactive_blocks") + 1] == "on" \
+                if "--diffusion_blocks.offload_inactive_blocks" in args else False
+            return {"activation_bytes": 10, "resident_bytes": 1 if offloaded else 5,
+                    "peak_bytes": None, "device_type": device_type}
+
+        monkeypatch.setattr(bench, "measure", fake_measure)
+        rows = bench.benchmark_rows_at([], [2, 4], ["none"], 0)
+        assert [r["offload"] for r in rows[1:]] == expected
+        assert [r["num_blocks"] for r in rows] == ([1, 2, 4] if device_type == "cpu" else [1, 2, 2, 4, 4])
+        assert all("device_type" not in r for r in rows)
+        offloaded = [r for r in rows if r["offload"]]
+        assert all(r["ratio_to_e2e"] == pytest.approx(11 / 15) for r in offloaded)
+
+
 def test_one_block_saves_fewer_activations_and_ac_saves_more(bench_rows):
     by = {(r["mode"], r["ac"]): r for r in bench_rows}
     # 2 of 8 layers on a 2T sequence: about half the layers' activations

@@ -14,6 +14,10 @@ data and reports, per rank 0:
   round_robin schedule so every block has optimizer state);
 - peak_bytes: torch.cuda.max_memory_allocated on CUDA, null on CPU;
 - ratio_to_e2e: (activation + resident) / the end-to-end row's (activation + resident).
+Where the training device is not the host (CUDA), every B is measured a second time
+with `[diffusion_blocks] offload_inactive_blocks = "on"` (rows with `offload: true`):
+the offloaded layers' state then leaves the device, which resident_bytes and
+peak_bytes show. On the CPU host and device are one memory, so those rows are skipped.
 `--vary section.key=v1,v2` (repeatable) measures every row again for each combination
 of the listed values (e.g. the recurrent twin's `recurrent.bptt_steps=1,2,4` and
 `recurrent.mean_recurrence=4,8`); each row names its combination under `settings` and
@@ -99,6 +103,7 @@ def measure(config_args: list[str], steps: int) -> dict:
                 resident, resident_bytes(trainer.model, trainer.optimizers, trainer.device).total
             )
         peak = peak_device_bytes(trainer.device)
+        device_type = trainer.device.type
     finally:
         trainer.close()
         # the trainer is in a cycle (CheckpointManager holds it as train_state): free
@@ -110,6 +115,7 @@ def measure(config_args: list[str], steps: int) -> dict:
         "estimated_activation_bytes": estimate.activation_bytes,
         "estimated_resident_bytes": estimate.resident.total,
         "estimated_peak_bytes": estimate.peak_bytes,
+        "device_type": device_type,
     }
 
 
@@ -130,17 +136,21 @@ def benchmark_rows_at(argv_config: list[str], blocks: list[int], ac_modes: list[
     for ac in ac_modes:
         ac_args = ["--activation_checkpoint.mode", ac]
         e2e = measure(argv_config + ac_args + ["--diffusion_blocks.no_enable"], steps or 2)
+        # offloading only moves state where the device is not the host
+        offload_modes = [False] if e2e.pop("device_type") == "cpu" else [False, True]
         rows.append({"mode": "e2e", "num_blocks": 1, "ac": ac, "offload": False, **e2e})
-        for num_blocks in blocks:
+        for num_blocks, offload in itertools.product(blocks, offload_modes):
             row = measure(
                 argv_config + ac_args + [
                     "--diffusion_blocks.num_blocks", str(num_blocks),
                     "--diffusion_blocks.block_schedule", "round_robin",
+                    "--diffusion_blocks.offload_inactive_blocks", "on" if offload else "off",
                 ],
                 steps or max(num_blocks, 2),
             )
+            row.pop("device_type")
             rows.append({"mode": "dblocks", "num_blocks": num_blocks, "ac": ac,
-                         "offload": False, **row})
+                         "offload": offload, **row})
         e2e_total = e2e["activation_bytes"] + e2e["resident_bytes"]
         for row in rows:
             if row["ac"] == ac:
