@@ -15,7 +15,7 @@ set to the longest prompt plus --new-tokens unless given on the command line; a
 prompt whose decoding would not fit is refused. For each prompt length, a random
 prompt of that many tokens (--batch-size rows), then --new-tokens tokens with
 `sampler.generate` (greedy final pick; the block-wise model runs --steps-per-block steps
-per block with --sampler), each model timed alone, the best of --repeats runs.
+per block with --sampler), the best of --repeats runs of each (the models take turns).
 tokens_per_s counts the new tokens after the first (batch rows included): the
 first one's time holds the prompt's prefill and is reported apart (first_token_s).
 With the KV cache (default) the cost per token is meant to be flat in the prompt
@@ -125,10 +125,16 @@ def timed_generate(model, prompt_BT, config: DecodingConfig, max_context: int, d
             "tokens_per_s": decoded / (stamps[-1] - stamps[0])}
 
 
-def measure(model, prompt_BT, config, max_context, device, repeats: int) -> dict:
-    runs = [timed_generate(model, prompt_BT, config, max_context, device) for _ in range(repeats)]
-    return {"first_token_s": min(r["first_token_s"] for r in runs),
-            "tokens_per_s": max(r["tokens_per_s"] for r in runs)}
+def measure(models: dict, prompt_BT, config, max_context, device, repeats: int) -> dict:
+    """name -> the best of `repeats` runs; the models take turns, so that a change in
+    the machine's load falls on both."""
+    runs = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            runs[name].append(timed_generate(model, prompt_BT, config, max_context, device))
+    return {name: {"first_token_s": min(r["first_token_s"] for r in timings),
+                   "tokens_per_s": max(r["tokens_per_s"] for r in timings)}
+            for name, timings in runs.items()}
 
 
 def bench(args, dblocks, e2e) -> list[dict]:
@@ -143,10 +149,10 @@ def bench(args, dblocks, e2e) -> list[dict]:
     rows = []
     for length in args.context_lengths:
         prompt_BT = torch.randint(0, vocab, (args.batch_size, length), generator=generator).to(device)
-        figures = {}
-        for name, model in (("dblocks", dblocks), ("e2e", e2e)):
+        models = {"dblocks": dblocks, "e2e": e2e}
+        for model in models.values():
             generate(model, prompt_BT, warmup, max_context)  # allocator, lazy inits
-            figures[name] = measure(model, prompt_BT, config, max_context, device, args.repeats)
+        figures = measure(models, prompt_BT, config, max_context, device, args.repeats)
         rows.append({
             "context_length": length,
             "dblocks_tokens_per_s": figures["dblocks"]["tokens_per_s"],

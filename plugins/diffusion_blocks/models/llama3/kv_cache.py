@@ -81,9 +81,11 @@ class LayerKV:
 @dataclass
 class Point:
     """What one evaluation point keeps: a LayerKV per layer it runs and, where they do
-    not change from token to token, the layers' AdaLN modulations."""
+    not change from token to token (one sigma per sequence), sigma's condition vector
+    and the layers' AdaLN modulations."""
 
     kv: list[LayerKV]
+    cond_noisy: torch.Tensor | None = None
     modulations: list[tuple[torch.Tensor, ...]] | None = None
 
     @property
@@ -125,8 +127,9 @@ class KVCache:
 
 def slot_causal_mask(start: int, num_rows: int, device) -> torch.Tensor | None:
     """(rows, start + rows) bool: the row at slot start + r sees slots <= start + r;
-    None for a single row (it sees every slot)."""
-    if num_rows == 1:
+    None where SDPA needs none: a single row sees every slot, and rows from slot 0 on
+    are SDPA's own is_causal."""
+    if num_rows == 1 or start == 0:
         return None
     row_slots = torch.arange(start, start + num_rows, device=device)
     return torch.arange(start + num_rows, device=device)[None] <= row_slots[:, None]
@@ -143,7 +146,8 @@ def cached_attention(
     positions = torch.arange(start, start + num_rows, device=x_BSD.device)[None]
     xq, xk, xv = rotated_qkv(attention, x_BSD, freqs_cis, positions)
     keys, values = kv.write(xk, xv)
-    out_BSD = attend(attention, xq, keys, values, slot_causal_mask(start, num_rows, x_BSD.device))
+    mask = slot_causal_mask(start, num_rows, x_BSD.device)
+    out_BSD = attend(attention, xq, keys, values, mask, is_causal=start == 0 and num_rows > 1)
     kv.length = start + keep
     return out_BSD
 
@@ -169,14 +173,16 @@ def point_key(model: DiffusionBlocksLlama, sigma: float, block: int) -> Hashable
     return block if model.sigma_per_token else (sigma, block)
 
 
-def layer_modulations(model: DiffusionBlocksLlama, point: Point, layers, cond_rows):
-    """The layers' AdaLN modulations: with one sigma per sequence a function of the
-    point's sigma alone, computed at its first use and kept; per row (sigma_per_token)
-    computed for every call's rows."""
+def layer_modulations(model: DiffusionBlocksLlama, point: Point, layers, rows) -> list:
+    """The layers' AdaLN modulations of `rows`. With one sigma per sequence they and
+    sigma's condition vector are functions of the point's sigma alone: kept at the
+    point's first use (block_rows then takes the kept condition). Per row
+    (sigma_per_token) they are computed for every call's rows."""
     if model.sigma_per_token:
-        return [layer.adaln(cond_rows) for layer in layers]
+        return [layer.adaln(rows.cond_rows) for layer in layers]
     if point.modulations is None:
-        point.modulations = [layer.adaln(cond_rows) for layer in layers]
+        point.cond_noisy = rows.cond_noisy
+        point.modulations = [layer.adaln(rows.cond_rows) for layer in layers]
     return point.modulations
 
 
@@ -192,8 +198,8 @@ class DenoiserKVCache(KVCache):
             new_BN = context_BT[:, point.length:]
             sigma_B = torch.full((z_BD.shape[0],), sigma, device=z_BD.device)
             z_B1D = z_BD[:, None]
-            rows = model.block_rows(new_BN, z_B1D, sigma_B)
-            modulations = layer_modulations(model, point, layers, rows.cond_rows)
+            rows = model.block_rows(new_BN, z_B1D, sigma_B, point.cond_noisy)
+            modulations = layer_modulations(model, point, layers, rows)
             x_BSD = rows.x_BSD
             for layer, modulation, kv in zip(layers, modulations, point.kv):
                 x_BSD = layer.modulated_forward(

@@ -83,11 +83,12 @@ def rotated_qkv(
 
 def attend(
     attention: Attention, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor,
-    mask: torch.Tensor | BlockMask | None,
+    mask: torch.Tensor | BlockMask | None, is_causal: bool = False,
 ) -> torch.Tensor:
     """Attention of the queries (B, heads, S, head_dim) over the keys and values
     (B, kv_heads, S_kv, head_dim) under `mask` (bool (S, S_kv), BlockMask, or None: all
-    visible), through the output projection: (B, S, D)."""
+    visible, or with is_causal SDPA's causal mask), through the output projection:
+    (B, S, D)."""
     bs, _, seq_len, _ = xq.shape
     if isinstance(mask, BlockMask):
         out = FlexAttentionWrapper()(
@@ -95,7 +96,7 @@ def attend(
         )
     else:
         out = F.scaled_dot_product_attention(
-            xq, xk, xv, attn_mask=mask, enable_gqa=attention.enable_gqa
+            xq, xk, xv, attn_mask=mask, is_causal=is_causal, enable_gqa=attention.enable_gqa
         )
     return attention.wo(out.transpose(1, 2).reshape(bs, seq_len, -1))
 
@@ -242,11 +243,13 @@ class DiffusionBlocksLlama(Transformer):
         return self.readout(z_BTD, x_BSD[:, seq_len:], rows.sigma, rows.cond_noisy)
 
     def block_rows(
-        self, tokens_BT: torch.Tensor, z_BTD: torch.Tensor, sigma: torch.Tensor
+        self, tokens_BT: torch.Tensor, z_BTD: torch.Tensor, sigma: torch.Tensor,
+        cond_noisy: torch.Tensor | None = None,
     ) -> BlockRows:
         """A block's input rows: the clean rows of tokens_BT, then the noisy rows
         c_in(sigma) z (T and T in `denoise`; the KV-cached decoder passes only the clean
-        rows not yet cached and one noisy row), with their condition vectors."""
+        rows not yet cached and one noisy row), with their condition vectors;
+        `cond_noisy`: sigma's condition where the caller keeps it (the KV cache)."""
         sigma_data = self.partition.schedule.sigma_data
         sigma = sigma.to(z_BTD.dtype)
         if self.sigma_per_token and sigma.dim() == 1:
@@ -262,7 +265,8 @@ class DiffusionBlocksLlama(Transformer):
             dim=1,
         )
         # (B, C) per sequence; per token (B, T, C) for the noisy rows
-        cond_noisy = self.sigma_embedder(diffusion.c_noise(sigma))
+        if cond_noisy is None:
+            cond_noisy = self.sigma_embedder(diffusion.c_noise(sigma))
         cond_rows = cond_noisy
         if self.sigma_per_token:  # clean rows: the zero condition (no noise level)
             cond_clean = cond_noisy.new_zeros(*tokens_BT.shape, cond_noisy.shape[-1])

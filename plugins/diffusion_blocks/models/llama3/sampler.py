@@ -197,19 +197,21 @@ def sigma_start(partition, config: DecodingConfig) -> float:
 @torch.no_grad()
 def denoise_next_token_logits(
     model, context_BT: torch.Tensor, config: DecodingConfig, generator: torch.Generator,
-    last_row=last_row_denoiser,
+    last_row=last_row_denoiser, table_VD: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample the token after `context_BT` with the configured token sampler; returns
     the logits (B, V) of the block owning sigma_min, read at sigma_min after the last step.
     `last_row(model, context_BT)` gives the block calls' function (`last_row_denoiser`,
-    or a KV cache's)."""
+    or a KV cache's); `table_VD` the model's clean_embedding_table() where the caller
+    has it (generate makes it once, not per token)."""
     partition = model.partition
     schedule = partition.schedule
     start = sigma_start(partition, config)
     plan = partition.sampling_plan(partition.num_blocks * config.steps_per_block, start)
     gamma = diffusion.churn_gamma(config.churn, len(plan))
     token_step = TOKEN_STEPS[config.sampler]
-    table_VD = model.clean_embedding_table()
+    if table_VD is None:
+        table_VD = model.clean_embedding_table()
     block_logits = last_row(model, context_BT)
     z_BD = uninformative_state((context_BT.shape[0], table_VD.shape[1]), start, generator, table_VD)
     for step in plan:
@@ -237,16 +239,18 @@ def is_denoiser(model) -> bool:
     return hasattr(model, "partition")
 
 
+@torch.no_grad()
 def next_token_function(model, config: DecodingConfig):
-    """(model, context_BT, config, generator) -> the next token's logits (B, V): the
-    denoiser's sampler or the twin's forward, through a fresh KV cache when
-    config.kv_cache and the model is one kv_cache.py knows (the LM denoiser, a stock
-    llama3 Transformer with SDPA attention); any other model decodes uncached."""
+    """(model, context_BT, config, generator) -> the next token's logits (B, V), for one
+    generate call: the denoiser's sampler (its clean-embedding table made once) or the
+    twin's forward, through a fresh KV cache when config.kv_cache and the model is one
+    kv_cache.py knows (the LM denoiser, a stock llama3 Transformer with SDPA
+    attention); any other model decodes uncached."""
     if is_denoiser(model):
+        denoise = partial(denoise_next_token_logits, table_VD=model.clean_embedding_table())
         if config.kv_cache and kv_cache.caches_denoiser(model):
-            return partial(denoise_next_token_logits,
-                           last_row=kv_cache.DenoiserKVCache().last_row_denoiser)
-        return denoise_next_token_logits
+            return partial(denoise, last_row=kv_cache.DenoiserKVCache().last_row_denoiser)
+        return denoise
     if config.kv_cache and kv_cache.caches_twin(model):
         return kv_cache.TwinKVCache().next_token_logits
     return autoregressive_next_token_logits
