@@ -17,9 +17,13 @@ from diffusion_blocks.partition import BlockPartition
 SEQ = 12
 
 
-def make_model(flavor="debugmodel_8l", num_blocks=2, seed=0, vocab_size=97):
+def make_model(flavor="debugmodel_8l", num_blocks=2, seed=0, vocab_size=97, **overrides):
+    """A tiny denoiser (dim 64, 4 heads, SEQ positions); `overrides` set other model
+    args (n_layers, n_kv_heads, ...)."""
     args = copy.deepcopy(dblocks_llama3_flavors()[flavor])
     args.dim, args.n_heads, args.vocab_size, args.max_seq_len = 64, 4, vocab_size, SEQ
+    for name, value in overrides.items():
+        setattr(args, name, value)
     args.partition = BlockPartition.from_config(DiffusionBlocks(num_blocks=num_blocks), args.n_layers)
     torch.manual_seed(seed)
     model = DiffusionBlocksLlama(args)

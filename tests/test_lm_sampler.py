@@ -13,6 +13,7 @@ import torch
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks import diffusion
 from diffusion_blocks.config_loader import ConfigError
+from diffusion_blocks.models.llama3 import kv_cache
 from diffusion_blocks.models.llama3.model import Denoised
 from diffusion_blocks.models.llama3.sampler import (
     ancestral_token_step, DecodingConfig, generate, owner_of,
@@ -32,8 +33,11 @@ class Call(NamedTuple):
 
 def record_denoise(monkeypatch, model, logits=None) -> list[Call]:
     """Wrap model.denoise; `logits(sigma, block, batch) -> (B, V)` replaces the model's
-    logits at the last row (the raw denoised estimate is left as the model made it)."""
+    logits at the last row (the raw denoised estimate is left as the model made it).
+    generate then decodes uncached: the KV cache runs the layers itself, not through
+    model.denoise (test_kv_cache.py shows both paths give the same logits)."""
     calls, real_denoise = [], model.denoise
+    monkeypatch.setattr(kv_cache, "caches_denoiser", lambda model: False)
 
     def denoise(tokens_BT, z_BTD, sigma_B, block):
         out = real_denoise(tokens_BT, z_BTD, sigma_B, block)

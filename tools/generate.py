@@ -4,7 +4,7 @@ or its end-to-end twin, as the config's `[diffusion_blocks] enable` says).
     python tools/generate.py --job.config_file train_configs/llama3_debug.toml \
         --checkpoint outputs/llama3_debug/checkpoint --prompt "the cat" \
         [--max-new-tokens 64] [--steps-per-block 1] [--temperature 0.8 --top-k 20] [--seed 0] \
-        [--sampler ancestral|euler|heun] [--churn 0] [--start-sigma S]
+        [--sampler ancestral|euler|heun] [--churn 0] [--start-sigma S] [--no-kv-cache]
     python tools/generate.py --job.config_file train_configs/md4_chars.toml \
         --checkpoint outputs/md4_chars/checkpoint [--prompt "the cat"] [--steps 256] \
         [--num-samples 4] [--json]
@@ -14,7 +14,8 @@ Each family samples its own way (`ModelFamily.sample_text`):
   steps per block, default [diffusion_blocks] sampling_steps_per_block, each run by the
   block owning its sigma) with the token sampler --sampler; the block owning sigma_min
   then gives the final logits, which --temperature and --top-k act on (greedy by
-  default; see diffusion_blocks.models.llama3.sampler);
+  default; see diffusion_blocks.models.llama3.sampler); both it and its end-to-end
+  twin decode with a KV cache (--no-kv-cache: recompute the context per token);
 - dblocks_recurrent: the same token samplers, `--recurrence R` (an alias of
   --steps-per-block: it has one block) core iterations per token;
 - dblocks_md4: MD4's ancestral sampler from an all-[MASK] sequence of the prompt plus
@@ -71,6 +72,10 @@ def parse_args(argv):
     parser.add_argument("--start-sigma", type=number_arg(float, POSITIVE), default=None,
                         help="autoregressive denoisers: sample from this sigma down "
                              "(default: [diffusion_blocks] sampling_sigma_max, else sigma_max)")
+    parser.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
+                        help="dblocks_llama3: recompute the whole context for every new "
+                             "token instead of reusing its cached keys and values (same "
+                             "tokens up to float rounding, slower)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser.parse_known_args(argv)
 
@@ -91,6 +96,7 @@ def main(argv):
         temperature=args.temperature, top_k=args.top_k, seed=args.seed,
         steps_per_block=args.steps_per_block, steps=args.steps,
         sampler=args.sampler, churn=args.churn, start_sigma=args.start_sigma,
+        kv_cache=args.kv_cache,
     )
     try:
         model, tokenizer, step_folder = load_for_inference(job_config, args.checkpoint)

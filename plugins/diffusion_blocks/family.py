@@ -41,6 +41,12 @@ class TextRequest:
     start_sigma: float | None = None
     """Autoregressive denoisers: the sigma sampling starts from (None: the configured
     `[diffusion_blocks] sampling_sigma_max`, else sigma_max)."""
+    kv_cache: bool = True
+    """dblocks_llama3 (block-wise and end to end): decode with the KV cache
+    (`models/llama3/kv_cache.py`); False = recompute the context for every token."""
+
+    # the flag that sets a field, where it is not --field-name
+    FLAGS = {"kv_cache": "--no-kv-cache"}
 
     def refuse_options(self, names: tuple[str, ...], family: str) -> None:
         """ValueError naming the first of `names` (fields a family does not use) that
@@ -48,9 +54,8 @@ class TextRequest:
         defaults = {f.name: f.default for f in fields(self)}
         for name in names:
             if getattr(self, name) != defaults[name]:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} does not apply to {family} text generation"
-                )
+                flag = self.FLAGS.get(name, f"--{name.replace('_', '-')}")
+                raise ValueError(f"{flag} does not apply to {family} text generation")
 
 
 # (model, tokenizer, job_config, request) -> one text per sample, prompt included

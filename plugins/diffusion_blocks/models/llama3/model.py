@@ -67,6 +67,40 @@ def denoiser_positions(seq_len: int, device: torch.device) -> torch.Tensor:
     return torch.cat([clean, clean + 1])[None]
 
 
+def rotated_qkv(
+    attention: Attention, x_BSD: torch.Tensor, freqs_cis: torch.Tensor,
+    positions: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stock llama3 attention's q, k, v of x's rows, (B, heads, S, head_dim), RoPE
+    at `positions` (1, S) applied to q and k."""
+    bs, seq_len, _ = x_BSD.shape
+    xq = attention.wq(x_BSD).view(bs, seq_len, -1, attention.head_dim)
+    xk = attention.wk(x_BSD).view(bs, seq_len, -1, attention.head_dim)
+    xv = attention.wv(x_BSD).view(bs, seq_len, -1, attention.head_dim)
+    xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis, positions=positions)
+    return tuple(t.transpose(1, 2) for t in (xq, xk, xv))
+
+
+def attend(
+    attention: Attention, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor,
+    mask: torch.Tensor | BlockMask | None, is_causal: bool = False,
+) -> torch.Tensor:
+    """Attention of the queries (B, heads, S, head_dim) over the keys and values
+    (B, kv_heads, S_kv, head_dim) under `mask` (bool (S, S_kv), BlockMask, or None: all
+    visible, or with is_causal SDPA's causal mask), through the output projection:
+    (B, S, D)."""
+    bs, _, seq_len, _ = xq.shape
+    if isinstance(mask, BlockMask):
+        out = FlexAttentionWrapper()(
+            xq, xk, xv, block_mask=mask, enable_gqa=attention.enable_gqa
+        )
+    else:
+        out = F.scaled_dot_product_attention(
+            xq, xk, xv, attn_mask=mask, is_causal=is_causal, enable_gqa=attention.enable_gqa
+        )
+    return attention.wo(out.transpose(1, 2).reshape(bs, seq_len, -1))
+
+
 def masked_attention(
     attention: Attention,
     x_BSD: torch.Tensor,
@@ -75,21 +109,8 @@ def masked_attention(
     positions: torch.Tensor,
 ) -> torch.Tensor:
     """The stock llama3 attention with an arbitrary mask (bool tensor or BlockMask)."""
-    bs, seq_len, _ = x_BSD.shape
-    xq = attention.wq(x_BSD).view(bs, seq_len, -1, attention.head_dim)
-    xk = attention.wk(x_BSD).view(bs, seq_len, -1, attention.head_dim)
-    xv = attention.wv(x_BSD).view(bs, seq_len, -1, attention.head_dim)
-    xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis, positions=positions)
-    xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))  # (bs, heads, S, head_dim)
-    if isinstance(mask, BlockMask):
-        out = FlexAttentionWrapper()(
-            xq, xk, xv, block_mask=mask, enable_gqa=attention.enable_gqa
-        )
-    else:
-        out = F.scaled_dot_product_attention(
-            xq, xk, xv, attn_mask=mask, enable_gqa=attention.enable_gqa
-        )
-    return attention.wo(out.transpose(1, 2).reshape(bs, seq_len, -1))
+    xq, xk, xv = rotated_qkv(attention, x_BSD, freqs_cis, positions)
+    return attend(attention, xq, xk, xv, mask)
 
 
 # ---------------------------------------------------------------------------
@@ -103,9 +124,18 @@ class DenoiserLayer(TransformerBlock):
 
     def forward(self, x_BSD, cond, freqs_cis, mask, positions):
         """cond: the condition vector per sequence (B, C) or per row (B, S, C)."""
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(cond)
-        attn_in = modulate(self.attention_norm(x_BSD), shift_a, scale_a)
-        attn_out = masked_attention(self.attention, attn_in, freqs_cis, mask, positions)
+        return self.modulated_forward(
+            x_BSD, self.adaln(cond),
+            lambda attn_in: masked_attention(self.attention, attn_in, freqs_cis, mask, positions),
+        )
+
+    def modulated_forward(self, x_BSD, modulation, attention_fn):
+        """The layer given its AdaLN-Zero modulation (`self.adaln(cond)`) and its
+        attention as attention_fn(normed rows (B, S, D)) -> (B, S, D): the masked
+        attention over the rows themselves (forward), or one that also sees cached keys
+        and values (kv_cache.py, which also reuses the modulation)."""
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation
+        attn_out = attention_fn(modulate(self.attention_norm(x_BSD), shift_a, scale_a))
         h_BSD = x_BSD + per_row(gate_a) * attn_out
         ffn_out = self.feed_forward(modulate(self.ffn_norm(h_BSD), shift_m, scale_m))
         return h_BSD + per_row(gate_m) * ffn_out
@@ -114,6 +144,13 @@ class DenoiserLayer(TransformerBlock):
 class Denoised(NamedTuple):
     denoised_BTD: torch.Tensor
     logits_BTV: torch.Tensor
+
+
+class BlockRows(NamedTuple):
+    x_BSD: torch.Tensor       # [clean rows ; noisy rows]
+    sigma: torch.Tensor       # (B,), or (B, T) per noisy row
+    cond_noisy: torch.Tensor  # the noisy rows' condition: (B, C), or (B, T, C)
+    cond_rows: torch.Tensor   # every row's condition: cond_noisy, or per row (B, S, C)
 
 
 class DiffusionBlocksLlama(Transformer):
@@ -195,10 +232,28 @@ class DiffusionBlocksLlama(Transformer):
         sequence (B,), or with sigma_per_token one per noisy row (B, T) (a (B,) sigma
         then applies to every row)."""
         seq_len = tokens_BT.shape[1]
+        rows = self.block_rows(tokens_BT, z_BTD, sigma)
+        x_BSD = rows.x_BSD
+        mask = self.attention_mask(seq_len, x_BSD.device)
+        positions = denoiser_positions(seq_len, x_BSD.device)
+        for layer_id in self.partition.layer_ranges[block]:
+            x_BSD = self.layers[str(layer_id)](
+                x_BSD, rows.cond_rows, self.freqs_cis, mask, positions
+            )
+        return self.readout(z_BTD, x_BSD[:, seq_len:], rows.sigma, rows.cond_noisy)
+
+    def block_rows(
+        self, tokens_BT: torch.Tensor, z_BTD: torch.Tensor, sigma: torch.Tensor,
+        cond_noisy: torch.Tensor | None = None,
+    ) -> BlockRows:
+        """A block's input rows: the clean rows of tokens_BT, then the noisy rows
+        c_in(sigma) z (T and T in `denoise`; the KV-cached decoder passes only the clean
+        rows not yet cached and one noisy row), with their condition vectors;
+        `cond_noisy`: sigma's condition where the caller keeps it (the KV cache)."""
         sigma_data = self.partition.schedule.sigma_data
         sigma = sigma.to(z_BTD.dtype)
         if self.sigma_per_token and sigma.dim() == 1:
-            sigma = sigma[:, None].expand(-1, seq_len)
+            sigma = sigma[:, None].expand(-1, z_BTD.shape[1])
         if sigma.dim() != 1 and not self.sigma_per_token:
             raise ValueError(
                 f"sigma of shape {tuple(sigma.shape)}: one sigma per row needs "
@@ -210,18 +265,21 @@ class DiffusionBlocksLlama(Transformer):
             dim=1,
         )
         # (B, C) per sequence; per token (B, T, C) for the noisy rows
-        cond_noisy = self.sigma_embedder(diffusion.c_noise(sigma))
+        if cond_noisy is None:
+            cond_noisy = self.sigma_embedder(diffusion.c_noise(sigma))
         cond_rows = cond_noisy
         if self.sigma_per_token:  # clean rows: the zero condition (no noise level)
-            cond_rows = torch.cat([torch.zeros_like(cond_noisy), cond_noisy], dim=1)
-        mask = self.attention_mask(seq_len, x_BSD.device)
-        positions = denoiser_positions(seq_len, x_BSD.device)
-        for layer_id in self.partition.layer_ranges[block]:
-            x_BSD = self.layers[str(layer_id)](
-                x_BSD, cond_rows, self.freqs_cis, mask, positions
-            )
-        h_BTD = self.norm(x_BSD[:, seq_len:])
-        denoised_BTD = diffusion.denoised_estimate(z_BTD, h_BTD, sigma, sigma_data)
+            cond_clean = cond_noisy.new_zeros(*tokens_BT.shape, cond_noisy.shape[-1])
+            cond_rows = torch.cat([cond_clean, cond_noisy], dim=1)
+        return BlockRows(x_BSD, sigma, cond_noisy, cond_rows)
+
+    def readout(
+        self, z_BTD: torch.Tensor, h_BTD: torch.Tensor, sigma: torch.Tensor,
+        cond_noisy: torch.Tensor,
+    ) -> Denoised:
+        """The noisy rows' last-layer states h -> the denoised estimate and its logits."""
+        sigma_data = self.partition.schedule.sigma_data
+        denoised_BTD = diffusion.denoised_estimate(z_BTD, self.norm(h_BTD), sigma, sigma_data)
         logits_BTV = self.output(self.final_adaln(denoised_BTD, cond_noisy))
         return Denoised(denoised_BTD, logits_BTV)
 

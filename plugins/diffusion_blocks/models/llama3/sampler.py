@@ -25,12 +25,14 @@ that final distribution only; the steps always use the model's own distribution.
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 
 from ... import diffusion
 from ...config_loader import ConfigError
+from . import kv_cache
 
 # Which token sampler the denoiser uses by default: measured in the README's LM section
 # (tools/lm_report.py, 1 to 8 steps per block).
@@ -47,6 +49,7 @@ class DecodingConfig:
     sampler: str = DEFAULT_SAMPLER  # the denoiser's token sampler: a key of TOKEN_STEPS
     churn: float = 0.0            # EDM S_churn (0 = none)
     start_sigma: float | None = None  # None = the partition's sampling_start_sigma
+    kv_cache: bool = True         # reuse the context's keys and values (kv_cache.py)
 
     def __post_init__(self):
         problems = [
@@ -193,18 +196,23 @@ def sigma_start(partition, config: DecodingConfig) -> float:
 
 @torch.no_grad()
 def denoise_next_token_logits(
-    model, context_BT: torch.Tensor, config: DecodingConfig, generator: torch.Generator
+    model, context_BT: torch.Tensor, config: DecodingConfig, generator: torch.Generator,
+    last_row=last_row_denoiser, table_VD: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample the token after `context_BT` with the configured token sampler; returns
-    the logits (B, V) of the block owning sigma_min, read at sigma_min after the last step."""
+    the logits (B, V) of the block owning sigma_min, read at sigma_min after the last step.
+    `last_row(model, context_BT)` gives the block calls' function (`last_row_denoiser`,
+    or a KV cache's); `table_VD` the model's clean_embedding_table() where the caller
+    has it (generate makes it once, not per token)."""
     partition = model.partition
     schedule = partition.schedule
     start = sigma_start(partition, config)
     plan = partition.sampling_plan(partition.num_blocks * config.steps_per_block, start)
     gamma = diffusion.churn_gamma(config.churn, len(plan))
     token_step = TOKEN_STEPS[config.sampler]
-    table_VD = model.clean_embedding_table()
-    block_logits = last_row_denoiser(model, context_BT)
+    if table_VD is None:
+        table_VD = model.clean_embedding_table()
+    block_logits = last_row(model, context_BT)
     z_BD = uninformative_state((context_BT.shape[0], table_VD.shape[1]), start, generator, table_VD)
     for step in plan:
         sigma, block = step.sigma, step.block
@@ -232,15 +240,30 @@ def is_denoiser(model) -> bool:
 
 
 @torch.no_grad()
+def next_token_function(model, config: DecodingConfig):
+    """(model, context_BT, config, generator) -> the next token's logits (B, V), for one
+    generate call: the denoiser's sampler (its clean-embedding table made once) or the
+    twin's forward, through a fresh KV cache when config.kv_cache and the model is one
+    kv_cache.py knows (the LM denoiser, a stock llama3 Transformer with SDPA
+    attention); any other model decodes uncached."""
+    if is_denoiser(model):
+        denoise = partial(denoise_next_token_logits, table_VD=model.clean_embedding_table())
+        if config.kv_cache and kv_cache.caches_denoiser(model):
+            return partial(denoise, last_row=kv_cache.DenoiserKVCache().last_row_denoiser)
+        return denoise
+    if config.kv_cache and kv_cache.caches_twin(model):
+        return kv_cache.TwinKVCache().next_token_logits
+    return autoregressive_next_token_logits
+
+
+@torch.no_grad()
 def generate(
     model, prompt_BT: torch.Tensor, config: DecodingConfig, max_context: int,
     on_token: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Append config.max_new_tokens tokens to each prompt row; returns (B, T + new).
     `on_token` is called after every new token (progress bars)."""
-    next_token_logits = (
-        denoise_next_token_logits if is_denoiser(model) else autoregressive_next_token_logits
-    )
+    next_token_logits = next_token_function(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     tokens_BT = prompt_BT
     for _ in range(config.max_new_tokens):
@@ -272,15 +295,19 @@ def decoding_config(request, job_config) -> DecodingConfig:
                          or job_config.diffusion_blocks.sampling_steps_per_block),
         temperature=request.temperature or 0.0, top_k=request.top_k, seed=request.seed,
         sampler=request.sampler or DEFAULT_SAMPLER, churn=request.churn,
-        start_sigma=request.start_sigma,
+        start_sigma=request.start_sigma, kv_cache=request.kv_cache,
     )
 
 
-def continue_prompt(generate_fn, family: str, model, tokenizer, job_config, request) -> list[str]:
+def continue_prompt(
+    generate_fn, family: str, model, tokenizer, job_config, request,
+    refused: tuple[str, ...] = ("steps",),
+) -> list[str]:
     """`ModelFamily.sample_text` of an autoregressive family: the prompt continued token
     by token with `generate_fn(model, prompt_BT, DecodingConfig, max_context)`, one
-    text per sample, prompt included (greedy unless a temperature is given)."""
-    request.refuse_options(("steps",), family)
+    text per sample, prompt included (greedy unless a temperature is given). `refused`:
+    the request's fields the family does not use."""
+    request.refuse_options(refused, family)
     prompt_ids = tokenizer.encode(request.prompt, add_bos=True, add_eos=False)
     prompts_BT = torch.tensor([prompt_ids] * request.num_samples)
     tokens_BT = generate_fn(

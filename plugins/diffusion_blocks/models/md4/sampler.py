@@ -59,7 +59,9 @@ def sample(
 def sample_text(model, tokenizer, job_config, request: TextRequest) -> list[str]:
     """`request.num_samples` texts of the prompt plus max_new_tokens characters
     (at most [training] seq_len in all), temperature 1 unless given."""
-    request.refuse_options(("steps_per_block", "sampler", "churn", "start_sigma"), "dblocks_md4")
+    request.refuse_options(
+        ("steps_per_block", "sampler", "churn", "start_sigma", "kv_cache"), "dblocks_md4"
+    )
     prompt_ids = tokenizer.encode(request.prompt)
     if len(prompt_ids) >= job_config.training.seq_len:
         raise ValueError(

@@ -57,6 +57,7 @@ def check_config(job_config) -> None:
 FAMILY = ModelFamily(
     NAME, get_train_spec, RecurrentTwin, LanguageModelTask(),
     embedding_parameters=token_embedding_parameters, check_config=check_config,
-    sample_text=partial(continue_prompt, generate, NAME),
+    # its sampler recomputes the context for every token: no KV cache to turn off
+    sample_text=partial(continue_prompt, generate, NAME, refused=("steps", "kv_cache")),
     unused_keys=MASKING_KEYS + VISION_SAMPLER_KEYS + HEAD_LOSS_KEYS,
 )
