@@ -70,13 +70,15 @@ def test_bad_lever_values_are_one_line_config_errors(write_toml, text, fragments
         assert fragment in message, message
 
 
-def test_lever_defaults_keep_todays_behaviour(write_toml):
+def test_lever_defaults(write_toml):
+    """The measured levers stay off by default, except the token-embedding init std
+    (0.02: the README's LM lever table)."""
     section = parse(write_toml("plain.toml", "[training]\nsteps = 3\n")).diffusion_blocks
     assert (section.block_schedule, section.block_weights) == ("random", [])
     assert section.block0_sigma_sampling == "lognormal" and section.sampling_sigma_max == 0
     assert DenoiserOptions.from_config(section) == DenoiserOptions(
         adaln_cond_dim=256, target_embedding_scale=1.0, sigma_per_token=False,
-        token_embedding_init_std=1.0,
+        token_embedding_init_std=0.02,
     )
     assert section.embedding_lr_multiplier == 1.0
 

@@ -16,7 +16,7 @@ class DenoiserOptions:
     adaln_cond_dim: int = 256
     target_embedding_scale: float = 1.0
     sigma_per_token: bool = False
-    token_embedding_init_std: float = 1.0
+    token_embedding_init_std: float = 0.02
 
     @classmethod
     def from_config(cls, section) -> "DenoiserOptions":
