@@ -417,10 +417,12 @@ def test_levers_from_the_config_reach_the_model_optimizer_and_steps(make_trainer
     assert [g["lr"] for g in optimizer.param_groups] == lrs[-1]
 
 
-def test_default_trainer_keeps_one_param_group_and_torchtitans_init(make_trainer):
+def test_default_trainer_keeps_one_param_group_and_the_official_embedding_init(make_trainer):
     trainer = make_trainer()
     (optimizer,) = list(trainer.optimizers)
     assert len(optimizer.param_groups) == 1
-    assert float(trainer.model.tok_embeddings.weight.std()) == pytest.approx(1.0, rel=0.05)
+    assert float(trainer.model.tok_embeddings.weight.std()) == pytest.approx(0.02, rel=0.05)
+    torchtitans = make_trainer("--diffusion_blocks.token_embedding_init_std", "1.0")
+    assert float(torchtitans.model.tok_embeddings.weight.std()) == pytest.approx(1.0, rel=0.05)
     assert type(trainer.block_schedule).__name__ == "RandomSchedule"
     assert trainer.level_shape(torch.zeros(2, 5)) == (2,)
