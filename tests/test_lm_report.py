@@ -77,6 +77,31 @@ def test_teacher_forced_ce_is_the_owning_blocks_ce_on_an_uninformative_input(mon
     assert abs(z_BTD.std() / sigma - 1) < 0.05  # pure noise at sigma: nothing of the label
 
 
+def test_single_block_continuations_draw_from_the_owning_block_alone(monkeypatch):
+    """Every token comes from one call of the block owning sigma on the context so far,
+    its noisy row pure noise at sigma; the draw follows that block's logits."""
+    model = make_model(num_blocks=2)
+    vocab = model.tok_embeddings.weight.shape[0]
+    prompts = torch.randint(0, vocab, (3, 5), generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def denoise(tokens_BT, z_BTD, sigma_B, block):
+        seen.append((tokens_BT.clone(), z_BTD[:, -1], sigma_B, block))
+        # the token favoured: (last context token + 1) mod vocab, by a wide margin
+        favoured = (tokens_BT[:, -1:] + 1).expand(-1, tokens_BT.shape[1]) % vocab
+        return Denoised(z_BTD, favour(favoured, vocab, 50.0))
+
+    monkeypatch.setattr(model, "denoise", denoise)
+    new = evaluation.single_block_continuations(model, prompts, 80.0, 4, max_context=6)
+    expected = (prompts[:, -1:] + torch.arange(1, 5)) % vocab
+    assert torch.equal(new, expected)
+    assert len(seen) == 4
+    for step, (context, z_BD, sigma_B, block) in enumerate(seen):
+        assert block == owner_of(model.partition, 80.0) == 0 and torch.all(sigma_B == 80.0)
+        assert context.shape[1] == min(5 + step, 6)  # the window of max_context tokens
+        assert abs(z_BD.std() / 80.0 - 1) < 0.1
+
+
 def test_mauve_tells_one_distribution_from_another():
     gen = torch.Generator().manual_seed(0)
     p, q, far = (torch.randn(40, 8, generator=gen) + shift for shift in (0.0, 0.0, 3.0))
@@ -109,6 +134,7 @@ def test_lm_report_writes_the_documented_keys(tmp_path):
     assert set(report["samples"]) == {
         "held-out text", "held-out text, other prompts", "end-to-end T=1.0",
         *(f"{dblocks} {s} {n}/block" for s in ("ancestral", "euler") for n in (1, 2)),
+        f"{dblocks} block 0 alone, sigma 80",
     }
     for row in report["samples"].values():
         assert set(row) == SAMPLE_KEYS

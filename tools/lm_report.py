@@ -4,7 +4,7 @@
         [--job.config_file train_configs/llama3_text.toml] [--steps 300] [--warmup 30]
         [--num-blocks 4] [--init-from-e2e] [--samplers ancestral,euler[,heun]]
         [--steps-per-block 1,2,4,8] [--temperatures 0.7,0.85,1.0] [--prompts 32]
-        [--prompt-len 32] [--new-tokens 32] [--eval-windows 16]
+        [--prompt-len 32] [--new-tokens 32] [--eval-windows 16] [--single-block-sigmas 80]
         [--out outputs/lm_report] [--skip-training | --train-missing]
         [--dblocks-args="--diffusion_blocks.key value ..."] [--report FILE] [--section.key value ...]
 
@@ -18,8 +18,11 @@
    `--section.key value` arguments go to every run (and to loading the models);
 3. continues held-out prompts: the end-to-end model at each of --temperatures, each
    DiffusionBlocks model with each token sampler at each --steps-per-block (greedy final
-   pick), and takes the real held-out continuations, plus real continuations of other
-   held-out prompts (what MAUVE gives two samples of real text at this sample size);
+   pick), and each DiffusionBlocks model's block owning each of --single-block-sigmas
+   alone (every token drawn at temperature 1 from that block's logits on an
+   uninformative noisy row: no denoising chain), and takes the real held-out
+   continuations, plus real continuations of other held-out prompts (what MAUVE gives
+   two samples of real text at this sample size);
 4. scores every set of continuations: CE under the judge (nats/byte), distinct-1/2/3,
    unigram entropy (nats) and MAUVE against the real continuations on the judge's
    features (mean-pooled final hidden states); and every model teacher-forced on
@@ -32,7 +35,8 @@ Prints the tables and writes <out>/report.json (or --report) with the keys:
                    text), "judge_ce", "distinct_1", "distinct_2", "distinct_3",
                    "unigram_entropy", "mauve", "example" (a prompt and its continuation)};
                    rows: "held-out text", "held-out text, other prompts",
-                   "end-to-end T=<t>", "<DiffusionBlocks model> <sampler> <s>/block";
+                   "end-to-end T=<t>", "<DiffusionBlocks model> <sampler> <s>/block",
+                   "<DiffusionBlocks model> block <b> alone, sigma <sigma>" (decoding null);
   teacher_forced[model]: {"next_token_ce"} for end-to-end models (judge included), or
                    {"sigma_ce": {"<sigma>": {"block", "ce"}}} for DiffusionBlocks models.
 Long phases (training, sampling) show a progress bar with an ETA; each training run's
@@ -42,6 +46,7 @@ output goes to <out>/log_<run>.txt.
 import argparse
 import dataclasses
 import json
+import math
 import re
 import shlex
 import subprocess
@@ -137,6 +142,9 @@ def parse_args(argv):
                         help="the end-to-end model's sampling temperatures")
     parser.add_argument("--sigmas", type=comma_list(float), default=[80, 10, 3, 1, 0.5, 0.2],
                         help="teacher-forced denoising CE at these noise levels")
+    parser.add_argument("--single-block-sigmas", type=comma_list(float), default=[80.0],
+                        help="DiffusionBlocks: also sample from the block owning each sigma "
+                             "alone (no denoising chain, temperature 1): a diagnostic row each")
     parser.add_argument("--prompts", type=number_arg(int, AT_LEAST_1), default=32)
     parser.add_argument("--prompt-len", type=number_arg(int, AT_LEAST_1), default=32)
     parser.add_argument("--new-tokens", type=number_arg(int, AT_LEAST_1), default=32,
@@ -157,6 +165,8 @@ def parse_args(argv):
     unknown = [a for a in run_overrides if a.startswith("-") and "." not in a]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if any(not 0 < sigma < math.inf for sigma in args.single_block_sigmas):
+        parser.error(f"--single-block-sigmas: every sigma must be > 0, got {args.single_block_sigmas}")
     for sampler in args.samplers:
         if sampler not in TOKEN_STEPS:
             parser.error(f"--samplers: {sampler!r} is not one of {sorted(TOKEN_STEPS)}")
@@ -326,6 +336,12 @@ def main(argv):
                               on_token=lambda: bar.update(per_token))
             samples[row] = score(judge, prompts, tokens[:, args.prompt_len:], real_features,
                                  tokenizer, name, decoding)
+    for name, model in models.items():
+        for sigma in args.single_block_sigmas if is_denoiser(model) else []:
+            row = f"{name} block {owner_of(model.partition, sigma)} alone, sigma {sigma:g}"
+            continuations = evaluation.single_block_continuations(
+                model, prompts, sigma, args.new_tokens, seq_len)
+            samples[row] = score(judge, prompts, continuations, real_features, tokenizer, name)
 
     eval_windows = evaluation.evenly_spaced_windows(ids, seq_len + 1, args.eval_windows)
     tf = teacher_forced(models, eval_windows, args.sigmas)

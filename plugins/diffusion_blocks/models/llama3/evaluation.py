@@ -8,7 +8,10 @@
 - `teacher_forced_denoising_ce`: the block owning sigma predicts the true next tokens of
   held-out windows from the clean prefix and an uninformative noisy row (the state the
   sampler starts from at that sigma), beside `next_token_ce`, an end-to-end model's
-  held-out next-token CE.
+  held-out next-token CE;
+- `single_block_continuations`: text that block writes on its own (each token drawn
+  from its logits on an uninformative noisy row, no denoising chain), to tell the
+  block's quality from the sampling chain's.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from ...config_loader import ConfigError
 from ...objectives import per_sample_cross_entropy
-from .sampler import owner_of, uninformative_state
+from .sampler import DecodingConfig, last_row_denoiser, owner_of, pick_tokens, uninformative_state
 
 
 def evenly_spaced_windows(ids: list[int], length: int, count: int) -> torch.Tensor:
@@ -121,3 +124,25 @@ def teacher_forced_denoising_ce(
     sigma_B = torch.full((tokens_BT.shape[0],), sigma, device=like.device)
     logits_BTV = model.denoise(tokens_BT, z_BTD, sigma_B, owner_of(model.partition, sigma)).logits_BTV
     return float(per_sample_cross_entropy(logits_BTV, labels_BT).mean())
+
+
+@torch.no_grad()
+def single_block_continuations(
+    model, prompts_BP: torch.Tensor, sigma: float, new_tokens: int, max_context: int,
+    temperature: float = 1.0, seed: int = 0,
+) -> torch.Tensor:
+    """(B, new_tokens): each prompt continued token by token, every token drawn at
+    `temperature` from the logits of the block owning `sigma` given the context and an
+    uninformative noisy row at sigma (as teacher_forced_denoising_ce scores it). No
+    denoising chain: what that block writes alone."""
+    generator = torch.Generator().manual_seed(seed)
+    block = owner_of(model.partition, sigma)
+    like = model.tok_embeddings.weight
+    pick = DecodingConfig(temperature=temperature)
+    tokens_BT = prompts_BP
+    for _ in range(new_tokens):
+        context_BT = tokens_BT[:, -max_context:]
+        z_BD = uninformative_state((context_BT.shape[0], like.shape[-1]), sigma, generator, like)
+        logits_BV = last_row_denoiser(model, context_BT)(z_BD, sigma, block)
+        tokens_BT = torch.cat([tokens_BT, pick_tokens(logits_BV, pick, generator)[:, None]], dim=1)
+    return tokens_BT[:, prompts_BP.shape[1]:]
