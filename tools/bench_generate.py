@@ -29,6 +29,7 @@ steps_per_block, sampler, batch_size, new_tokens, device.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -144,8 +145,7 @@ def bench(args, dblocks, e2e) -> list[dict]:
     config = DecodingConfig(max_new_tokens=args.new_tokens, steps_per_block=args.steps_per_block,
                             sampler=args.sampler, kv_cache=args.kv_cache)
     generator = torch.Generator().manual_seed(PROMPT_SEED)
-    warmup = DecodingConfig(max_new_tokens=2, steps_per_block=args.steps_per_block,
-                            sampler=args.sampler, kv_cache=args.kv_cache)
+    warmup = dataclasses.replace(config, max_new_tokens=2)
     rows = []
     for length in args.context_lengths:
         prompt_BT = torch.randint(0, vocab, (args.batch_size, length), generator=generator).to(device)

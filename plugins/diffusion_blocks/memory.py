@@ -179,22 +179,19 @@ def transient_logit_bytes(rows: int, vocab: int, chunk_rows: int | None) -> int:
     return (rows if chunk_rows is None else min(rows, chunk_rows)) * vocab * 4
 
 
-def offloaded_shared_bytes(model: nn.Module, element: int) -> int:
+def offloaded_shared_bytes(model: nn.Module, shared: int, element: int) -> int:
     """Device bytes of the shared modules when they live on the host
     (`parallelize.shard_blockwise` with enable_cpu_offload, or torchtitan's own
     apply_fsdp): the root unit's parameters and gradients are gathered for the whole
     step; of the embedding and head units, the larger one's parameters and gradients
     (the head from the forward's end through its backward, the embedding at the
-    backward's end, after the head's gradients have left for the host)."""
+    backward's end, after the head's gradients have left for the host). `shared`: the
+    parameters outside model.layers."""
     from .parallelize import shared_units
 
-    def numel(modules) -> int:
-        return sum(p.numel() for m in modules for p in m.parameters())
-
-    units = [numel(unit) for unit in shared_units(model)]
-    shared = sum(p.numel() for p in model.parameters()) - numel(model.layers.values())
+    units = [sum(p.numel() for m in unit for p in m.parameters()) for unit in shared_units(model)]
     root = shared - sum(units)
-    return 2 * (root + max(units, default=0)) * element
+    return 2 * (root + max(units)) * element
 
 
 def estimate_step(job_config, nproc: int, block: int | None = None) -> StepEstimate:
@@ -272,7 +269,7 @@ def estimate_step(job_config, nproc: int, block: int | None = None) -> StepEstim
         # torchtitan's whole-model offload: parameters, gradients and AdamW state all on
         # the host; the device holds the computing layers and shared units, unsharded
         resident = ResidentBytes(params=0, grads=0, optimizer_state=0)
-        transient = 3 * biggest_layer * element + offloaded_shared_bytes(model, element) + logits
+        transient = 3 * biggest_layer * element + offloaded_shared_bytes(model, shared, element) + logits
     elif offloads_inactive_blocks(job_config):
         resident = ResidentBytes(
             params=shared * element // nproc,

@@ -89,15 +89,17 @@ EMBEDDING_UNIT = ("tok_embeddings",)
 HEAD_UNIT = ("norm", "final_adaln", "output")
 
 
-def shared_units(model: nn.Module) -> list[list[nn.Module]]:
-    """The embedding and head units of a model that has both (the LM families); []
-    for the others (vision models keep their shared modules in the root)."""
+def shared_units(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(embedding unit, head unit) of a model that has both an embedding and an output
+    (the LM families); two empty units for the others (vision models keep their shared
+    modules in the root)."""
     if not all(hasattr(model, name) for name in ("tok_embeddings", "output")):
-        return []
-    return [
+        return [], []
+    embedding, head = (
         [getattr(model, name) for name in names if getattr(model, name, None) is not None]
         for names in (EMBEDDING_UNIT, HEAD_UNIT)
-    ]
+    )
+    return embedding, head
 
 
 def shard_blockwise(
@@ -123,7 +125,7 @@ def shard_blockwise(
     layer_config = dict(unit_config, offload_policy=offload) if offload_layers else shared_config
     for layer in model.layers.values():
         fully_shard(layer, **layer_config)
-    embedding, head = shared_units(model) or ([], [])
+    embedding, head = shared_units(model)
     if embedding:
         fully_shard(embedding, **shared_config)
     if head:

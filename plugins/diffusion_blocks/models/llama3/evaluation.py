@@ -23,7 +23,7 @@ import torch
 
 from ...config_loader import ConfigError
 from ...objectives import per_sample_cross_entropy
-from .sampler import DecodingConfig, last_row_denoiser, owner_of, pick_tokens, uninformative_state
+from .sampler import DecodingConfig, generate, last_row_denoiser, owner_of, uninformative_state
 
 
 def evenly_spaced_windows(ids: list[int], length: int, count: int) -> torch.Tensor:
@@ -135,14 +135,13 @@ def single_block_continuations(
     `temperature` from the logits of the block owning `sigma` given the context and an
     uninformative noisy row at sigma (as teacher_forced_denoising_ce scores it). No
     denoising chain: what that block writes alone."""
-    generator = torch.Generator().manual_seed(seed)
     block = owner_of(model.partition, sigma)
     like = model.tok_embeddings.weight
-    pick = DecodingConfig(temperature=temperature)
-    tokens_BT = prompts_BP
-    for _ in range(new_tokens):
-        context_BT = tokens_BT[:, -max_context:]
+
+    def block_alone(model, context_BT, config, generator):
         z_BD = uninformative_state((context_BT.shape[0], like.shape[-1]), sigma, generator, like)
-        logits_BV = last_row_denoiser(model, context_BT)(z_BD, sigma, block)
-        tokens_BT = torch.cat([tokens_BT, pick_tokens(logits_BV, pick, generator)[:, None]], dim=1)
+        return last_row_denoiser(model, context_BT)(z_BD, sigma, block)
+
+    decoding = DecodingConfig(max_new_tokens=new_tokens, temperature=temperature, seed=seed)
+    tokens_BT = generate(model, prompts_BP, decoding, max_context, next_token_logits=block_alone)
     return tokens_BT[:, prompts_BP.shape[1]:]

@@ -259,11 +259,14 @@ def next_token_function(model, config: DecodingConfig):
 @torch.no_grad()
 def generate(
     model, prompt_BT: torch.Tensor, config: DecodingConfig, max_context: int,
-    on_token: Callable[[], None] | None = None,
+    on_token: Callable[[], None] | None = None, next_token_logits=None,
 ) -> torch.Tensor:
     """Append config.max_new_tokens tokens to each prompt row; returns (B, T + new).
-    `on_token` is called after every new token (progress bars)."""
-    next_token_logits = next_token_function(model, config)
+    `on_token` is called after every new token (progress bars); `next_token_logits`
+    (model, context_BT, config, generator) -> (B, V) replaces the model's own
+    (`next_token_function`), e.g. a diagnostic that reads one block alone."""
+    if next_token_logits is None:
+        next_token_logits = next_token_function(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     tokens_BT = prompt_BT
     for _ in range(config.max_new_tokens):
