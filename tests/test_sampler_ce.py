@@ -68,8 +68,13 @@ def test_final_distribution_that_ignores_the_noise_gives_the_exact_ce_at_every_k
     fake_final_logits(monkeypatch, model, lambda tokens_BT, z_BTD: by_context(W_VTV, tokens_BT))
     exact = float(-true_log_probs(by_context(W_VTV, data_BT[:, :-1]), data_BT).mean())
     seen = []
+
+    def twin(tokens_BT):  # an end-to-end model with the same next-token distribution
+        return by_context(W_VTV, tokens_BT)
+
     result = sampler_heldout_ce(model, data_BT, DecodingConfig(sampler=sampler_name), chains=7,
-                                chains_per_call=3, on_chains=seen.append)
+                                twin=twin, chains_per_call=3, on_chains=seen.append)
+    assert result.twin_ce == pytest.approx(exact, abs=1e-5)
     assert seen == [3, 6, 7]
     assert sorted(result.ce_by_chains) == [1, 3, 7]
     for ce in result.ce_by_chains.values():
