@@ -197,13 +197,15 @@ def sigma_start(partition, config: DecodingConfig) -> float:
 @torch.no_grad()
 def denoise_next_token_logits(
     model, context_BT: torch.Tensor, config: DecodingConfig, generator: torch.Generator,
-    last_row=last_row_denoiser, table_VD: torch.Tensor | None = None,
+    last_row=last_row_denoiser, table_VD: torch.Tensor | None = None, rows: int | None = None,
 ) -> torch.Tensor:
     """Sample the token after `context_BT` with the configured token sampler; returns
     the logits (B, V) of the block owning sigma_min, read at sigma_min after the last step.
     `last_row(model, context_BT)` gives the block calls' function (`last_row_denoiser`,
     or a KV cache's); `table_VD` the model's clean_embedding_table() where the caller
-    has it (generate makes it once, not per token)."""
+    has it (generate makes it once, not per token). `rows`: the noisy rows the chain
+    runs, one per context row unless the block calls' function takes more (B * T for
+    sampler_ce.all_positions_denoiser, every position's next token); (rows, V) back."""
     partition = model.partition
     schedule = partition.schedule
     start = sigma_start(partition, config)
@@ -213,7 +215,8 @@ def denoise_next_token_logits(
     if table_VD is None:
         table_VD = model.clean_embedding_table()
     block_logits = last_row(model, context_BT)
-    z_BD = uninformative_state((context_BT.shape[0], table_VD.shape[1]), start, generator, table_VD)
+    rows = context_BT.shape[0] if rows is None else rows
+    z_BD = uninformative_state((rows, table_VD.shape[1]), start, generator, table_VD)
     for step in plan:
         sigma, block = step.sigma, step.block
         if gamma > 0:
