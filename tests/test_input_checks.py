@@ -130,7 +130,7 @@ def test_missing_dataset_names_key_file_and_resolved_path(write_toml, tmp_path, 
 
 def test_shipped_text_config_finds_its_data_from_any_working_directory(elsewhere):
     job_config = parse(REPO / "train_configs" / "llama3_text.toml")
-    assert Path(job_config.training.dataset_path) == (SHARED_DATA / "tinyshakespeare.txt").resolve()
+    assert Path(job_config.training.dataset_path).resolve() == (SHARED_DATA / "tinyshakespeare.txt").resolve()
 
 
 def test_torchtitan_datasets_keep_their_dataset_path(elsewhere):
