@@ -5,7 +5,8 @@ import uuid
 import pytest
 
 from conftest import REPO
-from diffusion_blocks.config_loader import ConfigError, load_composed_toml, parse_job_config
+from diffusion_blocks.errors import ConfigError
+from diffusion_blocks.config_loader import load_composed_toml, parse_job_config
 
 
 def parse(path, *overrides):

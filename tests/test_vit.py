@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_blocks import diffusion
-from diffusion_blocks.config_loader import ConfigError
+from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.models.vision_layers import AdaLNZeroLayer, PreNormLayer
 from diffusion_blocks.models.vit.model import DiffusionBlocksViT, PlainViT
 from torchtitan.components.lr_scheduler import build_lr_schedulers

@@ -14,7 +14,8 @@ import sys
 import diffusion_blocks  # noqa: F401  (registers the train specs)
 from diffusion_blocks.bounds import AT_LEAST_1, number_arg
 from diffusion_blocks.config import DiffusionBlocks
-from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
+from diffusion_blocks.errors import exit_on_config_error
+from diffusion_blocks.config_loader import parse_job_config
 from diffusion_blocks.partition import BlockPartition
 from diffusion_blocks.registry import resolve_run_spec
 

@@ -28,7 +28,7 @@ from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.tools import utils as titan_utils
 
-from .config_loader import ConfigError, origin_of
+from .errors import ConfigError, origin_of
 from .parallelize import apply_ac_and_compile, configure_gradient_reduction
 
 

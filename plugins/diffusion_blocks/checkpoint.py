@@ -47,17 +47,13 @@ from torch.distributed.tensor import DTensor
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager, MODEL, OPTIMIZER
 from torchtitan.tools.logging import logger
 
-from .config_loader import ConfigError
+from .errors import CheckpointError, ConfigError
 from .models.llama3.model import is_added_by_conversion
 from .run_identity import check_identity, IDENTITY_FILE, read_identity, write_identity
 
 STEP_FOLDER = re.compile(r"step-(\d+)")
 HF_INDEX = "model.safetensors.index.json"  # what torchtitan's last_save_in_hf writes
 
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be written or resumed from; the message says which
-    folder and why (one line, exit code 2, like a config mistake)."""
 
 ADDED_MODULES = "AdaLN-Zero, sigma embedder, final AdaLN"
 SHOWN_KEYS = 3

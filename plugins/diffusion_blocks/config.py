@@ -697,32 +697,3 @@ def check_dataset_registered(job_config) -> list[tuple[str, str, str]]:
 
 # checks that read several sections: (section, key, problem) triples
 JOB_CHECKS = [check_memory_budget_needs_compile, check_dataset_registered]
-
-
-def layers_per_block(section: DiffusionBlocks, n_layers: int) -> list[int]:
-    """Layer counts per block for a model of n_layers; raises ValueError if they don't fit."""
-    if section.layers_per_block:
-        counts = list(section.layers_per_block)
-        if sum(counts) != n_layers:
-            raise ValueError(
-                f"[diffusion_blocks] layers_per_block = {counts} sums to {sum(counts)} "
-                f"but the model has {n_layers} layers"
-            )
-        return counts
-    if section.num_blocks > n_layers or n_layers % section.num_blocks:
-        divisors = [b for b in range(1, n_layers + 1) if n_layers % b == 0]
-        raise ValueError(
-            f"[diffusion_blocks] num_blocks = {section.num_blocks} does not split the "
-            f"model's {n_layers} layers equally; use one of {divisors} or give "
-            f"layers_per_block explicitly"
-        )
-    return [n_layers // section.num_blocks] * section.num_blocks
-
-
-def block_layer_ranges(counts: list[int]) -> list[range]:
-    """Contiguous layer index ranges, block 0 first."""
-    ranges, start = [], 0
-    for count in counts:
-        ranges.append(range(start, start + count))
-        start += count
-    return ranges

@@ -38,6 +38,7 @@ from torchtitan.config import ConfigManager
 from torchtitan.config import JobConfig as TitanJobConfig
 
 from . import config as dblocks_config
+from .errors import ConfigError, origin_in
 
 EXTENDS_KEY = "extends"
 CLI_ORIGIN = "command line"  # origins of --section.key flags read "command line (--flag)"
@@ -51,10 +52,6 @@ MOVED_KEYS = {
         "(default 1.0); set that instead"
     ),
 }
-
-
-class ConfigError(ValueError):
-    """A user mistake in a job config; the message says what and where."""
 
 
 # ---------------------------------------------------------------------------
@@ -135,7 +132,7 @@ def check_against_dataclass(
     valid = [f.name for f in dataclasses.fields(cls)]
     for key, value in table.items():
         key_path = (*prefix, key)
-        where = _origin_of(key_path, origins)
+        where = origin_in(key_path, origins)
         if key_path in MOVED_KEYS:
             raise ConfigError(f"{where}: '{'.'.join(key_path)}' {MOVED_KEYS[key_path]}")
         if key not in valid:
@@ -160,17 +157,6 @@ def check_against_dataclass(
                 f"{where}: '{'.'.join(key_path)}' = {value!r} has type "
                 f"{type(value).__name__}, expected {_type_name(expected)}"
             )
-
-
-def _origin_of(key_path, origins) -> str:
-    """The file that set key_path, else the file of its nearest enclosing table."""
-    for n in range(len(key_path), 0, -1):
-        if key_path[:n] in origins:
-            return origins[key_path[:n]]
-        for path, origin in origins.items():
-            if path[:n] == key_path[:n]:
-                return origin
-    return next(iter(origins.values()), "<defaults>")
 
 
 def _value_matches(value: Any, tp: Any) -> bool:
@@ -283,7 +269,7 @@ def _cli_origin(args: list[str], section: str, key: str) -> str | None:
 
 def _where(args: list[str], origins, section: str, key: str) -> str:
     """The CLI flag, else the file, that set `[section] key`."""
-    return _cli_origin(args, section, key) or _origin_of((section, key), origins)
+    return _cli_origin(args, section, key) or origin_in((section, key), origins)
 
 
 def _import_for(module_path: str, setting: str, where: str):
@@ -361,7 +347,7 @@ def _parse_args(manager: DiffusionBlocksConfigManager, args: list[str]):
             raise
         where = next(
             (origin for key, origin in _cli_origins(args).items() if key[0] == section),
-            _origin_of((section,), manager.origins),
+            origin_in((section,), manager.origins),
         )
         raise ConfigError(f"{where}: [{section}] {e}") from None
     replay()
@@ -409,7 +395,7 @@ def _raise_first(problems: list[tuple[str, str, str]], origins) -> None:
     set the key ('dataloader.num_workers' is the nested key [training.dataloader])."""
     if problems:
         section, key, problem = problems[0]
-        where = _origin_of((section, *key.split(".")), origins)
+        where = origin_in((section, *key.split(".")), origins)
         raise ConfigError(f"{where}: [{section}] {key} {problem}")
 
 
@@ -447,30 +433,3 @@ def _cli_origins(args: list[str]) -> dict[tuple[str, ...], str]:
             key_path = tuple(flag[2:].replace("-", "_").split("."))
             found[key_path] = f"{CLI_ORIGIN} ({flag})"
     return found
-
-
-def origin_of(job_config, section: str, key: str) -> str:
-    """The file (or CLI flag) that set `[section] key`, for error messages."""
-    origins = getattr(job_config, "config_origins", {})
-    return _origin_of((section, key), origins)
-
-
-# user mistakes and runs stopped on purpose: one line on stderr and this exit code
-EXIT_CODES = {ConfigError: 2, FloatingPointError: 1}
-
-
-def exit_on_config_error(fn):
-    """Decorator for entry points: a ConfigError (exit code 2) or a run stopped on a
-    non-finite value (FloatingPointError, exit code 1) ends in its one-line message."""
-
-    def wrapper(*a, **kw):
-        try:
-            return fn(*a, **kw)
-        except tuple(EXIT_CODES) as e:
-            print(f"error: {e}", file=sys.stderr)
-            code = next(c for kind, c in EXIT_CODES.items() if isinstance(e, kind))
-            raise SystemExit(code) from None
-
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
-    return wrapper

@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 
 from torchtitan.distributed import ParallelDims
 
-from .config_loader import ConfigError
+from .errors import ConfigError
 from .run_identity import check_identity, run_identity
 
 
@@ -108,8 +108,6 @@ def load_for_inference(job_config, checkpoint: str | Path, device: str = "cpu"):
 
 def expect_model(job_config, name: str, tool: str) -> None:
     """A tool made for one train spec refuses a config of another, naming both."""
-    from .config_loader import ConfigError
-
     if job_config.model.name != name:
         raise ConfigError(
             f"{tool} works on {name} models; the config's [model] name is "

@@ -21,7 +21,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from . import diffusion
-from .config import block_layer_ranges, DiffusionBlocks, layers_per_block
+from .errors import ConfigError, origin_of
 from .masking import MaskingSchedule
 
 
@@ -45,6 +45,36 @@ class NoiseLevels(Protocol):
         """The inference steps from the highest level down, each with its owning block."""
 
 
+def layers_per_block(section, n_layers: int) -> list[int]:
+    """Layer counts per block for a model of n_layers (`section`: the [diffusion_blocks]
+    section); raises ValueError if they don't fit."""
+    if section.layers_per_block:
+        counts = list(section.layers_per_block)
+        if sum(counts) != n_layers:
+            raise ValueError(
+                f"[diffusion_blocks] layers_per_block = {counts} sums to {sum(counts)} "
+                f"but the model has {n_layers} layers"
+            )
+        return counts
+    if section.num_blocks > n_layers or n_layers % section.num_blocks:
+        divisors = [b for b in range(1, n_layers + 1) if n_layers % b == 0]
+        raise ValueError(
+            f"[diffusion_blocks] num_blocks = {section.num_blocks} does not split the "
+            f"model's {n_layers} layers equally; use one of {divisors} or give "
+            f"layers_per_block explicitly"
+        )
+    return [n_layers // section.num_blocks] * section.num_blocks
+
+
+def block_layer_ranges(counts: list[int]) -> list[range]:
+    """Contiguous layer index ranges, block 0 first."""
+    ranges, start = [], 0
+    for count in counts:
+        ranges.append(range(start, start + count))
+        start += count
+    return ranges
+
+
 @dataclass(frozen=True)
 class BlockPartition:
     """Plain values only (no ranges), so model args that hold it stay JSON-serialisable
@@ -63,7 +93,7 @@ class BlockPartition:
 
     @classmethod
     def from_config(
-        cls, section: DiffusionBlocks, n_layers: int, schedule: NoiseLevels | None = None
+        cls, section, n_layers: int, schedule: NoiseLevels | None = None
     ) -> "BlockPartition":
         """`schedule`: the family's noise process; default EDM's, from the section."""
         counts = layers_per_block(section, n_layers)
@@ -82,8 +112,6 @@ class BlockPartition:
         cls, job_config, n_layers: int, schedule: NoiseLevels | None = None
     ) -> "BlockPartition":
         """As from_config, but a misfit names the file (or CLI flag) that set it."""
-        from .config_loader import ConfigError, origin_of
-
         section = job_config.diffusion_blocks
         try:
             layers_per_block(section, n_layers)

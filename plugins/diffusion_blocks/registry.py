@@ -22,7 +22,7 @@ from torchtitan.protocols.train_spec import (
 )
 
 from .config import DiffusionBlocks
-from .config_loader import ConfigError, origin_of
+from .errors import ConfigError, origin_of
 from .data.text import build_hf_tokenizer_checked, build_tokenizer, register_text_datasets
 from .family import ModelFamily
 from .models import dit, llama3, md4, recurrent, vit

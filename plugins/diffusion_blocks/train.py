@@ -43,7 +43,8 @@ from torchtitan.tools.logging import init_logger, logger
 
 from . import block_parallel, titan_compat
 from .checkpoint import BlockwiseCheckpointManager
-from .config_loader import ConfigError, exit_on_config_error, origin_of, parse_job_config
+from .errors import ConfigError, exit_on_config_error, origin_of
+from .config_loader import parse_job_config
 from .metrics import BLOCKWISE_PREFIX
 from .parallelize import check_supported_parallelism
 from .registry import resolve_run_spec

@@ -21,7 +21,7 @@ from collections import Counter
 
 import torch
 
-from ...config_loader import ConfigError
+from ...errors import ConfigError
 from ...objectives import per_sample_cross_entropy
 from .sampler import DecodingConfig, generate, last_row_denoiser, owner_of, uninformative_state
 

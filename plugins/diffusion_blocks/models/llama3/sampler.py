@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from ... import diffusion
-from ...config_loader import ConfigError
+from ...errors import ConfigError
 from . import kv_cache
 
 # Which token sampler the denoiser uses by default: measured in the README's LM section

@@ -8,7 +8,7 @@ from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.protocols.train_spec import TrainSpec
 
-from ...config_loader import ConfigError, origin_of
+from ...errors import ConfigError, origin_of
 from ...family import (
     AUTOREGRESSIVE_LM_KEYS, blockwise_train_spec, EDM_KEYS, HEAD_LOSS_KEYS, ModelFamily,
 )

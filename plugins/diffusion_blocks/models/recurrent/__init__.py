@@ -8,7 +8,7 @@ from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.protocols.train_spec import TrainSpec
 
-from ...config_loader import ConfigError, origin_of
+from ...errors import ConfigError, origin_of
 from ...data.text import build_tokenizer
 from ...family import (
     blockwise_train_spec, HEAD_LOSS_KEYS, MASKING_KEYS, ModelFamily, VISION_SAMPLER_KEYS,
