@@ -12,7 +12,7 @@ from _train_helpers import (
 )
 from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.config_loader import parse_job_config
-from diffusion_blocks.parallelize import offloads_inactive_blocks
+from diffusion_blocks.parallel.fsdp import offloads_inactive_blocks
 
 
 def run(tmp_path, offload: str, record: bool, *extra: str):

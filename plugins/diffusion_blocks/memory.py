@@ -181,13 +181,13 @@ def transient_logit_bytes(rows: int, vocab: int, chunk_rows: int | None) -> int:
 
 def offloaded_shared_bytes(model: nn.Module, shared: int, element: int) -> int:
     """Device bytes of the shared modules when they live on the host
-    (`parallelize.shard_blockwise` with enable_cpu_offload, or torchtitan's own
+    (`parallel.fsdp.shard_blockwise` with enable_cpu_offload, or torchtitan's own
     apply_fsdp): the root unit's parameters and gradients are gathered for the whole
     step; of the embedding and head units, the larger one's parameters and gradients
     (the head from the forward's end through its backward, the embedding at the
     backward's end, after the head's gradients have left for the host). `shared`: the
     parameters outside model.layers."""
-    from .parallelize import shared_units
+    from .parallel.fsdp import shared_units
 
     units = [sum(p.numel() for m in unit for p in m.parameters()) for unit in shared_units(model)]
     root = shared - sum(units)
@@ -205,7 +205,7 @@ def estimate_step(job_config, nproc: int, block: int | None = None) -> StepEstim
     the shared modules' parameters, gradients and state are resident; a layer is
     all-gathered onto the device (parameters, then its gradient) while it computes.
     """
-    from .parallelize import offloads_inactive_blocks
+    from .parallel.fsdp import offloads_inactive_blocks
 
     import copy
 

@@ -41,12 +41,13 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.train import Trainer
 from torchtitan.tools.logging import init_logger, logger
 
-from . import block_parallel, titan_compat
+from .parallel import block_parallel
+from . import titan_compat
 from .checkpoint import BlockwiseCheckpointManager
 from .errors import ConfigError, exit_on_config_error, origin_of
 from .config_loader import parse_job_config
 from .metrics import BLOCKWISE_PREFIX
-from .parallelize import check_supported_parallelism
+from .parallel.fsdp import check_supported_parallelism
 from .registry import resolve_run_spec
 from .run_identity import run_identity
 from .schedules import build_block_schedule

@@ -7,7 +7,7 @@ from torchtitan.protocols.train_spec import TrainSpec
 from ...data.images import build_image_dataloader
 from ...family import blockwise_train_spec, ModelFamily
 from ...objectives import build_squared_error_loss
-from ...parallelize import parallelize_vision
+from ...parallel.parallelize import parallelize_vision
 from ...validation import build_task_validator
 from .args import dit_flavors
 from .model import DiffusionBlocksDiT, EndToEndDiT

@@ -11,7 +11,7 @@ from torchtitan.protocols.train_spec import TrainSpec
 
 from ...data.text import build_tokenizer
 from ...family import blockwise_train_spec, MASKING_KEYS, ModelFamily, VISION_SAMPLER_KEYS
-from ...parallelize import parallelize_dblocks_llama
+from ...parallel.parallelize import parallelize_dblocks_llama
 from ...validation import build_denoiser_validator
 from .args import dblocks_llama3_flavors
 from .model import DiffusionBlocksLlama

@@ -12,7 +12,7 @@ from ...errors import ConfigError, origin_of
 from ...family import (
     AUTOREGRESSIVE_LM_KEYS, blockwise_train_spec, EDM_KEYS, HEAD_LOSS_KEYS, ModelFamily,
 )
-from ...parallelize import parallelize_dblocks_llama
+from ...parallel.parallelize import parallelize_dblocks_llama
 from ...validation import build_task_validator
 from .args import masking_noise_levels, md4_flavors
 from .model import EndToEndMaskedDiffusionLM, MaskedDiffusionLM

@@ -13,7 +13,7 @@ from ...data.text import build_tokenizer
 from ...family import (
     blockwise_train_spec, HEAD_LOSS_KEYS, MASKING_KEYS, ModelFamily, VISION_SAMPLER_KEYS,
 )
-from ...parallelize import parallelize_dblocks_llama
+from ...parallel.parallelize import parallelize_dblocks_llama
 from ...validation import build_denoiser_validator
 from ..llama3 import token_embedding_parameters
 from ..llama3.sampler import continue_prompt

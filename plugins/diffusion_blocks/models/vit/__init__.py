@@ -7,7 +7,7 @@ from torchtitan.protocols.train_spec import TrainSpec
 
 from ...data.images import build_image_dataloader
 from ...family import blockwise_train_spec, ModelFamily
-from ...parallelize import parallelize_vision
+from ...parallel.parallelize import parallelize_vision
 from ...validation import build_task_validator
 from .args import vit_flavors
 from .model import DiffusionBlocksViT, PlainViT

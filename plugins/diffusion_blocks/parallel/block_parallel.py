@@ -28,8 +28,8 @@ from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.tools import utils as titan_utils
 
-from .errors import ConfigError, origin_of
-from .parallelize import apply_ac_and_compile, configure_gradient_reduction
+from ..errors import ConfigError, origin_of
+from .fsdp import apply_ac_and_compile, configure_gradient_reduction
 
 
 @dataclass(frozen=True)

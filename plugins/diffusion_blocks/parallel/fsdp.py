@@ -1,5 +1,6 @@
-"""Parallelisation: torchtitan's own FSDP2 / compile / activation-checkpoint paths,
-plus what block-at-a-time training and CPU (gloo) runs need on top.
+"""Parallelisation primitives: torchtitan's own FSDP2 / compile / activation-checkpoint
+paths, plus what block-at-a-time training and CPU (gloo) runs need on top (the entry
+functions the families name are in parallelize.py).
 
 Gradient reduction follows torchtitan: FSDP sums gradients over ranks (no division)
 and the trainer divides each loss by the global item count. In block-parallel runs
@@ -14,11 +15,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard, Mi
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.activation_checkpoint import apply_ac
-from torchtitan.models.llama3 import parallelize_llama
-from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list, apply_compile
+from torchtitan.models.llama3.infra.parallelize import apply_compile
 from torchtitan.tools import utils as titan_utils
-
-from .models.cross_entropy_head import apply_head_loss
 
 
 def check_supported_parallelism(parallel_dims: ParallelDims) -> None:
@@ -133,49 +131,3 @@ def shard_blockwise(
         fully_shard(head, **shared_config, reshard_after_forward=False)
     fully_shard(model, **shared_config)
     configure_gradient_reduction(model)
-
-
-def parallelize_dblocks_llama(model: nn.Module, parallel_dims: ParallelDims, job_config):
-    check_supported_parallelism(parallel_dims)
-    # the head's class decides how its CE is computed; FSDP2 must wrap the final class
-    apply_head_loss(model, job_config.diffusion_blocks)
-    if block_parallel_enabled(job_config):
-        from .block_parallel import parallelize_block_parallel
-
-        return parallelize_block_parallel(model, job_config, op_sac_save_list=_op_sac_save_list)
-    if not offloads_inactive_blocks(job_config):
-        model = parallelize_llama(model, parallel_dims, job_config)  # torchtitan's path
-        configure_gradient_reduction(model)
-        return model
-    apply_ac_and_compile(model, job_config, op_sac_save_list=_op_sac_save_list)
-    shard_blockwise(model, data_parallel_mesh(parallel_dims, titan_utils.device_type), job_config,
-                    offload_layers=True)
-    return model
-
-
-def parallelize_vision(model: nn.Module, parallel_dims: ParallelDims, job_config):
-    """ViT / DiT: torchtitan's activation checkpointing and per-layer compile, then
-    FSDP2 on each layer and on the root (which holds the shared modules: embeddings,
-    sigma embedder, final norm / AdaLN and head), so a step gathers only the active
-    block's layers. With offload_inactive_blocks the layers live in host memory."""
-    check_supported_parallelism(parallel_dims)
-    if block_parallel_enabled(job_config):
-        from .block_parallel import parallelize_block_parallel
-
-        return parallelize_block_parallel(model, job_config)
-    apply_ac_and_compile(model, job_config)
-    offload = offloads_inactive_blocks(job_config) or job_config.training.enable_cpu_offload
-    if parallel_dims.fsdp_enabled or offload:
-        shard_blockwise(model, data_parallel_mesh(parallel_dims, titan_utils.device_type),
-                        job_config, offload_layers=offloads_inactive_blocks(job_config))
-    elif parallel_dims.dp_replicate_enabled:
-        raise ValueError(
-            "[parallelism] data_parallel_replicate_degree > 1 without sharding: the vision "
-            "models use FSDP2; set data_parallel_shard_degree (HSDP: both)"
-        )
-    return model
-
-
-def block_parallel_enabled(job_config) -> bool:
-    section = job_config.diffusion_blocks
-    return section.enable and section.block_parallel
