@@ -21,7 +21,7 @@ from diffusion_blocks import titan_compat
 from diffusion_blocks.config_loader import parse_job_config
 from diffusion_blocks.inference import single_process_parallel_dims
 from diffusion_blocks.model_factory import build_model
-from diffusion_blocks.objectives import cross_entropy_sums, weighted_cross_entropy_sums
+from diffusion_blocks.diffusion.objectives import cross_entropy_sums, weighted_cross_entropy_sums
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.distributed import ParallelDims
 

@@ -81,7 +81,7 @@ def test_cli_override_error_names_the_flag(write_toml):
 
 
 def test_num_blocks_that_does_not_fit_layers_names_file(write_toml):
-    from diffusion_blocks.partition import BlockPartition
+    from diffusion_blocks.diffusion.partition import BlockPartition
 
     path = write_toml("fit.toml", "[diffusion_blocks]\nnum_blocks = 3\n")
     cfg = parse(path)

@@ -21,7 +21,7 @@ from diffusion_blocks.models.cross_entropy_head import (
     CrossEntropyHead, scoring_labels, use_cross_entropy_head,
 )
 from diffusion_blocks.models.llama3.task import LanguageModelTask
-from diffusion_blocks.objectives import cross_entropy_sums, weighted_cross_entropy_sums
+from diffusion_blocks.diffusion.objectives import cross_entropy_sums, weighted_cross_entropy_sums
 from diffusion_blocks.registry import resolve_run_spec
 
 import _train_helpers as h

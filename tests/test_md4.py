@@ -17,12 +17,12 @@ from diffusion_blocks.config import DiffusionBlocks
 from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.config_loader import parse_job_config
 from diffusion_blocks.data.text import CharTokenizer, register_text_datasets
-from diffusion_blocks.masking import mask_tokens, MaskingSchedule
+from diffusion_blocks.diffusion.masking import mask_tokens, MaskingSchedule
 from diffusion_blocks.models.md4.args import MaskedDiffusionArgs
 from diffusion_blocks.models.md4.model import EndToEndMaskedDiffusionLM, MaskedDiffusionLM
 from diffusion_blocks.models.md4.sampler import sample
 from diffusion_blocks.models.md4.task import elbo_draw, heldout_bpc, MaskedDiffusionTask
-from diffusion_blocks.partition import BlockPartition
+from diffusion_blocks.diffusion.partition import BlockPartition
 from diffusion_blocks.registry import resolve_run_spec
 
 MD4_TOML = h.REPO / "train_configs" / "md4_chars.toml"

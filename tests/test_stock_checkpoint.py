@@ -27,7 +27,7 @@ from diffusion_blocks.checkpoint import BlockwiseCheckpointManager
 from diffusion_blocks.errors import CheckpointError
 from diffusion_blocks.config import DiffusionBlocks
 from diffusion_blocks.models.llama3.model import convert_to_denoiser, is_added_by_conversion
-from diffusion_blocks.partition import BlockPartition
+from diffusion_blocks.diffusion.partition import BlockPartition
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

@@ -24,7 +24,7 @@ from diffusion_blocks.config_loader import parse_job_config
 from diffusion_blocks.data.images import load_job_split
 from diffusion_blocks.inference import load_model
 from diffusion_blocks.models.vit.task import count_correct
-from diffusion_blocks.sampling import ODE_SAMPLERS
+from diffusion_blocks.diffusion.sampling import ODE_SAMPLERS
 
 
 def parse_args(argv):

@@ -35,7 +35,7 @@ from diffusion_blocks.image_metrics import (
     train_feature_cnn,
 )
 from diffusion_blocks.inference import expect_model, load_model
-from diffusion_blocks.sampling import network_evaluations, ODE_SAMPLERS
+from diffusion_blocks.diffusion.sampling import network_evaluations, ODE_SAMPLERS
 
 
 def parse_args(argv):

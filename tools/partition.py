@@ -16,7 +16,7 @@ from diffusion_blocks.bounds import AT_LEAST_1, number_arg
 from diffusion_blocks.config import DiffusionBlocks
 from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.config_loader import parse_job_config
-from diffusion_blocks.partition import BlockPartition
+from diffusion_blocks.diffusion.partition import BlockPartition
 from diffusion_blocks.registry import resolve_run_spec
 
 

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from .bounds import (
     ANY_FINITE, AT_LEAST_1, Bounds, bounds_problems, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL,
 )
-from .diffusion import lognormal_cdf, NoiseSchedule, PARTITIONS, SIGMA_LAWS
-from .sampling import ODE_SAMPLERS
-from .schedules import BLOCK_SCHEDULES
-from .masking import check_masking_schedule
+from .diffusion.lognormal import lognormal_cdf, SIGMA_LAWS
+from .diffusion.edm import NoiseSchedule
+from .diffusion.partition import PARTITIONS
+from .diffusion.sampling import ODE_SAMPLERS
+from .diffusion.schedules import BLOCK_SCHEDULES
+from .diffusion.masking import check_masking_schedule
 
 DEVICES = ("auto", "cpu", "cuda")
 AUGMENTATIONS = ("none", "crop_flip")  # see data/images.py

@@ -93,7 +93,7 @@ class ModelFamily:
     family has no such option)."""
     noise_levels: Callable[[Any], Any] = edm_noise_levels
     """`[diffusion_blocks]` section -> the noise process the family's blocks partition
-    (a partition.NoiseLevels): EDM's sigma by default, MD4's masking time t."""
+    (a protocols.noise.NoiseLevels): EDM's sigma by default, MD4's masking time t."""
     sample_text: TextSampler | None = None
     """Text generation with the trained model (block-wise or its end-to-end twin);
     None for families that do not generate text."""

@@ -28,7 +28,7 @@ from .family import ModelFamily
 from .models import dit, llama3, md4, recurrent, vit
 from .models.llama3.converter import CONVERTER_NAME, DiffusionBlocksConverter
 from .optimizers import with_embedding_lr
-from .partition import BlockPartition
+from .diffusion.partition import BlockPartition
 
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family

@@ -50,7 +50,7 @@ from .metrics import BLOCKWISE_PREFIX
 from .parallel.fsdp import check_supported_parallelism
 from .registry import resolve_run_spec
 from .run_identity import run_identity
-from .schedules import build_block_schedule
+from .diffusion.schedules import build_block_schedule
 
 # what torchrun sets; a plain `python -m diffusion_blocks.train` is one process
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",

@@ -6,7 +6,7 @@ from torchtitan.protocols.train_spec import TrainSpec
 
 from ...data.images import build_image_dataloader
 from ...family import blockwise_train_spec, ModelFamily
-from ...objectives import build_squared_error_loss
+from ...diffusion.objectives import build_squared_error_loss
 from ...parallel.parallelize import parallelize_vision
 from ...validation import build_task_validator
 from .args import dit_flavors

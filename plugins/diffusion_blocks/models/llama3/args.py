@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from torchtitan.models.llama3 import llama3_args, TransformerModelArgs
 
-from ...partition import BlockPartition
+from ...diffusion.partition import BlockPartition
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from collections import Counter
 import torch
 
 from ...errors import ConfigError
-from ...objectives import per_sample_cross_entropy
+from ...diffusion.objectives import per_sample_cross_entropy
 from .sampler import DecodingConfig, generate, last_row_denoiser, owner_of, uninformative_state
 
 

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torchtitan.hf_datasets.text_datasets import build_text_validation_dataloader
 
 from ...data.text import build_tokenizer, CharTokenizer
-from ...masking import mask_tokens
-from ...objectives import LossSums
+from ...diffusion.masking import mask_tokens
+from ...diffusion.objectives import LossSums
 from ...tasks import EVAL_SEED, EvalContext
 
 DEFAULT_DRAWS_PER_SEQUENCE = 8  # t draws per held-out sequence (rounded up to a multiple of B)

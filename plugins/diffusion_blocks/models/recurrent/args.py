@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from torchtitan.models.utils import get_dense_model_nparams_and_flops
 
-from ...partition import BlockPartition
+from ...diffusion.partition import BlockPartition
 from ..llama3.args import DenoiserOptions, DiffusionBlocksLlamaArgs
 
 

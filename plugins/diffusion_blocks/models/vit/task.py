@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from ...data.images import ImageSplit, load_job_split, sharded_batches
-from ...objectives import cross_entropy_sums, weighted_cross_entropy_sums
+from ...diffusion.objectives import cross_entropy_sums, weighted_cross_entropy_sums
 from ...tasks import EVAL_SEED, EvalContext
 
 

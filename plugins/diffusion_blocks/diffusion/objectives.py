@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from torchtitan.components.loss import IGNORE_INDEX
 
-from .diffusion import broadcast_sigma, loss_weight
+from .edm import broadcast_sigma, loss_weight
 
 
 class LossSums(NamedTuple):

@@ -4,7 +4,7 @@ Built once from the `[diffusion_blocks]` section and the model's layer count; th
 model, the train loop, the samplers and tools/partition.py all read it from here.
 
 The noise levels are those of the partition's noise process (`schedule`, a
-`NoiseLevels`): EDM's sigma with its truncated log-normal law (`diffusion.NoiseSchedule`,
+`NoiseLevels`): EDM's sigma with its truncated log-normal law (`edm.NoiseSchedule`,
 the default: LM, ViT, DiT) or MD4's masking time t with t ~ U(0, 1)
 (`masking.MaskingSchedule`). The process says how [lo, hi] is cut, widened, sampled
 and walked at inference; the partition and the train loop only see ascending
@@ -16,33 +16,100 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import ClassVar, Protocol
+from typing import Callable, TYPE_CHECKING
 
 import torch
 
-from . import diffusion
-from .errors import ConfigError, origin_of
-from .masking import MaskingSchedule
+from ..errors import ConfigError, origin_of
+from ..protocols.noise import NoiseLevels
+from .lognormal import lognormal_cdf, lognormal_icdf, SIGMA_LAWS
+
+if TYPE_CHECKING:
+    from .edm import NoiseSchedule
+    from .masking import MaskingSchedule
 
 
-class NoiseLevels(Protocol):
-    """A noise process's law of levels, as a BlockPartition cuts it."""
+# ---------------------------------------------------------------------------
+# Partitions of [sigma_min, sigma_max] into B intervals (ascending boundaries)
 
-    level_name: ClassVar[str]  # "sigma", "t": names the level in logs and metrics
 
-    def boundaries(self, num_blocks: int, partition: str) -> list[float]:
-        """B + 1 ascending boundaries; ValueError for a partition it does not define."""
+def equiprobable_boundaries(num_blocks: int, schedule: NoiseSchedule) -> list[float]:
+    """B+1 ascending boundaries, each interval holding 1/B of the truncated log-normal."""
+    q_min = lognormal_cdf(schedule.sigma_min, schedule)
+    q_max = lognormal_cdf(schedule.sigma_max, schedule)
+    inner = [
+        lognormal_icdf(q_min + (b / num_blocks) * (q_max - q_min), schedule)
+        for b in range(1, num_blocks)
+    ]
+    return [schedule.sigma_min, *inner, schedule.sigma_max]
 
-    def widen(self, lo: float, hi: float, overlap: float) -> tuple[float, float]: ...
 
-    def sample(self, num_samples: int, lo: float, hi: float, generator) -> torch.Tensor:
-        """Levels in [lo, hi] from the law restricted there (float64)."""
+def uniform_log_boundaries(num_blocks: int, schedule: NoiseSchedule) -> list[float]:
+    """B+1 ascending boundaries with equal widths in ln(sigma) (the paper's ablation)."""
+    log_lo, log_hi = math.log(schedule.sigma_min), math.log(schedule.sigma_max)
+    inner = [
+        math.exp(log_lo + (b / num_blocks) * (log_hi - log_lo))
+        for b in range(1, num_blocks)
+    ]
+    return [schedule.sigma_min, *inner, schedule.sigma_max]
 
-    def mass(self, lo: float, hi: float) -> float:
-        """Share of the law inside [lo, hi]."""
 
-    def sampling_plan(self, num_steps: int, boundaries: list[float]) -> list:
-        """The inference steps from the highest level down, each with its owning block."""
+PARTITIONS: dict[str, Callable[[int, NoiseSchedule], list[float]]] = {
+    "equiprobable": equiprobable_boundaries,
+    "uniform_log": uniform_log_boundaries,
+}
+
+
+def block_sigma_boundaries(
+    num_blocks: int, schedule: NoiseSchedule, partition: str = "equiprobable"
+) -> list[float]:
+    if partition not in PARTITIONS:
+        raise ValueError(
+            f"unknown partition {partition!r}; allowed: {sorted(PARTITIONS)}"
+        )
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    return PARTITIONS[partition](num_blocks, schedule)
+
+
+def block_interval(block: int, boundaries: list[float]) -> tuple[float, float]:
+    """(lo, hi) owned by `block`; block 0 owns the highest interval."""
+    num_blocks = len(boundaries) - 1
+    assert 0 <= block < num_blocks, (block, num_blocks)
+    ascending_index = num_blocks - 1 - block
+    return boundaries[ascending_index], boundaries[ascending_index + 1]
+
+
+def block_of_sigma(sigma: torch.Tensor, boundaries: list[float]) -> torch.Tensor:
+    """Index of the block owning each sigma, intervals taken as (lo, hi]."""
+    num_blocks = len(boundaries) - 1
+    inner = torch.tensor(boundaries[1:-1], dtype=torch.float64, device=sigma.device)
+    # number of inner boundaries strictly below sigma = ascending interval index
+    ascending_index = torch.searchsorted(inner, sigma.to(torch.float64), right=False)
+    return (num_blocks - 1 - ascending_index).to(torch.long)
+
+
+def widen_interval(
+    lo: float, hi: float, overlap: float, schedule: NoiseSchedule
+) -> tuple[float, float]:
+    """Widen [lo, hi] by `overlap` times its log-width on each side, clipped to the range."""
+    # multiplicative form: exactly (lo, hi) at overlap 0, no exp(log(x)) round-off
+    log_width = math.log(hi / lo)
+    widened_lo = lo * math.exp(-overlap * log_width)
+    widened_hi = hi * math.exp(overlap * log_width)
+    return max(widened_lo, schedule.sigma_min), min(widened_hi, schedule.sigma_max)
+
+
+def block_training_interval(
+    block: int, boundaries: list[float], overlap: float, schedule: NoiseSchedule
+) -> tuple[float, float]:
+    """The (widened) interval block `block` draws its training sigmas from."""
+    lo, hi = block_interval(block, boundaries)
+    return widen_interval(lo, hi, overlap, schedule)
+
+
+# ---------------------------------------------------------------------------
+# Layers per block
 
 
 def layers_per_block(section, n_layers: int) -> list[int]:
@@ -83,10 +150,10 @@ class BlockPartition:
     layer_counts: tuple[int, ...]  # layers per block, block 0 first
     boundaries: tuple[float, ...]  # noise levels, ascending, B+1 values
     overlap: float
-    schedule: diffusion.NoiseSchedule | MaskingSchedule  # the noise process (NoiseLevels)
+    schedule: NoiseSchedule | MaskingSchedule  # the noise process (NoiseLevels)
     block0_sigma_sampling: str = "lognormal"
     """How block 0 (the highest interval) draws its training sigmas: a key of
-    diffusion.SIGMA_LAWS, 'lognormal' being the noise process's own law (the only one
+    lognormal.SIGMA_LAWS, 'lognormal' being the noise process's own law (the only one
     a masking process has). Every other block draws from the process's law."""
     sampling_sigma_max: float = 0.0
     """The sigma samplers start from (`sampling_start_sigma`); 0 = the top level."""
@@ -148,7 +215,7 @@ class BlockPartition:
 
     def interval(self, block: int) -> tuple[float, float]:
         """(lo, hi] of the noise levels `block` owns."""
-        return diffusion.block_interval(block, list(self.boundaries))
+        return block_interval(block, list(self.boundaries))
 
     def training_interval(self, block: int) -> tuple[float, float]:
         """The interval widened by `overlap`: where the block's training levels lie."""
@@ -165,7 +232,7 @@ class BlockPartition:
         that many samples): the process's law on the block's widened interval, or for
         block 0 the law `block0_sigma_sampling` names."""
         if block == 0 and self.block0_sigma_sampling != "lognormal":
-            law = diffusion.SIGMA_LAWS[self.block0_sigma_sampling]
+            law = SIGMA_LAWS[self.block0_sigma_sampling]
 
             def block0_law(num_samples, lo, hi, generator):
                 return law(num_samples, lo, hi, self.schedule, generator)
@@ -187,7 +254,7 @@ class BlockPartition:
 
     def block_of_level(self, level: torch.Tensor) -> torch.Tensor:
         """The block owning each level (intervals (lo, hi])."""
-        return diffusion.block_of_sigma(level, list(self.boundaries))
+        return block_of_sigma(level, list(self.boundaries))
 
     @property
     def sampling_start_sigma(self) -> float:
@@ -197,6 +264,6 @@ class BlockPartition:
     def sampling_plan(self, num_steps: int, start_sigma: float | None = None) -> list:
         """The noise process's inference steps from `start_sigma` (default: the top level, the
         whole range; pass `sampling_start_sigma` for the configured start) down (EDM:
-        `diffusion.EulerStep`s over the equi-probability sigma grid; masking:
+        `sampling.EulerStep`s over the equi-probability sigma grid; masking:
         `masking.AncestralStep`s), each with the block owning its starting level."""
         return self.schedule.sampling_plan(num_steps, list(self.boundaries), start_sigma)

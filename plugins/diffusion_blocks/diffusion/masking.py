@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import torch
 
-from .diffusion import block_of_sigma
+from .partition import block_of_sigma
 
 MASKING_SCHEDULES = ("linear", "cosine", "poly<k>")
 _POLY = re.compile(r"poly(\d+(?:\.\d+)?)")
@@ -127,7 +127,7 @@ class MaskingSchedule:
         alpha_t, alpha_s = (float(self.alpha(torch.tensor(x, dtype=torch.float64))) for x in (t, s))
         return (alpha_s - alpha_t) / (1 - alpha_t)
 
-    # -- the noise-level law a BlockPartition cuts (partition.NoiseLevels) ----------
+    # -- the noise-level law a BlockPartition cuts (protocols.noise.NoiseLevels) ----------
 
     def equal_alpha_times(self, num_intervals: int) -> list[float]:
         """num_intervals + 1 ascending times cutting [0, 1] into equal decreases of alpha."""
