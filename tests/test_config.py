@@ -6,7 +6,7 @@ import pytest
 
 from conftest import REPO
 from diffusion_blocks.errors import ConfigError
-from diffusion_blocks.config_loader import load_composed_toml, parse_job_config
+from diffusion_blocks.config.loader import load_composed_toml, parse_job_config
 
 
 def parse(path, *overrides):
@@ -303,7 +303,7 @@ def test_custom_import_dataset_trains_end_to_end(tmp_path):
     assert proc.returncode != 0
     # the worker exits 2 with one line; the only traceback is torchrun's own ChildFailedError
     assert "(exitcode: 2)" in proc.stderr
-    assert "ModuleNotFoundError" not in proc.stderr and "config_loader.py" not in proc.stderr
+    assert "ModuleNotFoundError" not in proc.stderr and "config/loader.py" not in proc.stderr
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "custom_import 'no_such_module_xyz'" in errors[0]
     assert "command line (--experimental.custom_import)" in errors[0]

@@ -11,7 +11,8 @@ import torch
 
 from conftest import REPO
 from diffusion_blocks import diffusion as dd
-from diffusion_blocks.config import check_diffusion_blocks, DiffusionBlocks
+from diffusion_blocks.config.checks import check_diffusion_blocks
+from diffusion_blocks.config.sections import DiffusionBlocks
 from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.models.llama3.sampler import (
     DecodingConfig, forwards_per_token, generate, owner_of,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torchtitan.components.loss import IGNORE_INDEX
 
 from diffusion_blocks.errors import ConfigError
-from diffusion_blocks.config_loader import parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks import linear_ce
 from diffusion_blocks.linear_ce import chunked_linear_cross_entropy, linear_cross_entropy_sums
 from diffusion_blocks.memory import count_saved_activations, estimate_step

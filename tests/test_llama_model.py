@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.config import DiffusionBlocks
+from diffusion_blocks.config.sections import DiffusionBlocks
 from diffusion_blocks.models.llama3.model import (
     denoiser_dense_mask,
     denoiser_positions,

@@ -13,9 +13,9 @@ import torch
 
 import _train_helpers as h
 import diffusion_blocks  # noqa: F401  (registers the train specs)
-from diffusion_blocks.config import DiffusionBlocks
+from diffusion_blocks.config.sections import DiffusionBlocks
 from diffusion_blocks.errors import ConfigError
-from diffusion_blocks.config_loader import parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.data.text import CharTokenizer, register_text_datasets
 from diffusion_blocks.diffusion.masking import mask_tokens, MaskingSchedule
 from diffusion_blocks.models.md4.args import MaskedDiffusionArgs

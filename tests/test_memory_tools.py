@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from _train_helpers import CPU, DEBUG_TOML, REPO, subprocess_env, torchrun_script
-from diffusion_blocks.config_loader import parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.inference import single_process_parallel_dims
 from diffusion_blocks.memory import estimate_step
 from diffusion_blocks.model_factory import build_model

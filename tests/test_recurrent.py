@@ -24,7 +24,7 @@ import torch
 import _train_helpers as h
 from diffusion_blocks import diffusion
 from diffusion_blocks.errors import ConfigError
-from diffusion_blocks.config_loader import parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.inference import single_process_parallel_dims
 from diffusion_blocks.memory import count_saved_activations
 from diffusion_blocks.model_factory import build_model

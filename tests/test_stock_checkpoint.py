@@ -25,7 +25,7 @@ from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAda
 
 from diffusion_blocks.checkpoint import BlockwiseCheckpointManager
 from diffusion_blocks.errors import CheckpointError
-from diffusion_blocks.config import DiffusionBlocks
+from diffusion_blocks.config.sections import DiffusionBlocks
 from diffusion_blocks.models.llama3.model import convert_to_denoiser, is_added_by_conversion
 from diffusion_blocks.diffusion.partition import BlockPartition
 

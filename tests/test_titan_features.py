@@ -22,7 +22,7 @@ import torch.distributed.checkpoint as dcp
 import _train_helpers as h
 from diffusion_blocks import train
 from diffusion_blocks.errors import ConfigError
-from diffusion_blocks.config_loader import parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.data.text import synthetic_sentences
 
 REPO = h.REPO

@@ -6,7 +6,7 @@ import copy
 import torch
 
 from conftest import REPO
-from diffusion_blocks.config_loader import parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.inference import load_model
 from diffusion_blocks.registry import resolve_run_spec
 

@@ -35,9 +35,15 @@ import torch
 import torch.distributed as dist
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.bounds import AT_LEAST_1, choice_list_arg, NON_NEGATIVE, number_arg, number_list_arg
+from diffusion_blocks.config.bounds import (
+    AT_LEAST_1,
+    choice_list_arg,
+    NON_NEGATIVE,
+    number_arg,
+    number_list_arg,
+)
 from diffusion_blocks.errors import exit_on_config_error
-from diffusion_blocks.config_loader import parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.memory import (
     count_saved_activations,
     estimate_step,

@@ -23,9 +23,15 @@ import time
 import torch
 
 import diffusion_blocks  # noqa: F401  (registers the train specs)
-from diffusion_blocks.bounds import AT_LEAST_1, NON_NEGATIVE, number_arg, output_file_arg, SEED
+from diffusion_blocks.config.bounds import (
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    number_arg,
+    output_file_arg,
+    SEED,
+)
 from diffusion_blocks.errors import exit_on_config_error
-from diffusion_blocks.config_loader import parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.data.images import load_job_split, subset
 from diffusion_blocks.image_grid import make_grid, save_png
 from diffusion_blocks.image_metrics import (

@@ -59,9 +59,9 @@ import torch
 from tqdm import tqdm
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.bounds import AT_LEAST_1, existing_file_arg, NON_NEGATIVE, number_arg
+from diffusion_blocks.config.bounds import AT_LEAST_1, existing_file_arg, NON_NEGATIVE, number_arg
 from diffusion_blocks.errors import ConfigError, exit_on_config_error
-from diffusion_blocks.config_loader import parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.data.text import check_text_file
 from diffusion_blocks.inference import load_for_inference
 from diffusion_blocks.models.llama3 import evaluation

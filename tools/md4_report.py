@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.config_loader import parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.family import TextRequest
 from diffusion_blocks.inference import load_for_inference
 from diffusion_blocks.models.md4.sampler import sample_text

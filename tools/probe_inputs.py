@@ -674,7 +674,7 @@ def run_isolated(entry: str, argv: list[str], cwd: Path, timeout: float):
 
 
 PRELOAD = ("torch", "numpy", "PIL.Image", "datasets", "torchtitan.train", "diffusion_blocks",
-           "diffusion_blocks.config_loader", "diffusion_blocks.inference")
+           "diffusion_blocks.config.loader", "diffusion_blocks.inference")
 
 
 def preload() -> None:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.errors import exit_on_config_error
-from diffusion_blocks.config_loader import parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.inference import load_for_inference
 from diffusion_blocks.models.llama3 import evaluation
 from diffusion_blocks.models.llama3.sampler import DecodingConfig

@@ -33,8 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "plugins"))
 
-from diffusion_blocks.bounds import number_arg, SEED  # noqa: E402
-from diffusion_blocks.config_loader import parse_job_config  # noqa: E402
+from diffusion_blocks.config.bounds import number_arg, SEED  # noqa: E402
+from diffusion_blocks.config.loader import parse_job_config  # noqa: E402
 
 
 DEFAULT_CONFIGS = ["train_configs/vit_digits.toml", "train_configs/dit_digits.toml"]

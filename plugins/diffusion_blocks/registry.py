@@ -21,7 +21,7 @@ from torchtitan.protocols.train_spec import (
     TrainSpec,
 )
 
-from .config import DiffusionBlocks
+from .config.sections import DiffusionBlocks
 from .errors import ConfigError, origin_of
 from .data.text import build_hf_tokenizer_checked, build_tokenizer, register_text_datasets
 from .family import ModelFamily

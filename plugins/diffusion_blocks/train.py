@@ -45,7 +45,7 @@ from .parallel import block_parallel
 from . import titan_compat
 from .checkpoint import BlockwiseCheckpointManager
 from .errors import ConfigError, exit_on_config_error, origin_of
-from .config_loader import parse_job_config
+from .config.loader import parse_job_config
 from .metrics import BLOCKWISE_PREFIX
 from .parallel.fsdp import check_supported_parallelism
 from .registry import resolve_run_spec

@@ -37,8 +37,8 @@ except ModuleNotFoundError:  # pragma: no cover - python < 3.11
 from torchtitan.config import ConfigManager
 from torchtitan.config import JobConfig as TitanJobConfig
 
-from . import config as dblocks_config
-from .errors import ConfigError, origin_in
+from . import checks, sections
+from ..errors import ConfigError, origin_in
 
 EXTENDS_KEY = "extends"
 CLI_ORIGIN = "command line"  # origins of --section.key flags read "command line (--flag)"
@@ -207,7 +207,7 @@ def _type_name(tp: Any) -> str:
 
 def job_config_class() -> type:
     """torchtitan's JobConfig merged with our `[diffusion_blocks]` section."""
-    return ConfigManager._merge_configs(TitanJobConfig, dblocks_config.JobConfig)
+    return ConfigManager._merge_configs(TitanJobConfig, sections.JobConfig)
 
 
 class DiffusionBlocksConfigManager(ConfigManager):
@@ -309,13 +309,13 @@ def parse_job_config(args: list[str] | None = None, *, reads_data: bool = False)
         where = _where(args, origins, "experimental", "custom_import")
         _import_for(job_config.experimental.custom_import, "[experimental] custom_import", where)
     resolve_paths(job_config, origins)
-    for section_name, check in dblocks_config.SECTION_CHECKS.items():
+    for section_name, check in checks.SECTION_CHECKS.items():
         problems = [(section_name, key, problem) for key, problem in check(getattr(job_config, section_name))]
         _raise_first(problems, origins)
-    for check in dblocks_config.JOB_CHECKS:
+    for check in checks.JOB_CHECKS:
         _raise_first(check(job_config), origins)
     if reads_data:
-        _raise_first(dblocks_config.dataset_path_problems(job_config), origins)
+        _raise_first(checks.dataset_path_problems(job_config), origins)
     return job_config
 
 
@@ -404,7 +404,7 @@ def _raise_first(problems: list[tuple[str, str, str]], origins) -> None:
 # the dataset is one of ours that reads local files: torchtitan's own datasets keep
 # torchtitan's meaning of dataset_path (a hub name or a path from the working directory).
 def _local_dataset_path_keys(job_config) -> list[tuple[str, str]]:
-    local = dblocks_config.local_datasets()
+    local = checks.local_datasets()
     return [
         (section, "dataset_path") for section in ("training", "validation")
         if getattr(job_config, section).dataset in local
