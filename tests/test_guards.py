@@ -27,7 +27,7 @@ from diffusion_blocks.errors import CheckpointError
 from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.inference import load_for_inference, load_model
-from diffusion_blocks.run_identity import IDENTITY_FILE
+from diffusion_blocks.components.run_identity import IDENTITY_FILE
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.family import TextRequest
+from diffusion_blocks.protocols.family import TextRequest
 from diffusion_blocks.models.llama3 import kv_cache
 from diffusion_blocks.models.llama3.args import DenoiserOptions
 from diffusion_blocks.models.llama3.sampler import (

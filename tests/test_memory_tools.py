@@ -21,7 +21,7 @@ from _train_helpers import CPU, DEBUG_TOML, REPO, subprocess_env, torchrun_scrip
 from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.inference import single_process_parallel_dims
 from diffusion_blocks.memory import estimate_step
-from diffusion_blocks.model_factory import build_model
+from diffusion_blocks.inference import build_model
 
 TINY = ["--training.seq_len", "64", "--training.local_batch_size", "4"]
 KEYS = {"mode", "num_blocks", "ac", "offload", "activation_bytes", "resident_bytes",

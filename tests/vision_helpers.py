@@ -16,7 +16,7 @@ def job_config(config: str, *overrides: str):
 
 
 def build_on_cpu(config: str, *overrides: str, seed: int = 0):
-    """The config's model (denoiser or twin) through model_factory.build_model, as the
+    """The config's model (denoiser or twin) through inference.build_model, as the
     trainer builds it (one process, no activation checkpointing), freshly initialised."""
     torch.manual_seed(seed)
     cfg = job_config(config, *overrides)

@@ -26,7 +26,7 @@ import torch
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.config.loader import parse_job_config
-from diffusion_blocks.family import TextRequest
+from diffusion_blocks.protocols.family import TextRequest
 from diffusion_blocks.inference import load_for_inference
 from diffusion_blocks.models.md4.sampler import sample_text
 from diffusion_blocks.models.md4.task import build_md4_tokenizer, heldout_batches, heldout_bpc

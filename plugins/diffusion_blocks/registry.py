@@ -24,10 +24,10 @@ from torchtitan.protocols.train_spec import (
 from .config.sections import DiffusionBlocks
 from .errors import ConfigError, origin_of
 from .data.text import build_hf_tokenizer_checked, build_tokenizer, register_text_datasets
-from .family import ModelFamily
+from .protocols.family import ModelFamily
 from .models import dit, llama3, md4, recurrent, vit
 from .models.llama3.converter import CONVERTER_NAME, DiffusionBlocksConverter
-from .optimizers import with_embedding_lr
+from .components.optimizer import with_embedding_lr
 from .diffusion.partition import BlockPartition
 
 FAMILIES: dict[str, ModelFamily] = {

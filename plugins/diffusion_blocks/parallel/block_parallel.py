@@ -28,6 +28,7 @@ from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.tools import utils as titan_utils
 
+from ..components.dist_utils import to_local
 from ..errors import ConfigError, origin_of
 from .fsdp import apply_ac_and_compile, configure_gradient_reduction
 
@@ -118,8 +119,6 @@ def clip_grad_norm_block_parallel(
     return total_norm
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 @torch.no_grad()
@@ -128,10 +127,10 @@ def synchronize_blocks(model: nn.Module, optimizers, layout: BlockParallelLayout
     states = [opt.state for opt in getattr(optimizers, "optimizers", [optimizers])]
     for block in range(layout.num_blocks):
         for param in block_parameters(model, block):
-            tensors = [_local(param)]
+            tensors = [to_local(param)]
             for state in states:
                 tensors += [
-                    _local(value) for value in state.get(param, {}).values()
+                    to_local(value) for value in state.get(param, {}).values()
                     if isinstance(value, torch.Tensor)
                 ]
             for tensor in tensors:

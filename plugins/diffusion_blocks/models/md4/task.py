@@ -32,7 +32,7 @@ from torchtitan.hf_datasets.text_datasets import build_text_validation_dataloade
 from ...data.text import build_tokenizer, CharTokenizer
 from ...diffusion.masking import mask_tokens
 from ...diffusion.objectives import LossSums
-from ...tasks import EVAL_SEED, EvalContext
+from ...protocols.task import EVAL_SEED, EvalContext
 
 DEFAULT_DRAWS_PER_SEQUENCE = 8  # t draws per held-out sequence (rounded up to a multiple of B)
 

@@ -10,13 +10,18 @@ from torchtitan.protocols.train_spec import TrainSpec
 
 from ...errors import ConfigError, origin_of
 from ...data.text import build_tokenizer
-from ...family import (
-    blockwise_train_spec, HEAD_LOSS_KEYS, MASKING_KEYS, ModelFamily, VISION_SAMPLER_KEYS,
+from ...protocols.family import (
+    blockwise_train_spec,
+    HEAD_LOSS_KEYS,
+    MASKING_KEYS,
+    ModelFamily,
+    VISION_SAMPLER_KEYS,
 )
 from ...parallel.parallelize import parallelize_dblocks_llama
-from ...validation import build_denoiser_validator
+from ...components.validate import build_denoiser_validator
 from ..llama3 import token_embedding_parameters
 from ..llama3.sampler import continue_prompt
+from ..llama3.model import is_added_by_conversion
 from ..llama3.task import LanguageModelTask
 from .args import recurrent_flavors
 from .model import RecurrentDenoiser, RecurrentTwin
@@ -56,6 +61,7 @@ def check_config(job_config) -> None:
 
 FAMILY = ModelFamily(
     NAME, get_train_spec, RecurrentTwin, LanguageModelTask(),
+    added_by_conversion=is_added_by_conversion,
     embedding_parameters=token_embedding_parameters, check_config=check_config,
     # its sampler recomputes the context for every token: no KV cache to turn off
     sample_text=partial(continue_prompt, generate, NAME, refused=("steps", "kv_cache")),

@@ -14,8 +14,8 @@ from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.protocols.train_spec import TrainSpec
 
-from .metrics import build_blockwise_metrics_processor
-from .tasks import Task
+from ..components.metrics import build_blockwise_metrics_processor
+from .task import Task
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,9 @@ class ModelFamily:
     stock_models: tuple[str, ...] = ()
     """Stock torchtitan train specs that `[model] converters = ["diffusion_blocks"]`
     turns into this family's denoiser."""
+    added_by_conversion: Callable[[str], bool] | None = None
+    """Model keys a stock checkpoint lacks (the modules the conversion adds): a model-only
+    initial load leaves them as initialised (components/checkpoint.py); None: none."""
     check_config: Callable[[Any], None] | None = None
     """Family-specific checks of a job config, run before anything is built (raises
     ConfigError)."""

@@ -26,7 +26,8 @@ or a Hugging Face Llama checkpoint (safetensors, read through the train spec's
 (`[checkpoint] initial_load_path` or `initial_load_in_hf` with
 `initial_load_model_only = true`, before the run's checkpoint folder exists). There it
 loads every weight the checkpoint has, leaves the modules added by the conversion
-(`models.llama3.model.is_added_by_conversion`) as initialised, and refuses, with one line,
+(the family's `added_by_conversion`, models.llama3.model.is_added_by_conversion for the
+LM families) as initialised, and refuses, with one line,
 any other missing key or any weight stored with another shape than the model's.
 Resumes, seed checkpoints (step 0) and saves otherwise run torchtitan's code.
 """
@@ -42,13 +43,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.tensor import DTensor
 
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager, MODEL, OPTIMIZER
 from torchtitan.tools.logging import logger
 
-from .errors import CheckpointError, ConfigError
-from .models.llama3.model import is_added_by_conversion
+from ..errors import CheckpointError, ConfigError
+from .dist_utils import to_local
 from .run_identity import check_identity, IDENTITY_FILE, read_identity, write_identity
 
 STEP_FOLDER = re.compile(r"step-(\d+)")
@@ -165,8 +165,6 @@ def os_error_in(error: BaseException) -> OSError | None:
     return None
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _agree(local: Any) -> list[Any]:
@@ -176,6 +174,10 @@ def _agree(local: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     return gathered
+
+
+def _no_key(key: str) -> bool:
+    return False
 
 
 class BlockwiseCheckpointManager(CheckpointManager):
@@ -194,6 +196,12 @@ class BlockwiseCheckpointManager(CheckpointManager):
     allow_fresh_start = False
     on_restart: Callable[[int, str | None], None] | None = None
     _async_folder: str | None = None
+
+    def __init__(self, *args, added_by_conversion: Callable[[str], bool] | None = None, **kwargs):
+        """torchtitan's arguments, and `added_by_conversion`: the model keys a stock
+        checkpoint lacks (the family's ModelFamily.added_by_conversion; None: none)."""
+        super().__init__(*args, **kwargs)
+        self.added_by_conversion = added_by_conversion or _no_key
 
     def set_run(
         self,
@@ -345,14 +353,14 @@ class BlockwiseCheckpointManager(CheckpointManager):
         found = []
         for part in self.states[MODEL].model:
             for name, tensor in (*part.named_parameters(), *part.named_buffers()):
-                local = _local(tensor)
+                local = to_local(tensor)
                 if local.is_floating_point() and not torch.isfinite(local).all():
                     found.append(name)
         for optimizer in self.states[OPTIMIZER]:
             for state in optimizer.state.values():
                 for key, value in state.items():
                     if torch.is_tensor(value) and value.is_floating_point() and not (
-                        torch.isfinite(_local(value)).all()
+                        torch.isfinite(to_local(value)).all()
                     ):
                         found.append(f"optimizer state {key}")
         names = sorted({name for rank_names in _agree(found) for name in rank_names})
@@ -395,8 +403,8 @@ class BlockwiseCheckpointManager(CheckpointManager):
         ):
             return super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
 
-        stock = {k: v for k, v in state_dict.items() if not is_added_by_conversion(k)}
-        added = [k for k in state_dict if is_added_by_conversion(k)]
+        stock = {k: v for k, v in state_dict.items() if not self.added_by_conversion(k)}
+        added = [k for k in state_dict if self.added_by_conversion(k)]
         if from_hf:
             loaded = self._load_stock_from_hf(stock, checkpoint_id, from_quantized)
             fresh = added

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .diffusion.objectives import LossSums
+from ..diffusion.objectives import LossSums
 
 EVAL_SEED = 1234  # the generator seed of evaluation-time sampling
 

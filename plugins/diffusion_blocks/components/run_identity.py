@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 IDENTITY_FILE = "diffusion_blocks_run.json"
 NOISE_KEYS = ("sigma_min", "sigma_max", "p_mean", "p_std", "sigma_data")

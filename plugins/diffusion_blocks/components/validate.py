@@ -23,15 +23,12 @@ from torchtitan.components.validate import BaseValidator, Validator
 from torchtitan.tools import utils as titan_utils
 from torchtitan.tools.logging import logger
 
-from .tasks import EvalContext
+from ..protocols.task import EvalContext
+from .dist_utils import sum_over_ranks
 
 VALIDATION_SEED = 20_000
 
 
-def _sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
 
 
 class DenoiserValidator(Validator):
@@ -76,7 +73,7 @@ class DenoiserValidator(Validator):
                 totals[block] += torch.stack(
                     [sums.loss_sum.double(), sums.unweighted_sum.double(), sums.num_items.double()]
                 )
-        totals = _sum_over_ranks(totals)
+        totals = sum_over_ranks(totals)
         items = totals[:, 2].clamp_min(1)
         loss_B, ce_B = (totals[:, 0] / items).tolist(), (totals[:, 1] / items).tolist()
         extra = {"validation_metrics/ce": sum(ce_B) / len(ce_B)}

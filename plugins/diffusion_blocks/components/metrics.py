@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torchtitan.components.metrics import BaseLogger, LoggerContainer, MetricsProcessor
 from torchtitan.tools.logging import logger
 
-from . import titan_compat
+from .. import titan_compat
 
 BLOCKWISE_PREFIX = "diffusion_blocks/"
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from torchtitan.components.loss import IGNORE_INDEX
 
-from .diffusion.objectives import label_ce_sums, LossSums
+from ..diffusion.objectives import label_ce_sums, LossSums
 
 DEFAULT_CHUNK_ROWS = 1024
 
