@@ -19,7 +19,7 @@ from diffusion_blocks.components.linear_ce import (
     chunked_linear_cross_entropy,
     linear_cross_entropy_sums,
 )
-from diffusion_blocks.memory import count_saved_activations, estimate_step
+from diffusion_blocks.eval.memory import count_saved_activations, estimate_step
 from diffusion_blocks.models.cross_entropy_head import (
     CrossEntropyHead, scoring_labels, use_cross_entropy_head,
 )

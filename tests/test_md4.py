@@ -21,7 +21,8 @@ from diffusion_blocks.diffusion.masking import mask_tokens, MaskingSchedule
 from diffusion_blocks.models.md4.args import MaskedDiffusionArgs
 from diffusion_blocks.models.md4.model import EndToEndMaskedDiffusionLM, MaskedDiffusionLM
 from diffusion_blocks.models.md4.sampler import sample
-from diffusion_blocks.models.md4.task import elbo_draw, heldout_bpc, MaskedDiffusionTask
+from diffusion_blocks.models.md4.evaluation import elbo_draw, heldout_bpc
+from diffusion_blocks.models.md4.task import MaskedDiffusionTask
 from diffusion_blocks.diffusion.partition import BlockPartition
 from diffusion_blocks.registry import resolve_run_spec
 

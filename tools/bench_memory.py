@@ -44,7 +44,7 @@ from diffusion_blocks.config.bounds import (
 )
 from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.config.loader import parse_job_config
-from diffusion_blocks.memory import (
+from diffusion_blocks.eval.memory import (
     count_saved_activations,
     estimate_step,
     peak_device_bytes,

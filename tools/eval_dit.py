@@ -33,8 +33,8 @@ from diffusion_blocks.config.bounds import (
 from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.data.images import load_job_split, subset
-from diffusion_blocks.image_grid import make_grid, save_png
-from diffusion_blocks.image_metrics import (
+from diffusion_blocks.eval.image_grid import make_grid, save_png
+from diffusion_blocks.eval.images import (
     features_and_predictions,
     frechet_distance,
     judge_samples,

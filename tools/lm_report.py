@@ -44,7 +44,6 @@ output goes to <out>/log_<run>.txt.
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import re
@@ -64,15 +63,17 @@ from diffusion_blocks.errors import ConfigError, exit_on_config_error
 from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.data.text import check_text_file
 from diffusion_blocks.inference import load_for_inference
+from diffusion_blocks.eval.text import (
+    evenly_spaced_windows, judge_features, sample_rows, score, teacher_forced,
+)
 from diffusion_blocks.models.llama3 import evaluation
 from diffusion_blocks.models.llama3.sampler import (
-    DecodingConfig, forwards_per_token, generate, is_denoiser, owner_of, TOKEN_STEPS,
+    forwards_per_token, generate, is_denoiser, owner_of, TOKEN_STEPS,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "train_configs" / "llama3_text.toml"
 JUDGE_SEED = 1
-TEACHER_FORCED_SEED = 1234
 STEP_LINE = re.compile(r"step:\s*(?:\x1b\[[0-9;]*m)?\s*(\d+)")
 
 
@@ -218,55 +219,6 @@ def load(overrides: list[str]):
     return model, tokenizer, job_config.training.seq_len
 
 
-def sample_rows(args, models: dict) -> dict[str, tuple[str, DecodingConfig]]:
-    """row -> (model name, decoding) of every set of samples to draw."""
-    rows = {}
-    for name, model in models.items():
-        if name == "judge":
-            continue
-        if not is_denoiser(model):
-            rows |= {f"{name} T={t}": (name, DecodingConfig(max_new_tokens=args.new_tokens, temperature=t))
-                     for t in args.temperatures}
-            continue
-        rows |= {
-            f"{name} {sampler} {steps}/block": (name, DecodingConfig(
-                max_new_tokens=args.new_tokens, steps_per_block=steps, sampler=sampler))
-            for sampler in args.samplers for steps in args.steps_per_block
-        }
-    return rows
-
-
-def score(judge, prompts, continuations, real_features, tokenizer, model=None, decoding=None) -> dict:
-    features = evaluation.judge_features(judge, prompts, continuations)
-    return {
-        "model": model,
-        "decoding": dataclasses.asdict(decoding) if decoding else None,
-        "judge_ce": evaluation.judge_ce(judge, prompts, continuations),
-        **evaluation.diversity(continuations.tolist()),
-        "mauve": evaluation.mauve_score(real_features, features),
-        "example": tokenizer.decode(prompts[0].tolist()) + " || "
-        + tokenizer.decode(continuations[0].tolist()),
-    }
-
-
-def teacher_forced(models: dict, windows, sigmas) -> dict:
-    tokens, labels = windows[:, :-1], windows[:, 1:]
-    results = {}
-    for name, model in models.items():
-        if not is_denoiser(model):
-            results[name] = {"next_token_ce": evaluation.next_token_ce(model, tokens, labels)}
-            continue
-        generator = torch.Generator().manual_seed(TEACHER_FORCED_SEED)
-        results[name] = {"sigma_ce": {
-            f"{sigma:g}": {
-                "block": owner_of(model.partition, sigma),
-                "ce": evaluation.teacher_forced_denoising_ce(model, tokens, labels, sigma, generator),
-            }
-            for sigma in sigmas
-        }}
-    return results
-
-
 def print_tables(args, samples: dict, tf: dict) -> None:
     print(f"\nContinuations of {args.prompts} held-out {args.prompt_len}-byte prompts by "
           f"{args.new_tokens} bytes; judge: end to end, {2 * args.steps} steps, another seed.\n")
@@ -318,10 +270,10 @@ def main(argv):
     judge = models["judge"]
     ids = tokenizer.encode(val_text)
     span = args.prompt_len + args.new_tokens
-    windows = evaluation.evenly_spaced_windows(ids, span, 2 * args.prompts)
+    windows = evenly_spaced_windows(ids, span, 2 * args.prompts)
     prompts, truth = windows[0::2, :args.prompt_len], windows[0::2, args.prompt_len:]
     other_prompts, other_truth = windows[1::2, :args.prompt_len], windows[1::2, args.prompt_len:]
-    real_features = evaluation.judge_features(judge, prompts, truth)
+    real_features = judge_features(judge, prompts, truth)
 
     samples = {
         "held-out text": score(judge, prompts, truth, real_features, tokenizer),
@@ -344,7 +296,7 @@ def main(argv):
                 model, prompts, sigma, args.new_tokens, seq_len)
             samples[row] = score(judge, prompts, continuations, real_features, tokenizer, name)
 
-    eval_windows = evaluation.evenly_spaced_windows(ids, seq_len + 1, args.eval_windows)
+    eval_windows = evenly_spaced_windows(ids, seq_len + 1, args.eval_windows)
     tf = teacher_forced(models, eval_windows, args.sigmas)
     print_tables(args, samples, tf)
     report = Path(args.report or out / "report.json")

@@ -35,7 +35,7 @@ import diffusion_blocks  # noqa: F401
 from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.inference import load_for_inference
-from diffusion_blocks.models.llama3 import evaluation
+from diffusion_blocks.eval.text import evenly_spaced_windows, judge_ce
 from diffusion_blocks.models.llama3.sampler import DecodingConfig
 from diffusion_blocks.models.recurrent.sampler import generate, sequence_logits
 from lm_report import common_overrides, split_corpus, train
@@ -111,17 +111,17 @@ def main(argv):
     judge, tokenizer = load_for_inference(
         parse_job_config(runs["judge"]), out / "judge" / "checkpoint")[:2]
     held_out_ids = tokenizer.encode(val_text)
-    windows = evaluation.evenly_spaced_windows(
+    windows = evenly_spaced_windows(
         held_out_ids, args.prompt_len + args.new_tokens, args.prompts
     )
     prompts, truth = windows[:, :args.prompt_len], windows[:, args.prompt_len:]
-    report["real_text_judge_ce"] = evaluation.judge_ce(judge, prompts, truth)
+    report["real_text_judge_ce"] = judge_ce(judge, prompts, truth)
     results = report.setdefault("recipes", {})
     for recipe in RECIPES:
         job_config = parse_job_config(runs[recipe])
         model, _, step_folder = load_for_inference(job_config, out / recipe / "checkpoint")
         seq_len = job_config.training.seq_len
-        windows = evaluation.evenly_spaced_windows(held_out_ids, 1 + seq_len, args.windows)
+        windows = evenly_spaced_windows(held_out_ids, 1 + seq_len, args.windows)
         result = {"checkpoint": str(step_folder), "per_r": {}, "samples": {}}
         for r in recurrences:
             p_true, ce = teacher_forced(model, windows, r)
@@ -130,7 +130,7 @@ def main(argv):
             tokens = generate(model, prompts, decoding, seq_len)
             result["per_r"][str(r)] = {
                 "p_true_next": p_true, "last_pass_ce": ce,
-                "judge_ce": evaluation.judge_ce(judge, prompts, tokens[:, args.prompt_len:]),
+                "judge_ce": judge_ce(judge, prompts, tokens[:, args.prompt_len:]),
             }
             result["samples"][str(r)] = tokenizer.decode(tokens[0, args.prompt_len:].tolist())
             print(recipe, r, result["per_r"][str(r)], repr(result["samples"][str(r)]), flush=True)

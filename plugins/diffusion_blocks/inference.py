@@ -57,12 +57,19 @@ def single_process_parallel_dims() -> ParallelDims:
     return ParallelDims(dp_shard=1, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
 
 
-def build_model(job_config, device: torch.device, parallel_dims: ParallelDims, parallelize=None):
+def build_model(
+    job_config, device: torch.device, parallel_dims: ParallelDims, parallelize=None,
+    adjust_model_args=None,
+):
     """Returns (model, model_args, run_spec). `parallelize(model)` replaces the spec's
-    parallelize_fn when given."""
+    parallelize_fn when given; `adjust_model_args(model_args)` changes the flavor's
+    arguments (after the config's) before the model is built (the memory estimator's
+    attention kernel)."""
     run = resolve_run_spec(job_config)
     model_args = copy.deepcopy(run.spec.model_args[job_config.model.flavor])
     model_args.update_from_config(job_config)
+    if adjust_model_args is not None:
+        adjust_model_args(model_args)
     with torch.device("meta"), titan_utils.set_default_dtype(
         TORCH_DTYPE_MAP[job_config.training.dtype]
     ):

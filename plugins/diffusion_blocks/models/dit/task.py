@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ...image_grid import make_grid, save_png, tensorboard_writers
+from ...eval.image_grid import make_grid, save_png, tensorboard_writers
 from ...diffusion.objectives import weighted_squared_error_sums
 from ...protocols.task import EVAL_SEED, EvalContext
 

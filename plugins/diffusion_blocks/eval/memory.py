@@ -1,4 +1,4 @@
-"""Memory accounting shared by tools/bench_memory.py and tools/estimate_memory.py.
+"""Memory accounting shared by tools/bench/memory.py and tools/bench/estimate_memory.py.
 
 - activation bytes: tensors autograd saves for backward during a training forward,
   counted with saved-tensor hooks (unique storages), plus the inputs that activation
@@ -14,13 +14,17 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
+from torchtitan.config import TORCH_DTYPE_MAP
+from torchtitan.distributed.activation_checkpoint import apply_ac
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+from ..components.dist_utils import layer_parameter_count, to_local
+from ..inference import build_model, single_process_parallel_dims
+from ..models.cross_entropy_head import apply_head_loss, scores_labels_in_head
+from ..parallel.fsdp import offloads_inactive_blocks, shared_units
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
-    tensor = _local(tensor)
+    tensor = to_local(tensor)
     return tensor.numel() * tensor.element_size()
 
 
@@ -39,7 +43,7 @@ class SavedTensorCounter:
         self._seen: set = set()
 
     def _add(self, tensor: torch.Tensor) -> None:
-        storage = _local(tensor).untyped_storage()
+        storage = to_local(tensor).untyped_storage()
         key = storage._cdata  # the StorageImpl: unique per storage, meta included
         size = storage.nbytes()
         if key not in self._seen:
@@ -92,7 +96,7 @@ def resident_bytes(model: nn.Module, optimizers, device: torch.device) -> Reside
     """Bytes of parameters, gradients and optimizer state that live on `device`."""
 
     def on_device(t) -> bool:
-        return isinstance(t, torch.Tensor) and _local(t).device.type == device.type
+        return isinstance(t, torch.Tensor) and to_local(t).device.type == device.type
 
     params = [p for p in model.parameters() if on_device(p)]
     grads = [p.grad for p in model.parameters() if p.grad is not None and on_device(p.grad)]
@@ -101,7 +105,7 @@ def resident_bytes(model: nn.Module, optimizers, device: torch.device) -> Reside
         for optimizer in getattr(optimizers, "optimizers", [optimizers])
         for param_state in optimizer.state.values()
         for value in param_state.values()
-        if on_device(value) and _local(value).dim() > 0  # skip scalar step counters
+        if on_device(value) and to_local(value).dim() > 0  # skip scalar step counters
     ]
     return ResidentBytes(
         params=sum(tensor_bytes(p) for p in params),
@@ -187,8 +191,6 @@ def offloaded_shared_bytes(model: nn.Module, shared: int, element: int) -> int:
     (the head from the forward's end through its backward, the embedding at the
     backward's end, after the head's gradients have left for the host). `shared`: the
     parameters outside model.layers."""
-    from .parallel.fsdp import shared_units
-
     units = [sum(p.numel() for m in unit for p in m.parameters()) for unit in shared_units(model)]
     root = shared - sum(units)
     return 2 * (root + max(units)) * element
@@ -205,42 +207,30 @@ def estimate_step(job_config, nproc: int, block: int | None = None) -> StepEstim
     the shared modules' parameters, gradients and state are resident; a layer is
     all-gathered onto the device (parameters, then its gradient) while it computes.
     """
-    from .parallel.fsdp import offloads_inactive_blocks
 
-    import copy
+    def use_sdpa(model_args) -> None:
+        if hasattr(model_args, "attn_type"):
+            # flex/varlen need real masks; every fused kernel saves the same footprint
+            model_args.attn_type = "sdpa"
 
-    from torchtitan.config import TORCH_DTYPE_MAP
-    from torchtitan.distributed.activation_checkpoint import apply_ac
-    from torchtitan.protocols.model_converter import build_model_converters
-    from torchtitan.tools import utils as titan_utils
+    def prepare_for_training(model: nn.Module) -> nn.Module:
+        apply_head_loss(model, job_config.diffusion_blocks)  # as parallelize_dblocks_llama does
+        if job_config.activation_checkpoint.mode != "none":
+            apply_ac(model, job_config.activation_checkpoint)
+        return model
 
-    from .inference import single_process_parallel_dims
-    from .models.cross_entropy_head import apply_head_loss, scores_labels_in_head
-    from .registry import resolve_run_spec
-
-    run = resolve_run_spec(job_config)
-    family, enabled = run.family, run.enabled
-    model_args = copy.deepcopy(run.spec.model_args[job_config.model.flavor])
-    model_args.update_from_config(job_config)
-    if hasattr(model_args, "attn_type"):
-        # flex/varlen need real masks; every fused kernel saves the same footprint
-        model_args.attn_type = "sdpa"
     meta = torch.device("meta")
-    with meta, titan_utils.set_default_dtype(TORCH_DTYPE_MAP[job_config.training.dtype]):
-        model = run.spec.model_cls(model_args)
-    build_model_converters(job_config, single_process_parallel_dims()).convert(model)
-    apply_head_loss(model, job_config.diffusion_blocks)  # as parallelize_dblocks_llama does
-    if job_config.activation_checkpoint.mode != "none":
-        apply_ac(model, job_config.activation_checkpoint)
+    model, model_args, run = build_model(
+        job_config, meta, single_process_parallel_dims(), parallelize=prepare_for_training,
+        adjust_model_args=use_sdpa,
+    )
+    family, enabled = run.family, run.enabled
 
     batch, seq_len = job_config.training.local_batch_size, job_config.training.seq_len
     tokens = torch.zeros((batch, seq_len), dtype=torch.long, device=meta)
     inputs = {"input": tokens}
     if enabled:
-        block_sizes = [
-            sum(p.numel() for i in layers for p in model.layers[str(i)].parameters())
-            for layers in model.partition.layer_ranges
-        ]
+        block_sizes = [layer_parameter_count(model, layers) for layers in model.partition.layer_ranges]
         block = max(range(len(block_sizes)), key=block_sizes.__getitem__) if block is None else block
     with fused_attention_footprint(), count_saved_activations(model) as counter:
         if enabled:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.images import ImageSplit
+from ..data.images import ImageSplit
 
 
 class FeatureCNN(nn.Module):
