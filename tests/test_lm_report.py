@@ -4,6 +4,7 @@ diffusion_blocks.models.llama3.evaluation)."""
 import importlib.util
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -111,8 +112,15 @@ def test_mauve_tells_one_distribution_from_another():
     assert text_metrics.mauve_score(p, far) < 0.1
 
 
+REPORTS = REPO / "tools" / "reports"
+
+
 def load_tool():
-    spec = importlib.util.spec_from_file_location("lm_report", REPO / "tools" / "lm_report.py")
+    """tools/reports/lm.py, loaded as `python tools/reports/lm.py` runs it: its folder
+    on sys.path (it imports the reports' `common`)."""
+    if str(REPORTS) not in sys.path:
+        sys.path.insert(0, str(REPORTS))
+    spec = importlib.util.spec_from_file_location("lm_report", REPORTS / "lm.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

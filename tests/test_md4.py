@@ -427,14 +427,14 @@ def test_block_parallel_with_activation_checkpointing(tmp_path):
 
 
 def test_md4_report_trains_both_and_writes_the_bpc_of_each(tmp_path):
-    """tools/md4_report.py end to end at a toy size."""
+    """tools/reports/md4.py end to end at a toy size."""
     from diffusion_blocks.data.text import synthetic_sentences
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(synthetic_sentences(400)) + "\n")
     out = tmp_path / "report"
     proc = subprocess.run(
-        [sys.executable, "tools/md4_report.py", "--data", str(corpus), "--out", str(out),
+        [sys.executable, "tools/reports/md4.py", "--data", str(corpus), "--out", str(out),
          "--steps", "2", "--warmup", "1", "--eval-batches", "1", "--num-samples", "1",
          "--training.seq_len", "32", "--training.local_batch_size", "2",
          "--validation.seq_len", "32", "--validation.local_batch_size", "2"],

@@ -3,7 +3,7 @@ and optimizer state in host memory; shared modules stay on the training device.
 
 On this CPU-only machine host and device are the same memory, so these tests prove
 the structure and that the numerics are unchanged; the device-memory effect is what
-tools/bench_memory.py and tools/estimate_memory.py report on a GPU."""
+tools/bench/memory.py and tools/bench/estimate_memory.py report on a GPU."""
 
 import pytest
 

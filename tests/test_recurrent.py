@@ -476,7 +476,7 @@ if __name__ == "__main__":
 
 
 def test_recurrent_report_writes_quality_per_r(tmp_path):
-    """tools/recurrent_report.py end to end at a toy size: both recipes and the judge
+    """tools/reports/recurrent.py end to end at a toy size: both recipes and the judge
     trained, every r evaluated, report.json with its keys."""
     from diffusion_blocks.data.text import synthetic_sentences
 
@@ -484,7 +484,7 @@ def test_recurrent_report_writes_quality_per_r(tmp_path):
     corpus.write_text("\n".join(synthetic_sentences(300)) + "\n")
     out = tmp_path / "report"
     proc = subprocess.run(
-        [sys.executable, str(h.REPO / "tools" / "recurrent_report.py"), "--data", str(corpus),
+        [sys.executable, str(h.REPO / "tools" / "reports" / "recurrent.py"), "--data", str(corpus),
          "--out", str(out), "--steps", "2", "--warmup", "1", "--recurrences", "1,3",
          "--windows", "1", "--prompts", "2", "--prompt-len", "8", "--new-tokens", "4",
          "--training.seq_len", "16", "--training.local_batch_size", "2"],

@@ -1,6 +1,6 @@
 """Predict per-device training-step memory before anything is allocated (meta device).
 
-    python tools/estimate_memory.py --job.config_file train_configs/llama3_8b.toml \
+    python tools/bench/estimate_memory.py --job.config_file train_configs/llama3_8b.toml \
         --nproc 8 [--blocks 2,4,8] [--json] [--section.key value ...]
 
 Runs the configured model's real training forward on the meta device, counting the

@@ -1,6 +1,6 @@
 """Reproduce docs/vision.md's numbers from scratch in one run (CPU, no downloads).
 
-    python tools/vision_report.py [--job.config_file CONFIG ...] [--out outputs/vision_report]
+    python tools/reports/vision.py [--job.config_file CONFIG ...] [--out outputs/vision_report]
                                   [--sequential] [--quick] [--seed N] [--phases vit dit]
 
 Each --job.config_file is a DiffusionBlocks config of a vision family (default:
@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "plugins"))
 
 from diffusion_blocks.config.bounds import number_arg, SEED  # noqa: E402
 from diffusion_blocks.config.loader import parse_job_config  # noqa: E402
+from common import run_all  # noqa: E402
 
 
 DEFAULT_CONFIGS = ["train_configs/vit_digits.toml", "train_configs/dit_digits.toml"]
@@ -56,49 +55,12 @@ class Run:
         return ["--job.config_file", str(REPO / self.config), *self.model_overrides]
 
 
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "plugins"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    # tiny models: one thread per process beats two threads fighting over two cores
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def train_command(run: Run, out: Path) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
         "-m", "diffusion_blocks.train", *run.config_args(),
         "--job.dump_folder", str(run.folder(out)), *run.overrides,
     ]
-
-
-def run_all(commands: list[tuple[list[str], Path]], parallel: bool) -> list[float]:
-    """Run commands (stdout+stderr to their log files), all at once or one by one;
-    returns the wall seconds of each."""
-    seconds: list[float] = [0.0] * len(commands)
-    running: dict[int, tuple[subprocess.Popen, float, Path]] = {}
-
-    def finish(i: int) -> None:
-        proc, start, log = running.pop(i)
-        proc.wait()
-        seconds[i] = time.perf_counter() - start
-        if proc.returncode:
-            tail = "".join(open(log).readlines()[-30:])
-            raise SystemExit(f"command failed ({proc.returncode}), see {log}:\n{tail}")
-
-    for i, (command, log) in enumerate(commands):
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as handle:
-            proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO)
-        running[i] = (proc, time.perf_counter(), log)
-        if not parallel:
-            finish(i)
-    while running:
-        done = [i for i, (proc, _, _) in running.items() if proc.poll() is not None]
-        for i in done:
-            finish(i)
-        time.sleep(0.5)
-    return seconds
 
 
 def last_json_line(log: Path) -> dict:
@@ -228,7 +190,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python tools/vision_report.py", *sys.argv[1:]])
+    command = " ".join(["python tools/reports/vision.py", *sys.argv[1:]])
     started = time.perf_counter()
     report = {"phases": []}
     for config in args.configs or DEFAULT_CONFIGS:

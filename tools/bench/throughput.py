@@ -1,6 +1,6 @@
 """Training throughput: DiffusionBlocks vs end to end, same model and batch.
 
-    python tools/bench_throughput.py --job.config_file train_configs/llama3_debug.toml \
+    python tools/bench/throughput.py --job.config_file train_configs/llama3_debug.toml \
         [--num-blocks 4] [--steps 20] [--warmup 5] [--modes eager,compiled] [--json]
 
 Runs the real trainer's train_step (data loading included) for each of end-to-end and

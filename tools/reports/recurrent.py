@@ -1,12 +1,12 @@
 """The recurrent-depth LM: DiffusionBlocks' single-pass recipe vs Huginn's BPTT twin,
 LM quality against the inference iterations r, at equal training steps.
 
-    python tools/recurrent_report.py --data ../shared/data/tinyshakespeare.txt \
+    python tools/reports/recurrent.py --data ../shared/data/tinyshakespeare.txt \
         [--job.config_file train_configs/recurrent_debug.toml] [--steps 600] \
         [--recurrences 1,2,4,8,16,32] [--out outputs/recurrent_report] [--retrain]
         [--section.key value ...]   (applied to both recurrent trainings)
 
-1. splits the file as tools/lm_report.py does (the last 10%, at a line break, held out);
+1. splits the file as tools/reports/lm.py does (the last 10%, at a line break, held out);
 2. trains the config with DiffusionBlocks (one core pass per step) and its end-to-end
    twin (`--diffusion_blocks.no_enable`: r drawn per step, truncated BPTT) for the same
    number of optimizer steps, timing both; and a judge: the plain end-to-end llama3
@@ -19,7 +19,7 @@ LM quality against the inference iterations r, at equal training steps.
    unbiased estimate of the probability over the start noise too), and the
    cross-entropy of the last pass's logits themselves;
 4. for every r, continuations (temperature 1) of --prompts held-out prompts, scored by
-   the judge (nats/byte; lm_report.py's generative yardstick), beside the real text's.
+   the judge (nats/byte; reports/lm.py's generative yardstick), beside the real text's.
 Prints markdown tables and writes <out>/report.json.
 """
 
@@ -38,9 +38,9 @@ from diffusion_blocks.inference import load_for_inference
 from diffusion_blocks.eval.text import evenly_spaced_windows, judge_ce
 from diffusion_blocks.models.llama3.sampler import DecodingConfig
 from diffusion_blocks.models.recurrent.sampler import generate, sequence_logits
-from lm_report import common_overrides, split_corpus, train
+from common import common_overrides, split_corpus, train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "train_configs" / "recurrent_debug.toml"
 JUDGE_CONFIG = REPO / "train_configs" / "llama3_text.toml"
 RECIPES = {"dblocks": [], "twin": ["--diffusion_blocks.no_enable"]}

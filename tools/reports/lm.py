@@ -1,6 +1,6 @@
 """End-to-end vs DiffusionBlocks on a byte-level text corpus, scored by an independent judge.
 
-    python tools/lm_report.py --data ../shared/data/tinyshakespeare.txt \
+    python tools/reports/lm.py --data ../shared/data/tinyshakespeare.txt \
         [--job.config_file train_configs/llama3_text.toml] [--steps 300] [--warmup 30]
         [--num-blocks 4] [--init-from-e2e] [--samplers ancestral,euler[,heun]]
         [--steps-per-block 1,2,4,8] [--temperatures 0.7,0.85,1.0] [--prompts 32]
@@ -46,15 +46,11 @@ output goes to <out>/log_<run>.txt.
 import argparse
 import json
 import math
-import re
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
 from tqdm import tqdm
 
 import diffusion_blocks  # noqa: F401
@@ -70,56 +66,11 @@ from diffusion_blocks.models.llama3 import evaluation
 from diffusion_blocks.models.llama3.sampler import (
     forwards_per_token, generate, is_denoiser, owner_of, TOKEN_STEPS,
 )
+from common import common_overrides, split_corpus, train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "train_configs" / "llama3_text.toml"
 JUDGE_SEED = 1
-STEP_LINE = re.compile(r"step:\s*(?:\x1b\[[0-9;]*m)?\s*(\d+)")
-
-
-def split_corpus(source: Path, out: Path, val_fraction: float = 0.1) -> tuple[Path, str]:
-    text = source.read_text(encoding="utf-8")
-    cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1
-    out.mkdir(parents=True, exist_ok=True)
-    train_path = out / "train.txt"
-    train_path.write_text(text[:cut], encoding="utf-8")
-    return train_path, text[cut:]
-
-
-def common_overrides(
-    config: Path, train_path: Path, dump: Path, steps: int, warmup: int
-) -> list[str]:
-    return [
-        "--job.config_file", str(config),
-        "--training.dataset_path", str(train_path),
-        "--job.dump_folder", str(dump),
-        "--training.steps", str(steps),
-        "--lr_scheduler.warmup_steps", str(warmup),
-        "--checkpoint.interval", str(steps),
-        "--metrics.log_freq", str(min(50, steps)),
-    ]
-
-
-def train(name: str, overrides: list[str], steps: int, log: Path) -> float:
-    """One training run under torchrun, its output in `log`, a progress bar on its
-    steps; returns the seconds it took."""
-    start = time.monotonic()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
-           "-m", "diffusion_blocks.train", *overrides]
-    print(f"$ {' '.join(cmd)}\n  (output: {log})", flush=True)
-    with open(log, "w") as log_file, tqdm(total=steps, desc=f"train {name}", unit="step") as bar:
-        process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
-        for line in process.stdout:
-            log_file.write(line)
-            if match := STEP_LINE.search(line):
-                bar.update(int(match.group(1)) - bar.n)
-        if process.wait() != 0:
-            tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
-            raise SystemExit(f"training {name} failed (exit {process.returncode}); "
-                             f"the end of {log}:\n{tail}")
-    return time.monotonic() - start
 
 
 def comma_list(kind):

@@ -1,7 +1,7 @@
 """Decoding speed: the block-wise LM vs its end-to-end twin, new tokens per second
 after prompts of several lengths.
 
-    python tools/bench_generate.py [--job.config_file train_configs/llama3_debug.toml] \
+    python tools/bench/generate.py [--job.config_file train_configs/llama3_debug.toml] \
         [--checkpoint DIR] [--e2e-checkpoint DIR] [--context-lengths 64,256,1024] \
         [--new-tokens 32] [--steps-per-block 1] [--sampler ancestral] [--batch-size 1] \
         [--repeats 1] [--device cpu] [--no-kv-cache] [--json] [--section.key value ...]
@@ -52,7 +52,7 @@ from diffusion_blocks.models.llama3.sampler import (
     DecodingConfig, DEFAULT_SAMPLER, forwards_per_token, generate, TOKEN_STEPS,
 )
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "train_configs" / "llama3_debug.toml")
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[2] / "train_configs" / "llama3_debug.toml")
 PROMPT_SEED = 0
 
 

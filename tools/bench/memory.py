@@ -1,6 +1,6 @@
 """Measure training-step memory: end to end vs DiffusionBlocks at several B.
 
-    python tools/bench_memory.py --job.config_file train_configs/llama3_debug.toml \
+    python tools/bench/memory.py --job.config_file train_configs/llama3_debug.toml \
         [--blocks 2,4,8] [--ac none,full] [--steps 0] [--json] [--section.key value ...]
         [--vary section.key=v1,v2,... ...]
 

@@ -1,6 +1,6 @@
 """DiffusionBlocks vs end-to-end MD4 on a character-level text (default tinyshakespeare).
 
-    python tools/md4_report.py --data ../shared/data/tinyshakespeare.txt \
+    python tools/reports/md4.py --data ../shared/data/tinyshakespeare.txt \
         [--job.config_file train_configs/md4_chars.toml] [--steps 200] [--warmup 20] \
         [--num-blocks 4] [--eval-batches 8] [--out outputs/md4_report] [--skip-training] \
         [--section.key value ...]   # applied to every run, e.g. --diffusion_blocks.time_conditioning none
@@ -31,23 +31,11 @@ from diffusion_blocks.inference import load_for_inference
 from diffusion_blocks.models.md4.sampler import sample_text
 from diffusion_blocks.models.md4.task import build_md4_tokenizer
 from diffusion_blocks.models.md4.evaluation import heldout_batches, heldout_bpc
-from lm_report import train
+from common import split_text, train
 from torchtitan.hf_datasets.text_datasets import build_text_validation_dataloader
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "train_configs" / "md4_chars.toml"
-
-
-def split_text(source: Path, out: Path, heldout_fraction: float = 0.1) -> tuple[Path, Path]:
-    """train.txt and heldout.txt in `out`: the file cut at the line break before its
-    last `heldout_fraction`."""
-    text = source.read_text(encoding="utf-8")
-    cut = text.rfind("\n", 0, int(len(text) * (1 - heldout_fraction))) + 1
-    out.mkdir(parents=True, exist_ok=True)
-    paths = out / "train.txt", out / "heldout.txt"
-    paths[0].write_text(text[:cut], encoding="utf-8")
-    paths[1].write_text(text[cut:], encoding="utf-8")
-    return paths
 
 
 def run_overrides(config, train_path, heldout_path, dump, steps, warmup, extra) -> list[str]:
