@@ -5,8 +5,8 @@ import uuid
 import pytest
 
 from conftest import REPO
-from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.config.loader import load_composed_toml, parse_job_config
+from diffusion_blocks.errors import ConfigError
 
 
 def parse(path, *overrides):

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from diffusion_blocks.models.dit.model import DiffusionBlocksDiT, EndToEndDiT
-from diffusion_blocks.models.vision_layers import patchify, unpatchify
 from diffusion_blocks.diffusion.sampling import classifier_free_guidance
+from diffusion_blocks.models.dit.model import DiffusionBlocksDiT, EndToEndDiT
 from diffusion_blocks.models.dit.task import ImageGenerationTask
+from diffusion_blocks.models.vision_layers import patchify, unpatchify
 from torchtitan.protocols.train_spec import get_train_spec
 from vision_helpers import build_on_cpu, build_on_meta, job_config, LayerCallRecorder
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.protocols.family import TextRequest
 from diffusion_blocks.models.llama3 import kv_cache
 from diffusion_blocks.models.llama3.args import DenoiserOptions
 from diffusion_blocks.models.llama3.sampler import (
@@ -22,6 +21,7 @@ from diffusion_blocks.models.llama3.sampler import (
     last_row_denoiser, owner_of,
 )
 from diffusion_blocks.models.recurrent import FAMILY as RECURRENT
+from diffusion_blocks.protocols.family import TextRequest
 from test_llama_model import make_model, SEQ
 from test_stock_checkpoint import stock_model
 

@@ -6,13 +6,13 @@ import torch.nn.functional as F
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.config.sections import DiffusionBlocks
+from diffusion_blocks.diffusion.partition import BlockPartition
+from diffusion_blocks.models.llama3.args import dblocks_llama3_flavors
 from diffusion_blocks.models.llama3.model import (
     denoiser_dense_mask,
     denoiser_positions,
     DiffusionBlocksLlama,
 )
-from diffusion_blocks.models.llama3.args import dblocks_llama3_flavors
-from diffusion_blocks.diffusion.partition import BlockPartition
 
 SEQ = 12
 

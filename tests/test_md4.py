@@ -13,17 +13,17 @@ import torch
 
 import _train_helpers as h
 import diffusion_blocks  # noqa: F401  (registers the train specs)
-from diffusion_blocks.config.sections import DiffusionBlocks
-from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.config.sections import DiffusionBlocks
 from diffusion_blocks.data.text import CharTokenizer, register_text_datasets
 from diffusion_blocks.diffusion.masking import mask_tokens, MaskingSchedule
+from diffusion_blocks.diffusion.partition import BlockPartition
+from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.models.md4.args import MaskedDiffusionArgs
+from diffusion_blocks.models.md4.evaluation import elbo_draw, heldout_bpc
 from diffusion_blocks.models.md4.model import EndToEndMaskedDiffusionLM, MaskedDiffusionLM
 from diffusion_blocks.models.md4.sampler import sample
-from diffusion_blocks.models.md4.evaluation import elbo_draw, heldout_bpc
 from diffusion_blocks.models.md4.task import MaskedDiffusionTask
-from diffusion_blocks.diffusion.partition import BlockPartition
 from diffusion_blocks.registry import resolve_run_spec
 
 MD4_TOML = h.REPO / "train_configs" / "md4_chars.toml"

@@ -19,8 +19,8 @@ import torch
 
 from _train_helpers import CPU, DEBUG_TOML, REPO, subprocess_env, torchrun_script
 from diffusion_blocks.config.loader import parse_job_config
-from diffusion_blocks.inference import single_process_parallel_dims
 from diffusion_blocks.eval.memory import estimate_step
+from diffusion_blocks.inference import single_process_parallel_dims
 from diffusion_blocks.inference import build_model
 
 TINY = ["--training.seq_len", "64", "--training.local_batch_size", "4"]

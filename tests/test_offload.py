@@ -10,8 +10,8 @@ import pytest
 from _train_helpers import (
     BLOCK, DEBUG_TOML, GRAD_NORM, LOSS, TINY, check_ok, read_records, torchrun, training_rows,
 )
-from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.parallel.fsdp import offloads_inactive_blocks
 
 

@@ -23,10 +23,10 @@ import torch
 
 import _train_helpers as h
 from diffusion_blocks import diffusion
-from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.config.loader import parse_job_config
-from diffusion_blocks.inference import single_process_parallel_dims
+from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.eval.memory import count_saved_activations
+from diffusion_blocks.inference import single_process_parallel_dims
 from diffusion_blocks.inference import build_model
 from diffusion_blocks.models.llama3.sampler import DecodingConfig
 from diffusion_blocks.models.llama3.task import LanguageModelTask

@@ -24,10 +24,10 @@ from torchtitan.models.llama3 import llama3_args, Transformer
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 
 from diffusion_blocks.components.checkpoint import BlockwiseCheckpointManager
-from diffusion_blocks.errors import CheckpointError
 from diffusion_blocks.config.sections import DiffusionBlocks
-from diffusion_blocks.models.llama3.model import convert_to_denoiser, is_added_by_conversion
 from diffusion_blocks.diffusion.partition import BlockPartition
+from diffusion_blocks.errors import CheckpointError
+from diffusion_blocks.models.llama3.model import convert_to_denoiser, is_added_by_conversion
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

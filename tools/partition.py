@@ -13,10 +13,10 @@ import sys
 
 import diffusion_blocks  # noqa: F401  (registers the train specs)
 from diffusion_blocks.config.bounds import AT_LEAST_1, number_arg
-from diffusion_blocks.config.sections import DiffusionBlocks
-from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.config.sections import DiffusionBlocks
 from diffusion_blocks.diffusion.partition import BlockPartition
+from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.registry import resolve_run_spec
 
 

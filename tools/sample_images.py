@@ -25,11 +25,11 @@ from diffusion_blocks.config.bounds import (
     output_file_arg,
     SEED,
 )
-from diffusion_blocks.errors import ConfigError, exit_on_config_error
 from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.diffusion.sampling import network_evaluations, ODE_SAMPLERS
+from diffusion_blocks.errors import ConfigError, exit_on_config_error
 from diffusion_blocks.eval.image_grid import make_grid, save_png
 from diffusion_blocks.inference import expect_model, load_model
-from diffusion_blocks.diffusion.sampling import network_evaluations, ODE_SAMPLERS
 
 
 def parse_args(argv):

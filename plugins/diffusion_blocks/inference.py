@@ -31,8 +31,8 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.protocols.model_converter import build_model_converters
 from torchtitan.tools import utils as titan_utils
 
-from .errors import ConfigError
 from .components.run_identity import check_identity, run_identity
+from .errors import ConfigError
 from .registry import resolve_run_spec
 
 

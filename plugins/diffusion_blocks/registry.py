@@ -21,14 +21,14 @@ from torchtitan.protocols.train_spec import (
     TrainSpec,
 )
 
+from .components.optimizer import with_embedding_lr
 from .config.sections import DiffusionBlocks
-from .errors import ConfigError, origin_of
 from .data.text import build_hf_tokenizer_checked, build_tokenizer, register_text_datasets
-from .protocols.family import ModelFamily
+from .diffusion.partition import BlockPartition
+from .errors import ConfigError, origin_of
 from .models import dit, llama3, md4, recurrent, vit
 from .models.llama3.converter import CONVERTER_NAME, DiffusionBlocksConverter
-from .components.optimizer import with_embedding_lr
-from .diffusion.partition import BlockPartition
+from .protocols.family import ModelFamily
 
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family

@@ -42,17 +42,17 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.train import Trainer
 from torchtitan.tools.logging import init_logger, logger
 
-from .parallel import block_parallel
 from . import titan_compat
 from .components.checkpoint import BlockwiseCheckpointManager
 from .components.dist_utils import layer_parameter_count
-from .errors import ConfigError, exit_on_config_error, origin_of
-from .config.loader import parse_job_config
 from .components.metrics import BLOCKWISE_PREFIX
+from .components.run_identity import run_identity
+from .config.loader import parse_job_config
+from .diffusion.schedules import build_block_schedule
+from .errors import ConfigError, exit_on_config_error, origin_of
+from .parallel import block_parallel
 from .parallel.fsdp import check_supported_parallelism
 from .registry import resolve_run_spec
-from .components.run_identity import run_identity
-from .diffusion.schedules import build_block_schedule
 
 # what torchrun sets; a plain `python -m diffusion_blocks.train` is one process
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",

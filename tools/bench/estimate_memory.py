@@ -15,8 +15,8 @@ import sys
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.config.bounds import AT_LEAST_1, number_arg, number_list_arg
-from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.eval.memory import estimate_step
 
 GiB = 2**30

@@ -45,8 +45,8 @@ from diffusion_blocks.config.bounds import (
     number_arg,
     number_list_arg,
 )
-from diffusion_blocks.errors import ConfigError, exit_on_config_error
 from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.errors import ConfigError, exit_on_config_error
 from diffusion_blocks.inference import load_model
 from diffusion_blocks.models.llama3.sampler import (
     DecodingConfig, DEFAULT_SAMPLER, forwards_per_token, generate, TOKEN_STEPS,

@@ -42,8 +42,8 @@ from diffusion_blocks.config.bounds import (
     number_arg,
     number_list_arg,
 )
-from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.eval.memory import (
     count_saved_activations,
     estimate_step,

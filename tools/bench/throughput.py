@@ -22,8 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.config.bounds import AT_LEAST_1, choice_list_arg, NON_NEGATIVE, number_arg
-from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.train import BlockwiseTrainer, use_single_process_env
 from torchtitan.tools.utils import get_peak_flops
 

@@ -55,13 +55,13 @@ from tqdm import tqdm
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.config.bounds import AT_LEAST_1, existing_file_arg, NON_NEGATIVE, number_arg
-from diffusion_blocks.errors import ConfigError, exit_on_config_error
 from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.data.text import check_text_file
-from diffusion_blocks.inference import load_for_inference
+from diffusion_blocks.errors import ConfigError, exit_on_config_error
 from diffusion_blocks.eval.text import (
     evenly_spaced_windows, judge_features, sample_rows, score, teacher_forced,
 )
+from diffusion_blocks.inference import load_for_inference
 from diffusion_blocks.models.llama3 import evaluation
 from diffusion_blocks.models.llama3.sampler import (
     forwards_per_token, generate, is_denoiser, owner_of, TOKEN_STEPS,

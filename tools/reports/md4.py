@@ -26,11 +26,11 @@ import torch
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.config.loader import parse_job_config
-from diffusion_blocks.protocols.family import TextRequest
 from diffusion_blocks.inference import load_for_inference
+from diffusion_blocks.models.md4.evaluation import heldout_batches, heldout_bpc
 from diffusion_blocks.models.md4.sampler import sample_text
 from diffusion_blocks.models.md4.task import build_md4_tokenizer
-from diffusion_blocks.models.md4.evaluation import heldout_batches, heldout_bpc
+from diffusion_blocks.protocols.family import TextRequest
 from common import split_text, train
 from torchtitan.hf_datasets.text_datasets import build_text_validation_dataloader
 

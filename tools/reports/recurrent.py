@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.config.loader import parse_job_config
-from diffusion_blocks.inference import load_for_inference
+from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.eval.text import evenly_spaced_windows, judge_ce
+from diffusion_blocks.inference import load_for_inference
 from diffusion_blocks.models.llama3.sampler import DecodingConfig
 from diffusion_blocks.models.recurrent.sampler import generate, sequence_logits
 from common import common_overrides, split_corpus, train

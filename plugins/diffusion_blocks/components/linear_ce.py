@@ -106,7 +106,7 @@ def chunked_linear_cross_entropy(
 def cut_cross_entropy_kernel():
     """cut-cross-entropy's `linear_cross_entropy`, or None when it is not installed."""
     try:
-        from cut_cross_entropy import linear_cross_entropy
+        from cut_cross_entropy import linear_cross_entropy  # optional ([fused-ce]): on use
     except ImportError:
         return None
     return linear_cross_entropy

@@ -37,8 +37,8 @@ except ModuleNotFoundError:  # pragma: no cover - python < 3.11
 from torchtitan.config import ConfigManager
 from torchtitan.config import JobConfig as TitanJobConfig
 
-from . import checks, sections
 from ..errors import ConfigError, origin_in
+from . import checks, sections
 
 EXTENDS_KEY = "extends"
 CLI_ORIGIN = "command line"  # origins of --section.key flags read "command line (--flag)"

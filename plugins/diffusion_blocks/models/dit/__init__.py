@@ -4,11 +4,11 @@ from functools import partial
 
 from torchtitan.protocols.train_spec import TrainSpec
 
+from ...components.validate import build_task_validator
 from ...data.images import build_image_dataloader
-from ...protocols.family import blockwise_train_spec, ModelFamily
 from ...diffusion.objectives import build_squared_error_loss
 from ...parallel.parallelize import parallelize_vision
-from ...components.validate import build_task_validator
+from ...protocols.family import blockwise_train_spec, ModelFamily
 from ..llama3.model import is_added_by_conversion
 from .args import dit_flavors
 from .model import DiffusionBlocksDiT, EndToEndDiT

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ...eval.image_grid import make_grid, save_png, tensorboard_writers
 from ...diffusion.objectives import weighted_squared_error_sums
+from ...eval.image_grid import make_grid, save_png, tensorboard_writers
 from ...protocols.task import EVAL_SEED, EvalContext
 
 GRID_CLASSES = 10      # sample-grid rows (the first classes when there are more)

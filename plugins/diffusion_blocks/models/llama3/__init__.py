@@ -9,10 +9,10 @@ from torchtitan.models.llama3 import Transformer
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 from torchtitan.protocols.train_spec import TrainSpec
 
-from ...data.text import build_tokenizer
-from ...protocols.family import blockwise_train_spec, MASKING_KEYS, ModelFamily, VISION_SAMPLER_KEYS
-from ...parallel.parallelize import parallelize_dblocks_llama
 from ...components.validate import build_denoiser_validator
+from ...data.text import build_tokenizer
+from ...parallel.parallelize import parallelize_dblocks_llama
+from ...protocols.family import blockwise_train_spec, MASKING_KEYS, ModelFamily, VISION_SAMPLER_KEYS
 from .args import dblocks_llama3_flavors
 from .model import DiffusionBlocksLlama, is_added_by_conversion
 from .sampler import continue_prompt, generate

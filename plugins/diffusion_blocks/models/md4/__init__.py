@@ -8,7 +8,9 @@ from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.protocols.train_spec import TrainSpec
 
+from ...components.validate import build_task_validator
 from ...errors import ConfigError, origin_of
+from ...parallel.parallelize import parallelize_dblocks_llama
 from ...protocols.family import (
     AUTOREGRESSIVE_LM_KEYS,
     blockwise_train_spec,
@@ -16,8 +18,6 @@ from ...protocols.family import (
     HEAD_LOSS_KEYS,
     ModelFamily,
 )
-from ...parallel.parallelize import parallelize_dblocks_llama
-from ...components.validate import build_task_validator
 from ..llama3.model import is_added_by_conversion
 from .args import masking_noise_levels, md4_flavors
 from .model import EndToEndMaskedDiffusionLM, MaskedDiffusionLM

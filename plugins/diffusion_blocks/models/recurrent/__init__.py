@@ -8,8 +8,10 @@ from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.protocols.train_spec import TrainSpec
 
-from ...errors import ConfigError, origin_of
+from ...components.validate import build_denoiser_validator
 from ...data.text import build_tokenizer
+from ...errors import ConfigError, origin_of
+from ...parallel.parallelize import parallelize_dblocks_llama
 from ...protocols.family import (
     blockwise_train_spec,
     HEAD_LOSS_KEYS,
@@ -17,11 +19,9 @@ from ...protocols.family import (
     ModelFamily,
     VISION_SAMPLER_KEYS,
 )
-from ...parallel.parallelize import parallelize_dblocks_llama
-from ...components.validate import build_denoiser_validator
 from ..llama3 import token_embedding_parameters
-from ..llama3.sampler import continue_prompt
 from ..llama3.model import is_added_by_conversion
+from ..llama3.sampler import continue_prompt
 from ..llama3.task import LanguageModelTask
 from .args import recurrent_flavors
 from .model import RecurrentDenoiser, RecurrentTwin

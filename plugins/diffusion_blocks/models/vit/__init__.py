@@ -5,10 +5,10 @@ from functools import partial
 from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.protocols.train_spec import TrainSpec
 
-from ...data.images import build_image_dataloader
-from ...protocols.family import blockwise_train_spec, ModelFamily
-from ...parallel.parallelize import parallelize_vision
 from ...components.validate import build_task_validator
+from ...data.images import build_image_dataloader
+from ...parallel.parallelize import parallelize_vision
+from ...protocols.family import blockwise_train_spec, ModelFamily
 from ..llama3.model import is_added_by_conversion
 from .args import vit_flavors
 from .model import DiffusionBlocksViT, PlainViT

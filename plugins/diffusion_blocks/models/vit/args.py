@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..vision_layers import ImageTransformerArgs
 from ...errors import ConfigError, origin_of
+from ..vision_layers import ImageTransformerArgs
 
 
 @dataclass

@@ -4,8 +4,8 @@ embedding's w(sigma)-weighted CE, or plain CE on [CLS]) and what validation meas
 
 import torch
 
-from ...data.images import ImageSplit, load_job_split, sharded_batches
 from ...components.dist_utils import sum_over_ranks
+from ...data.images import ImageSplit, load_job_split, sharded_batches
 from ...diffusion.objectives import cross_entropy_sums, weighted_cross_entropy_sums
 from ...protocols.task import EVAL_SEED, EvalContext
 
