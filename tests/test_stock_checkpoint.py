@@ -101,6 +101,7 @@ def manager(model, base: Path, sd_adapter=None, **checkpoint) -> BlockwiseCheckp
         dataloader=None, model_parts=[model], optimizers=optimizers,
         lr_schedulers=lr_schedulers, states={}, checkpoint_config=config,
         sd_adapter=sd_adapter, base_folder=str(base),
+        added_by_conversion=is_added_by_conversion,  # what the LM family passes
     )
 
 
