@@ -3,6 +3,7 @@ import sys
 import uuid
 
 import pytest
+from torchtitan.config import ConfigManager
 
 from conftest import REPO
 from diffusion_blocks.config.loader import load_composed_toml, parse_job_config
@@ -199,6 +200,23 @@ def test_custom_config_module_in_toml_is_merged_and_checked(write_toml, my_confi
     cfg = parse(path)
     assert cfg.my_section.alpha == 5
     assert cfg.diffusion_blocks.num_blocks == 4  # ours still merged
+
+
+def test_diffusion_blocks_config_is_a_custom_config_module(write_toml):
+    """`diffusion_blocks.config` (a package) exposes the JobConfig torchtitan merges: its
+    own ConfigManager takes it, and so does our loader, named in a TOML."""
+    titan = ConfigManager().parse_args([
+        "--job.custom_config_module", "diffusion_blocks.config", "--diffusion_blocks.num_blocks", "2",
+    ])
+    assert titan.diffusion_blocks.num_blocks == 2 and titan.recurrent.mean_recurrence >= 1
+    path = write_toml(
+        "ours.toml",
+        f'extends = "{DEBUG_TOML}"\n[job]\ncustom_config_module = "diffusion_blocks.config"\n'
+        "[diffusion_blocks]\nnum_blocks = 2\n",
+    )
+    cfg = parse(path)
+    assert cfg.job.custom_config_module == "diffusion_blocks.config"
+    assert cfg.diffusion_blocks.num_blocks == 2
 
 
 @pytest.mark.parametrize("flag", ["--job.custom_config_module", "--job.custom-config-module", "="])
