@@ -18,10 +18,9 @@ import torch.distributed as dist
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks import titan_compat
-from diffusion_blocks.config_loader import parse_job_config
-from diffusion_blocks.inference import single_process_parallel_dims
-from diffusion_blocks.model_factory import build_model
-from diffusion_blocks.objectives import cross_entropy_sums, weighted_cross_entropy_sums
+from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.diffusion.objectives import cross_entropy_sums, weighted_cross_entropy_sums
+from diffusion_blocks.inference import build_model, single_process_parallel_dims
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.distributed import ParallelDims
 

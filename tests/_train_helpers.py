@@ -212,7 +212,7 @@ def _instrument(trainer, record: dict) -> None:
         ),
         offloaded_layers=sum(_offloaded(layer) for layer in model.layers.values()),
         root_offloaded=_offloaded(model),
-        # the LM's embedding and head units (parallelize.shared_units), when FSDP units
+        # the LM's embedding and head units (parallel.fsdp.shared_units), when FSDP units
         shared_units=[isinstance(getattr(model, name, None), FSDPModule)
                       for name in ("tok_embeddings", "output")],
         shared_units_offloaded=[_offloaded(getattr(model, name, None))

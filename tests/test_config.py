@@ -3,9 +3,11 @@ import sys
 import uuid
 
 import pytest
+from torchtitan.config import ConfigManager
 
 from conftest import REPO
-from diffusion_blocks.config_loader import ConfigError, load_composed_toml, parse_job_config
+from diffusion_blocks.config.loader import load_composed_toml, parse_job_config
+from diffusion_blocks.errors import ConfigError
 
 
 def parse(path, *overrides):
@@ -80,7 +82,7 @@ def test_cli_override_error_names_the_flag(write_toml):
 
 
 def test_num_blocks_that_does_not_fit_layers_names_file(write_toml):
-    from diffusion_blocks.partition import BlockPartition
+    from diffusion_blocks.diffusion.partition import BlockPartition
 
     path = write_toml("fit.toml", "[diffusion_blocks]\nnum_blocks = 3\n")
     cfg = parse(path)
@@ -200,6 +202,23 @@ def test_custom_config_module_in_toml_is_merged_and_checked(write_toml, my_confi
     assert cfg.diffusion_blocks.num_blocks == 4  # ours still merged
 
 
+def test_diffusion_blocks_config_is_a_custom_config_module(write_toml):
+    """`diffusion_blocks.config` (a package) exposes the JobConfig torchtitan merges: its
+    own ConfigManager takes it, and so does our loader, named in a TOML."""
+    titan = ConfigManager().parse_args([
+        "--job.custom_config_module", "diffusion_blocks.config", "--diffusion_blocks.num_blocks", "2",
+    ])
+    assert titan.diffusion_blocks.num_blocks == 2 and titan.recurrent.mean_recurrence >= 1
+    path = write_toml(
+        "ours.toml",
+        f'extends = "{DEBUG_TOML}"\n[job]\ncustom_config_module = "diffusion_blocks.config"\n'
+        "[diffusion_blocks]\nnum_blocks = 2\n",
+    )
+    cfg = parse(path)
+    assert cfg.job.custom_config_module == "diffusion_blocks.config"
+    assert cfg.diffusion_blocks.num_blocks == 2
+
+
 @pytest.mark.parametrize("flag", ["--job.custom_config_module", "--job.custom-config-module", "="])
 def test_custom_config_module_on_command_line(write_toml, my_config_module, flag):
     path = write_toml("custom.toml", f'extends = "{DEBUG_TOML}"\n[my_section]\nalpha = 5\n')
@@ -302,7 +321,7 @@ def test_custom_import_dataset_trains_end_to_end(tmp_path):
     assert proc.returncode != 0
     # the worker exits 2 with one line; the only traceback is torchrun's own ChildFailedError
     assert "(exitcode: 2)" in proc.stderr
-    assert "ModuleNotFoundError" not in proc.stderr and "config_loader.py" not in proc.stderr
+    assert "ModuleNotFoundError" not in proc.stderr and "config/loader.py" not in proc.stderr
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "custom_import 'no_such_module_xyz'" in errors[0]
     assert "command line (--experimental.custom_import)" in errors[0]

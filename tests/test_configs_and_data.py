@@ -6,7 +6,7 @@ import torch
 
 import diffusion_blocks  # noqa: F401
 from conftest import REPO, SHARED_DATA
-from diffusion_blocks.config_loader import parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.data.text import ByteTokenizer, synthetic_sentences
 from diffusion_blocks.models.llama3.model import DiffusionBlocksLlama
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataset

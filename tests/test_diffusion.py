@@ -5,9 +5,12 @@ import torch
 from torchtitan.components.loss import IGNORE_INDEX
 
 from diffusion_blocks import diffusion as dd
-from diffusion_blocks.config import DiffusionBlocks
-from diffusion_blocks.objectives import weighted_cross_entropy_sums, weighted_squared_error_sums
-from diffusion_blocks.partition import BlockPartition
+from diffusion_blocks.config.sections import DiffusionBlocks
+from diffusion_blocks.diffusion.objectives import (
+    weighted_cross_entropy_sums,
+    weighted_squared_error_sums,
+)
+from diffusion_blocks.diffusion.partition import BlockPartition
 
 SCHEDULE = dd.NoiseSchedule()
 

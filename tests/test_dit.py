@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+from diffusion_blocks.diffusion.sampling import classifier_free_guidance
 from diffusion_blocks.models.dit.model import DiffusionBlocksDiT, EndToEndDiT
-from diffusion_blocks.models.vision_layers import patchify, unpatchify
-from diffusion_blocks.sampling import classifier_free_guidance
 from diffusion_blocks.models.dit.task import ImageGenerationTask
+from diffusion_blocks.models.vision_layers import patchify, unpatchify
 from torchtitan.protocols.train_spec import get_train_spec
 from vision_helpers import build_on_cpu, build_on_meta, job_config, LayerCallRecorder
 
@@ -32,7 +32,7 @@ SD = 0.5  # sigma_data of the configs
 
 def edm_factors(sigma_B: torch.Tensor):
     """(c_skip, c_out, c_in, c_noise) as (B, 1, 1, 1) image factors, written out here
-    (DESIGN.md section 4), not taken from diffusion.py."""
+    (DESIGN.md section 4), not taken from diffusion/edm.py."""
     total = sigma_B**2 + SD**2
     image = lambda t: t[:, None, None, None]  # noqa: E731
     return image(SD**2 / total), image(sigma_B * SD / total.sqrt()), image(1 / total.sqrt()), sigma_B.log() / 4

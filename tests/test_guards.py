@@ -23,10 +23,10 @@ from torch.distributed.checkpoint import FileSystemWriter
 
 import _train_helpers as h
 from diffusion_blocks import train
-from diffusion_blocks.checkpoint import CheckpointError
-from diffusion_blocks.config_loader import ConfigError, parse_job_config
+from diffusion_blocks.components.run_identity import IDENTITY_FILE
+from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.errors import CheckpointError, ConfigError
 from diffusion_blocks.inference import load_for_inference, load_model
-from diffusion_blocks.run_identity import IDENTITY_FILE
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

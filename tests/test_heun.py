@@ -11,13 +11,14 @@ import torch
 
 from conftest import REPO
 from diffusion_blocks import diffusion as dd
-from diffusion_blocks.config import check_diffusion_blocks, DiffusionBlocks
-from diffusion_blocks.config_loader import ConfigError
+from diffusion_blocks.config.checks import check_diffusion_blocks
+from diffusion_blocks.config.sections import DiffusionBlocks
+from diffusion_blocks.diffusion.sampling import euler_sample, heun_sample, network_evaluations
+from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.models.llama3.sampler import (
     DecodingConfig, forwards_per_token, generate, owner_of,
 )
 from diffusion_blocks.registry import resolve_run_spec
-from diffusion_blocks.sampling import euler_sample, heun_sample, network_evaluations
 from test_lm_sampler import normalised_table, one_hot_logits, prompt, record_denoise
 from test_llama_model import make_model, SEQ
 from vision_helpers import build_on_cpu, job_config, LayerCallRecorder

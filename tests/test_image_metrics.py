@@ -1,4 +1,4 @@
-"""The Frechet distance of image_metrics against known values.
+"""The Frechet distance of eval/images.py against known values.
 
 frechet_distance fits a Gaussian (mean, unbiased covariance, as FID does) to each
 feature set. The feature sets here are built to have EXACTLY a chosen sample mean and
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from diffusion_blocks.image_metrics import frechet_distance
+from diffusion_blocks.eval.images import frechet_distance
 
 
 def features_with(mean, cov, n: int = 64, seed: int = 0) -> torch.Tensor:

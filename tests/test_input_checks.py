@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SHARED_DATA
-from diffusion_blocks.bounds import Bounds, number_arg
-from diffusion_blocks.config_loader import ConfigError, parse_job_config
+from diffusion_blocks.config.bounds import Bounds, number_arg
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.data.text import check_json_records, check_text_file
+from diffusion_blocks.errors import ConfigError
 
 DEBUG_TOML = REPO / "train_configs" / "llama3_debug.toml"
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.family import TextRequest
 from diffusion_blocks.models.llama3 import kv_cache
 from diffusion_blocks.models.llama3.args import DenoiserOptions
 from diffusion_blocks.models.llama3.sampler import (
@@ -22,6 +21,7 @@ from diffusion_blocks.models.llama3.sampler import (
     last_row_denoiser, owner_of,
 )
 from diffusion_blocks.models.recurrent import FAMILY as RECURRENT
+from diffusion_blocks.protocols.family import TextRequest
 from test_llama_model import make_model, SEQ
 from test_stock_checkpoint import stock_model
 
@@ -246,12 +246,12 @@ def test_the_request_switch_reaches_the_decoding_and_other_families_refuse_it():
 
 
 # ---------------------------------------------------------------------------
-# tools/bench_generate.py
+# tools/bench/generate.py
 
 
 def test_bench_generate_prints_one_row_per_context_length():
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_generate.py"), "--json",
+        [sys.executable, str(REPO / "tools" / "bench" / "generate.py"), "--json",
          "--context-lengths", "4,9", "--new-tokens", "3", "--batch-size", "2",
          "--model.flavor", "debugmodel", "--diffusion_blocks.num_blocks", "2"],
         capture_output=True, text=True, timeout=300,
@@ -266,7 +266,7 @@ def test_bench_generate_prints_one_row_per_context_length():
 
 
 def test_bench_generate_refuses_a_context_that_does_not_fit_in_one_line(capsys):
-    spec = importlib.util.spec_from_file_location("bench_generate", REPO / "tools" / "bench_generate.py")
+    spec = importlib.util.spec_from_file_location("bench_generate", REPO / "tools" / "bench" / "generate.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     with pytest.raises(SystemExit) as stopped:

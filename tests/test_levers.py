@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_blocks import diffusion as dd
-from diffusion_blocks.config import DiffusionBlocks
-from diffusion_blocks.config_loader import ConfigError, parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.config.sections import DiffusionBlocks
+from diffusion_blocks.diffusion.objectives import weighted_cross_entropy_sums
+from diffusion_blocks.diffusion.partition import BlockPartition
+from diffusion_blocks.diffusion.schedules import build_block_schedule
+from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.models.llama3.args import DenoiserOptions
 from diffusion_blocks.models.llama3.model import masked_attention
-from diffusion_blocks.objectives import weighted_cross_entropy_sums
-from diffusion_blocks.partition import BlockPartition
-from diffusion_blocks.schedules import build_block_schedule
 from diffusion_blocks.train import check_sigma_per_token
 
 from test_diffusion import ks_statistic

@@ -12,15 +12,19 @@ import torch.nn.functional as F
 
 from torchtitan.components.loss import IGNORE_INDEX
 
-from diffusion_blocks.config_loader import ConfigError, parse_job_config
-from diffusion_blocks import linear_ce
-from diffusion_blocks.linear_ce import chunked_linear_cross_entropy, linear_cross_entropy_sums
-from diffusion_blocks.memory import count_saved_activations, estimate_step
+from diffusion_blocks.components import linear_ce
+from diffusion_blocks.components.linear_ce import (
+    chunked_linear_cross_entropy,
+    linear_cross_entropy_sums,
+)
+from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.diffusion.objectives import cross_entropy_sums, weighted_cross_entropy_sums
+from diffusion_blocks.errors import ConfigError
+from diffusion_blocks.eval.memory import count_saved_activations, estimate_step
 from diffusion_blocks.models.cross_entropy_head import (
     CrossEntropyHead, scoring_labels, use_cross_entropy_head,
 )
 from diffusion_blocks.models.llama3.task import LanguageModelTask
-from diffusion_blocks.objectives import cross_entropy_sums, weighted_cross_entropy_sums
 from diffusion_blocks.registry import resolve_run_spec
 
 import _train_helpers as h

@@ -1,14 +1,17 @@
-"""tools/lm_report.py and the measures it reports (diffusion_blocks.models.llama3.evaluation)."""
+"""tools/reports/lm.py and the measures it reports (diffusion_blocks.eval.text and
+diffusion_blocks.models.llama3.evaluation)."""
 
 import importlib.util
 import json
 import math
+import sys
 
 import pytest
 import torch
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.data.text import synthetic_sentences
+from diffusion_blocks.eval import text as text_metrics
 from diffusion_blocks.models.llama3 import evaluation
 from diffusion_blocks.models.llama3.model import Denoised
 from diffusion_blocks.models.llama3.sampler import owner_of
@@ -23,12 +26,12 @@ def test_distinct_n_and_unigram_entropy_match_hand_counts():
     sequences = [[1, 2, 1, 2], [1, 2, 3]]
     # unigrams 1 2 1 2 1 2 3: 3 distinct of 7; bigrams 12 21 12 | 12 23: 3 of 5;
     # trigrams 121 212 | 123: 3 of 3
-    assert evaluation.distinct_n(sequences, 1) == pytest.approx(3 / 7)
-    assert evaluation.distinct_n(sequences, 2) == pytest.approx(3 / 5)
-    assert evaluation.distinct_n(sequences, 3) == pytest.approx(1.0)
+    assert text_metrics.distinct_n(sequences, 1) == pytest.approx(3 / 7)
+    assert text_metrics.distinct_n(sequences, 2) == pytest.approx(3 / 5)
+    assert text_metrics.distinct_n(sequences, 3) == pytest.approx(1.0)
     # counts 3, 3, 1 of 7
     hand = 2 * (3 / 7) * math.log(7 / 3) + (1 / 7) * math.log(7)
-    assert evaluation.unigram_entropy(sequences) == pytest.approx(hand)
+    assert text_metrics.unigram_entropy(sequences) == pytest.approx(hand)
 
 
 def favour(next_BT: torch.Tensor, vocab: int, margin: float) -> torch.Tensor:
@@ -52,7 +55,7 @@ def test_judge_ce_scores_each_continuation_token_given_what_precedes_it():
     def judge(tokens_BT):  # favours the true next token of every position it is given
         return favour(full[:, 1:tokens_BT.shape[1] + 1], vocab, margin)
 
-    assert evaluation.judge_ce(judge, prompts, continuations) == pytest.approx(ce_of_margin(margin, vocab))
+    assert text_metrics.judge_ce(judge, prompts, continuations) == pytest.approx(ce_of_margin(margin, vocab))
 
 
 @pytest.mark.parametrize("sigma", [80.0, 0.2])
@@ -105,12 +108,19 @@ def test_single_block_continuations_draw_from_the_owning_block_alone(monkeypatch
 def test_mauve_tells_one_distribution_from_another():
     gen = torch.Generator().manual_seed(0)
     p, q, far = (torch.randn(40, 8, generator=gen) + shift for shift in (0.0, 0.0, 3.0))
-    assert evaluation.mauve_score(p, q) > 0.9
-    assert evaluation.mauve_score(p, far) < 0.1
+    assert text_metrics.mauve_score(p, q) > 0.9
+    assert text_metrics.mauve_score(p, far) < 0.1
+
+
+REPORTS = REPO / "tools" / "reports"
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("lm_report", REPO / "tools" / "lm_report.py")
+    """tools/reports/lm.py, loaded as `python tools/reports/lm.py` runs it: its folder
+    on sys.path (it imports the reports' `common`)."""
+    if str(REPORTS) not in sys.path:
+        sys.path.insert(0, str(REPORTS))
+    spec = importlib.util.spec_from_file_location("lm_report", REPORTS / "lm.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -12,7 +12,7 @@ import torch
 
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks import diffusion
-from diffusion_blocks.config_loader import ConfigError
+from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.models.llama3 import kv_cache
 from diffusion_blocks.models.llama3.model import Denoised
 from diffusion_blocks.models.llama3.sampler import (

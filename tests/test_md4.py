@@ -13,15 +13,17 @@ import torch
 
 import _train_helpers as h
 import diffusion_blocks  # noqa: F401  (registers the train specs)
-from diffusion_blocks.config import DiffusionBlocks
-from diffusion_blocks.config_loader import ConfigError, parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.config.sections import DiffusionBlocks
 from diffusion_blocks.data.text import CharTokenizer, register_text_datasets
-from diffusion_blocks.masking import mask_tokens, MaskingSchedule
+from diffusion_blocks.diffusion.masking import mask_tokens, MaskingSchedule
+from diffusion_blocks.diffusion.partition import BlockPartition
+from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.models.md4.args import MaskedDiffusionArgs
+from diffusion_blocks.models.md4.evaluation import elbo_draw, heldout_bpc
 from diffusion_blocks.models.md4.model import EndToEndMaskedDiffusionLM, MaskedDiffusionLM
 from diffusion_blocks.models.md4.sampler import sample
-from diffusion_blocks.models.md4.task import elbo_draw, heldout_bpc, MaskedDiffusionTask
-from diffusion_blocks.partition import BlockPartition
+from diffusion_blocks.models.md4.task import MaskedDiffusionTask
 from diffusion_blocks.registry import resolve_run_spec
 
 MD4_TOML = h.REPO / "train_configs" / "md4_chars.toml"
@@ -426,14 +428,14 @@ def test_block_parallel_with_activation_checkpointing(tmp_path):
 
 
 def test_md4_report_trains_both_and_writes_the_bpc_of_each(tmp_path):
-    """tools/md4_report.py end to end at a toy size."""
+    """tools/reports/md4.py end to end at a toy size."""
     from diffusion_blocks.data.text import synthetic_sentences
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(synthetic_sentences(400)) + "\n")
     out = tmp_path / "report"
     proc = subprocess.run(
-        [sys.executable, "tools/md4_report.py", "--data", str(corpus), "--out", str(out),
+        [sys.executable, "tools/reports/md4.py", "--data", str(corpus), "--out", str(out),
          "--steps", "2", "--warmup", "1", "--eval-batches", "1", "--num-samples", "1",
          "--training.seq_len", "32", "--training.local_batch_size", "2",
          "--validation.seq_len", "32", "--validation.local_batch_size", "2"],

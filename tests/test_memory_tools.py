@@ -1,4 +1,4 @@
-"""tools/bench_memory.py and tools/estimate_memory.py on the tiny debug model, checked
+"""tools/bench/memory.py and tools/bench/estimate_memory.py on the tiny debug model, checked
 against a measurement made here, independently of diffusion_blocks.memory: the model
 built as the trainer builds it, one real training step on the CPU, and
 
@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from _train_helpers import CPU, DEBUG_TOML, REPO, subprocess_env, torchrun_script
-from diffusion_blocks.config_loader import parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.eval.memory import estimate_step
 from diffusion_blocks.inference import single_process_parallel_dims
-from diffusion_blocks.memory import estimate_step
-from diffusion_blocks.model_factory import build_model
+from diffusion_blocks.inference import build_model
 
 TINY = ["--training.seq_len", "64", "--training.local_batch_size", "4"]
 KEYS = {"mode", "num_blocks", "ac", "offload", "activation_bytes", "resident_bytes",
@@ -36,7 +36,7 @@ def run_tool(name, *args):
     process group): they run under torchrun, whose rendezvous cannot lose its port."""
     script = [str(REPO / "tools" / name), *CPU, "--job.config_file", str(DEBUG_TOML), *TINY,
               *args, "--json"]
-    if name.startswith("bench_"):
+    if name in ("bench/memory.py", "bench/throughput.py"):
         proc = torchrun_script(script, 1, timeout=600)
     else:
         import subprocess
@@ -148,7 +148,7 @@ NO_AC = ["--activation_checkpoint.mode", "none"]
 
 @pytest.fixture(scope="module")
 def estimated_rows():
-    return run_tool("estimate_memory.py", "--blocks", "4", "--nproc", "1", *NO_AC)
+    return run_tool("bench/estimate_memory.py", "--blocks", "4", "--nproc", "1", *NO_AC)
 
 
 def test_estimate_memory_tool_reports_the_measured_figures(estimated_rows, measured):
@@ -164,9 +164,9 @@ def test_estimate_memory_tool_reports_the_measured_figures(estimated_rows, measu
 
 def test_estimator_models_offload_and_sharding(estimated_rows):
     resident = estimated_rows
-    offload = run_tool("estimate_memory.py", "--blocks", "4", "--nproc", "1", *NO_AC,
+    offload = run_tool("bench/estimate_memory.py", "--blocks", "4", "--nproc", "1", *NO_AC,
                        "--diffusion_blocks.offload_inactive_blocks", "on")
-    sharded = run_tool("estimate_memory.py", "--blocks", "4", "--nproc", "4", *NO_AC)
+    sharded = run_tool("bench/estimate_memory.py", "--blocks", "4", "--nproc", "4", *NO_AC)
     assert resident[0]["mode"] == "e2e" and resident[1]["num_blocks"] == 4
     assert offload[1]["resident_bytes"] < 0.6 * resident[1]["resident_bytes"]
     assert offload[0]["resident_bytes"] == resident[0]["resident_bytes"]  # e2e never offloads
@@ -204,7 +204,7 @@ def test_estimator_models_whole_model_offload():
 
 @pytest.fixture(scope="module")
 def bench_rows():
-    return run_tool("bench_memory.py", "--blocks", "4", "--ac", "none,full")
+    return run_tool("bench/memory.py", "--blocks", "4", "--ac", "none,full")
 
 
 def test_bench_memory_rows_have_the_documented_keys(bench_rows):
@@ -222,7 +222,7 @@ def test_bench_memory_adds_offload_rows_where_the_device_is_not_the_host(monkeyp
     offload true); on the CPU (one memory) there are no such rows."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_memory", REPO / "tools" / "bench_memory.py")
+    spec = importlib.util.spec_from_file_location("bench_memory", REPO / "tools" / "bench" / "memory.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     for device_type, expected in (("cpu", [False, False]), ("cuda", [False, True, False, True])):
@@ -266,7 +266,7 @@ def test_bench_memory_measures_what_the_independent_count_measures(bench_rows, m
 
 
 def test_bench_throughput_reports_both_modes():
-    rows = run_tool("bench_throughput.py", "--steps", "2", "--warmup", "1", "--modes", "eager",
+    rows = run_tool("bench/throughput.py", "--steps", "2", "--warmup", "1", "--modes", "eager",
                     "--num-blocks", "4")
     assert [(r["mode"], r["compile"]) for r in rows] == [("e2e", "eager"), ("dblocks", "eager")]
     for row in rows:

@@ -3,15 +3,16 @@ and optimizer state in host memory; shared modules stay on the training device.
 
 On this CPU-only machine host and device are the same memory, so these tests prove
 the structure and that the numerics are unchanged; the device-memory effect is what
-tools/bench_memory.py and tools/estimate_memory.py report on a GPU."""
+tools/bench/memory.py and tools/bench/estimate_memory.py report on a GPU."""
 
 import pytest
 
 from _train_helpers import (
     BLOCK, DEBUG_TOML, GRAD_NORM, LOSS, TINY, check_ok, read_records, torchrun, training_rows,
 )
-from diffusion_blocks.config_loader import ConfigError, parse_job_config
-from diffusion_blocks.parallelize import offloads_inactive_blocks
+from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.errors import ConfigError
+from diffusion_blocks.parallel.fsdp import offloads_inactive_blocks
 
 
 def run(tmp_path, offload: str, record: bool, *extra: str):

@@ -19,7 +19,8 @@ from torchtitan.hf_datasets.text_datasets import DATASETS
 
 import _train_helpers as h
 from diffusion_blocks import train
-from diffusion_blocks.config_loader import ConfigError, parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.errors import ConfigError
 
 
 @pytest.fixture

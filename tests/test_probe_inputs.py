@@ -1,8 +1,7 @@
-"""tools/probe_inputs.py: every bad input in its list ends in one clear error line, and
-its verdicts are right (a traceback, exit 0, a hang, several error lines or the wrong
-error are FAIL)."""
+"""tests/probes: every bad input in its list ends in one clear error line, and its
+verdicts are right (a traceback, exit 0, a hang, several error lines or the wrong error
+are FAIL)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,30 +9,18 @@ import sys
 import pytest
 
 from conftest import REPO
-
-PROBE_SCRIPT = REPO / "tools" / "probe_inputs.py"
-
-
-def load_probe_module():
-    spec = importlib.util.spec_from_file_location("probe_inputs", PROBE_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-probes = load_probe_module()
+from probes import cases, runner
 
 
 def test_every_probe_ends_in_one_error_line():
     """The whole list (about 130 probes, forked from one preloaded process: about 1 s
-    each on a loaded 2-core machine), as `tools/probe_inputs.py --json` prints it."""
+    each on a loaded 2-core machine), as `python -m tests.probes --json` prints it."""
     proc = subprocess.run(
-        [sys.executable, str(PROBE_SCRIPT), "--json", "--timeout", "120"],
+        [sys.executable, "-m", "tests.probes", "--json", "--timeout", "120"],
         capture_output=True, text=True, timeout=1200, cwd=REPO,
     )
     outcomes = json.loads(proc.stdout)
-    assert [o["name"] for o in outcomes] == [p.name for p in probes.PROBES]
+    assert [o["name"] for o in outcomes] == [p.name for p in cases.PROBES]
     failed = [f"{o['name']}: {o['reason']} | {o['error_line']}" for o in outcomes if o["verdict"] != "PASS"]
     assert not failed, "\n".join(failed)
     assert proc.returncode == 0
@@ -41,12 +28,12 @@ def test_every_probe_ends_in_one_error_line():
 
 
 def test_probe_names_are_unique_and_every_entry_point_is_probed():
-    names = [p.name for p in probes.PROBES]
+    names = [p.name for p in cases.PROBES]
     assert len(names) == len(set(names))
-    assert {p.entry for p in probes.PROBES} == set(probes.ENTRY_POINTS)
+    assert {p.entry for p in cases.PROBES} == set(cases.ENTRY_POINTS)
 
 
-EXPECTING_BOOM = probes.probe("x", "train", expect="boom")
+EXPECTING_BOOM = cases.probe("x", "train", expect="boom")
 
 
 @pytest.mark.parametrize("returncode,output,timed_out,verdict,reason", [
@@ -63,20 +50,20 @@ EXPECTING_BOOM = probes.probe("x", "train", expect="boom")
     (2, "error: bust\n", False, "FAIL", "error line lacks ['boom']"),
 ])
 def test_verdicts(returncode, output, timed_out, verdict, reason):
-    got, got_reason, _ = probes.judge(EXPECTING_BOOM, returncode, output, timed_out)
+    got, got_reason, _ = runner.judge(EXPECTING_BOOM, returncode, output, timed_out)
     assert got == verdict and got_reason.startswith(reason)
 
 
 def test_expected_fragments_do_not_match_inside_the_probe_folder(tmp_path):
     """A probe's folder is named after it: 'npz_float_labels' holds 'labels'."""
     folder = tmp_path / "npz_float_labels"
-    probe = probes.probe("npz_float_labels", "train", expect="labels")
+    probe = cases.probe("npz_float_labels", "train", expect="labels")
     output = f"error: {folder}/job.toml: [training] dataset_path does not exist\n"
-    assert probes.judge(probe, 2, output, False, folder)[0] == "FAIL"
+    assert runner.judge(probe, 2, output, False, folder)[0] == "FAIL"
     output = f"error: {folder}/data.npz: 'labels' has dtype float64\n"
-    assert probes.judge(probe, 2, output, False, folder)[0] == "PASS"
-    probe = probes.probe("npz_float_labels", "train", expect="{dir}/data.npz: 'labels'")
-    assert probes.judge(probe, 2, output, False, folder)[0] == "PASS"
+    assert runner.judge(probe, 2, output, False, folder)[0] == "PASS"
+    probe = cases.probe("npz_float_labels", "train", expect="{dir}/data.npz: 'labels'")
+    assert runner.judge(probe, 2, output, False, folder)[0] == "PASS"
 
 
 @pytest.mark.parametrize("body,verdict,reason", [
@@ -89,6 +76,6 @@ def test_expected_fragments_do_not_match_inside_the_probe_folder(tmp_path):
 def test_runner_reports_what_the_entry_point_did(tmp_path, body, verdict, reason, isolated):
     script = tmp_path / "entry.py"
     script.write_text(body)
-    probe = probes.probe("tiny", f"script:{script}", toml=None, expect="bad value")
-    outcome = probes.run_probe(probe, tmp_path / "probes", timeout=3, isolated=isolated)
+    probe = cases.probe("tiny", f"script:{script}", toml=None, expect="bad value")
+    outcome = runner.run_probe(probe, tmp_path / "probes", timeout=3, isolated=isolated)
     assert (outcome.verdict, outcome.reason[: len(reason)]) == (verdict, reason), outcome

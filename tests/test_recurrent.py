@@ -23,10 +23,11 @@ import torch
 
 import _train_helpers as h
 from diffusion_blocks import diffusion
-from diffusion_blocks.config_loader import ConfigError, parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.errors import ConfigError
+from diffusion_blocks.eval.memory import count_saved_activations
 from diffusion_blocks.inference import single_process_parallel_dims
-from diffusion_blocks.memory import count_saved_activations
-from diffusion_blocks.model_factory import build_model
+from diffusion_blocks.inference import build_model
 from diffusion_blocks.models.llama3.sampler import DecodingConfig
 from diffusion_blocks.models.llama3.task import LanguageModelTask
 from diffusion_blocks.models.recurrent import sampler
@@ -475,7 +476,7 @@ if __name__ == "__main__":
 
 
 def test_recurrent_report_writes_quality_per_r(tmp_path):
-    """tools/recurrent_report.py end to end at a toy size: both recipes and the judge
+    """tools/reports/recurrent.py end to end at a toy size: both recipes and the judge
     trained, every r evaluated, report.json with its keys."""
     from diffusion_blocks.data.text import synthetic_sentences
 
@@ -483,7 +484,7 @@ def test_recurrent_report_writes_quality_per_r(tmp_path):
     corpus.write_text("\n".join(synthetic_sentences(300)) + "\n")
     out = tmp_path / "report"
     proc = subprocess.run(
-        [sys.executable, str(h.REPO / "tools" / "recurrent_report.py"), "--data", str(corpus),
+        [sys.executable, str(h.REPO / "tools" / "reports" / "recurrent.py"), "--data", str(corpus),
          "--out", str(out), "--steps", "2", "--warmup", "1", "--recurrences", "1,3",
          "--windows", "1", "--prompts", "2", "--prompt-len", "8", "--new-tokens", "4",
          "--training.seq_len", "16", "--training.local_batch_size", "2"],

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.config_loader import parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.models.llama3.model import DenoiserLayer, DiffusionBlocksLlama
 from torchtitan.distributed import ParallelDims
 from torchtitan.models.llama3 import llama3_args, Transformer

@@ -23,10 +23,11 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.models.llama3 import llama3_args, Transformer
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 
-from diffusion_blocks.checkpoint import BlockwiseCheckpointManager, CheckpointError
-from diffusion_blocks.config import DiffusionBlocks
+from diffusion_blocks.components.checkpoint import BlockwiseCheckpointManager
+from diffusion_blocks.config.sections import DiffusionBlocks
+from diffusion_blocks.diffusion.partition import BlockPartition
+from diffusion_blocks.errors import CheckpointError
 from diffusion_blocks.models.llama3.model import convert_to_denoiser, is_added_by_conversion
-from diffusion_blocks.partition import BlockPartition
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -100,6 +101,7 @@ def manager(model, base: Path, sd_adapter=None, **checkpoint) -> BlockwiseCheckp
         dataloader=None, model_parts=[model], optimizers=optimizers,
         lr_schedulers=lr_schedulers, states={}, checkpoint_config=config,
         sd_adapter=sd_adapter, base_folder=str(base),
+        added_by_conversion=is_added_by_conversion,  # what the LM family passes
     )
 
 

@@ -21,8 +21,9 @@ import torch.distributed.checkpoint as dcp
 
 import _train_helpers as h
 from diffusion_blocks import train
-from diffusion_blocks.config_loader import ConfigError, parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.data.text import synthetic_sentences
+from diffusion_blocks.errors import ConfigError
 
 REPO = h.REPO
 STOCK_TOML = REPO / "train_configs" / "llama3_torchtitan_debug.toml"

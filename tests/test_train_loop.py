@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 import _train_helpers as h
 from diffusion_blocks import train
-from diffusion_blocks.config_loader import parse_job_config
-from diffusion_blocks.schedules import build_block_schedule
+from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.diffusion.schedules import build_block_schedule
 
 NUM_BLOCKS = 4  # llama3_debug.toml: 8 layers, 4 blocks of 2
 # keys of every training row: torchtitan's MetricsProcessor's and ours

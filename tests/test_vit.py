@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_blocks import diffusion
-from diffusion_blocks.config_loader import ConfigError
+from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.models.vision_layers import AdaLNZeroLayer, PreNormLayer
 from diffusion_blocks.models.vit.model import DiffusionBlocksViT, PlainViT
 from torchtitan.components.lr_scheduler import build_lr_schedulers
@@ -51,7 +51,7 @@ SD = 0.5  # sigma_data of the configs
 
 def edm_factors(sigma_B: torch.Tensor):
     """(c_skip, c_out, c_in, c_noise) written out here (DESIGN.md section 4), not
-    taken from diffusion.py."""
+    taken from diffusion/edm.py."""
     total = sigma_B**2 + SD**2
     return SD**2 / total, sigma_B * SD / total.sqrt(), 1 / total.sqrt(), sigma_B.log() / 4
 

@@ -6,7 +6,7 @@ import copy
 import torch
 
 from conftest import REPO
-from diffusion_blocks.config_loader import parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.inference import load_model
 from diffusion_blocks.registry import resolve_run_spec
 
@@ -16,7 +16,7 @@ def job_config(config: str, *overrides: str):
 
 
 def build_on_cpu(config: str, *overrides: str, seed: int = 0):
-    """The config's model (denoiser or twin) through model_factory.build_model, as the
+    """The config's model (denoiser or twin) through inference.build_model, as the
     trainer builds it (one process, no activation checkpointing), freshly initialised."""
     torch.manual_seed(seed)
     cfg = job_config(config, *overrides)

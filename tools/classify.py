@@ -18,12 +18,13 @@ import sys
 import torch
 
 import diffusion_blocks  # noqa: F401  (registers the train specs)
-from diffusion_blocks.bounds import AT_LEAST_1, device_arg, number_arg
-from diffusion_blocks.config_loader import ConfigError, exit_on_config_error, parse_job_config
+from diffusion_blocks.config.bounds import AT_LEAST_1, device_arg, number_arg
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.data.images import load_job_split
+from diffusion_blocks.diffusion.sampling import ODE_SAMPLERS
+from diffusion_blocks.errors import ConfigError, exit_on_config_error
 from diffusion_blocks.inference import load_model
 from diffusion_blocks.models.vit.task import count_correct
-from diffusion_blocks.sampling import ODE_SAMPLERS
 
 
 def parse_args(argv):

@@ -23,9 +23,11 @@ import sys
 import torch
 
 import diffusion_blocks  # noqa: F401  (registers the train specs)
-from diffusion_blocks.config_loader import ConfigError, exit_on_config_error, parse_job_config
+from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.errors import ConfigError, exit_on_config_error
 from diffusion_blocks.inference import expect_model, load_model
-from diffusion_blocks.models.md4.task import build_md4_tokenizer, heldout_batches, heldout_bpc
+from diffusion_blocks.models.md4.evaluation import heldout_batches, heldout_bpc
+from diffusion_blocks.models.md4.task import build_md4_tokenizer
 from torchtitan.hf_datasets.text_datasets import build_text_validation_dataloader
 
 

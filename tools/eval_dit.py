@@ -23,18 +23,25 @@ import time
 import torch
 
 import diffusion_blocks  # noqa: F401  (registers the train specs)
-from diffusion_blocks.bounds import AT_LEAST_1, NON_NEGATIVE, number_arg, output_file_arg, SEED
-from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
+from diffusion_blocks.config.bounds import (
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    number_arg,
+    output_file_arg,
+    SEED,
+)
+from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.data.images import load_job_split, subset
-from diffusion_blocks.image_grid import make_grid, save_png
-from diffusion_blocks.image_metrics import (
+from diffusion_blocks.diffusion.sampling import network_evaluations, ODE_SAMPLERS
+from diffusion_blocks.errors import exit_on_config_error
+from diffusion_blocks.eval.image_grid import make_grid, save_png
+from diffusion_blocks.eval.images import (
     features_and_predictions,
     frechet_distance,
     judge_samples,
     train_feature_cnn,
 )
 from diffusion_blocks.inference import expect_model, load_model
-from diffusion_blocks.sampling import network_evaluations, ODE_SAMPLERS
 
 
 def parse_args(argv):

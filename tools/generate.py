@@ -30,11 +30,12 @@ import json
 import sys
 
 import diffusion_blocks  # noqa: F401
-from diffusion_blocks.bounds import AT_LEAST_1, NON_NEGATIVE, number_arg, POSITIVE, SEED
-from diffusion_blocks.config_loader import ConfigError, exit_on_config_error, parse_job_config
-from diffusion_blocks.family import TextRequest
+from diffusion_blocks.config.bounds import AT_LEAST_1, NON_NEGATIVE, number_arg, POSITIVE, SEED
+from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.errors import ConfigError, exit_on_config_error
 from diffusion_blocks.inference import load_for_inference
 from diffusion_blocks.models.llama3.sampler import DEFAULT_SAMPLER, TOKEN_STEPS
+from diffusion_blocks.protocols.family import TextRequest
 from diffusion_blocks.registry import FAMILIES, resolve_run_spec
 
 

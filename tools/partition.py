@@ -12,10 +12,11 @@ import json
 import sys
 
 import diffusion_blocks  # noqa: F401  (registers the train specs)
-from diffusion_blocks.bounds import AT_LEAST_1, number_arg
-from diffusion_blocks.config import DiffusionBlocks
-from diffusion_blocks.config_loader import exit_on_config_error, parse_job_config
-from diffusion_blocks.partition import BlockPartition
+from diffusion_blocks.config.bounds import AT_LEAST_1, number_arg
+from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.config.sections import DiffusionBlocks
+from diffusion_blocks.diffusion.partition import BlockPartition
+from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.registry import resolve_run_spec
 
 
@@ -65,7 +66,7 @@ def partition_from_flags(argv: list[str]) -> tuple[BlockPartition, bool]:
     section = DiffusionBlocks(
         num_blocks=args.num_blocks, overlap=args.overlap, partition=args.partition
     )
-    from diffusion_blocks.config import check_diffusion_blocks
+    from diffusion_blocks.config.checks import check_diffusion_blocks
 
     problems = check_diffusion_blocks(section)
     if problems:

@@ -1,12 +1,17 @@
-"""Loading a trained model for inference (generation, classification, sampling): the
-train loop's own `build_model` (one process, no parallelism, no activation
-checkpointing or compile) plus the model weights from a torchtitan checkpoint.
+"""Building the model a job config trains, and loading a trained one for inference
+(generation, classification, sampling).
+
+`build_model` builds it outside the trainer (inference, memory estimates, tests) exactly
+as torchtitan's Trainer builds it: the resolved train spec's model class on meta, model
+converters, parallelisation, materialisation, init. `load_for_inference` builds it for
+one process (no parallelism, no activation checkpointing or compile) and loads the
+model weights from a torchtitan checkpoint.
 
 torchtitan's CheckpointManager writes a DCP checkpoint whose top-level keys are the
 model's parameter names (it flattens the model state into the top level), next to
 `optimizer`, `lr_scheduler`, `dataloader` and `train_state` entries on full saves. Only
 the model keys are read, so both full and model-only (last step) saves load. A
-checkpoint saved with a run identity (run_identity.py) must match the config's: another
+checkpoint saved with a run identity (components/run_identity.py) must match the config's: another
 model, partition, noise setting or `[diffusion_blocks] enable` is refused with one line
 naming the key and both values (the weights would load and produce garbage).
 """
@@ -21,10 +26,14 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
+from torchtitan.protocols.model_converter import build_model_converters
+from torchtitan.tools import utils as titan_utils
 
-from .config_loader import ConfigError
-from .run_identity import check_identity, run_identity
+from .components.run_identity import check_identity, run_identity
+from .errors import ConfigError
+from .registry import resolve_run_spec
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -48,11 +57,37 @@ def single_process_parallel_dims() -> ParallelDims:
     return ParallelDims(dp_shard=1, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
 
 
+def build_model(
+    job_config, device: torch.device, parallel_dims: ParallelDims, parallelize=None,
+    adjust_model_args=None,
+):
+    """Returns (model, model_args, run_spec). `parallelize(model)` replaces the spec's
+    parallelize_fn when given; `adjust_model_args(model_args)` changes the flavor's
+    arguments (after the config's) before the model is built (the memory estimator's
+    attention kernel)."""
+    run = resolve_run_spec(job_config)
+    model_args = copy.deepcopy(run.spec.model_args[job_config.model.flavor])
+    model_args.update_from_config(job_config)
+    if adjust_model_args is not None:
+        adjust_model_args(model_args)
+    with torch.device("meta"), titan_utils.set_default_dtype(
+        TORCH_DTYPE_MAP[job_config.training.dtype]
+    ):
+        model = run.spec.model_cls(model_args)
+    build_model_converters(job_config, parallel_dims).convert(model)
+    if parallelize is None:
+        model = run.spec.parallelize_fn(model, parallel_dims, job_config)
+    else:
+        model = parallelize(model)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights(buffer_device=None)
+    return model, model_args, run
+
+
 def build_for_inference(job_config, device: torch.device):
     """(model, spec, family): the configured model (denoiser or end-to-end twin, as
     `[diffusion_blocks] enable` says), freshly initialised, in eval mode."""
-    from .model_factory import build_model
-
     job_config = copy.deepcopy(job_config)
     job_config.compile.enable = False
     job_config.activation_checkpoint.mode = "none"
@@ -108,8 +143,6 @@ def load_for_inference(job_config, checkpoint: str | Path, device: str = "cpu"):
 
 def expect_model(job_config, name: str, tool: str) -> None:
     """A tool made for one train spec refuses a config of another, naming both."""
-    from .config_loader import ConfigError
-
     if job_config.model.name != name:
         raise ConfigError(
             f"{tool} works on {name} models; the config's [model] name is "

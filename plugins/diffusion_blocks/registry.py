@@ -21,14 +21,14 @@ from torchtitan.protocols.train_spec import (
     TrainSpec,
 )
 
-from .config import DiffusionBlocks
-from .config_loader import ConfigError, origin_of
+from .components.optimizer import with_embedding_lr
+from .config.sections import DiffusionBlocks
 from .data.text import build_hf_tokenizer_checked, build_tokenizer, register_text_datasets
-from .family import ModelFamily
+from .diffusion.partition import BlockPartition
+from .errors import ConfigError, origin_of
 from .models import dit, llama3, md4, recurrent, vit
 from .models.llama3.converter import CONVERTER_NAME, DiffusionBlocksConverter
-from .optimizers import with_embedding_lr
-from .partition import BlockPartition
+from .protocols.family import ModelFamily
 
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family

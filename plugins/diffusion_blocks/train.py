@@ -27,6 +27,7 @@ of torchtitan's module-level CUDA names lives in `titan_compat`.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -41,14 +42,17 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.train import Trainer
 from torchtitan.tools.logging import init_logger, logger
 
-from . import block_parallel, titan_compat
-from .checkpoint import BlockwiseCheckpointManager
-from .config_loader import ConfigError, exit_on_config_error, origin_of, parse_job_config
-from .metrics import BLOCKWISE_PREFIX
-from .parallelize import check_supported_parallelism
+from . import titan_compat
+from .components.checkpoint import BlockwiseCheckpointManager
+from .components.dist_utils import layer_parameter_count
+from .components.metrics import BLOCKWISE_PREFIX
+from .components.run_identity import run_identity
+from .config.loader import parse_job_config
+from .diffusion.schedules import build_block_schedule
+from .errors import ConfigError, exit_on_config_error, origin_of
+from .parallel import block_parallel
+from .parallel.fsdp import check_supported_parallelism
 from .registry import resolve_run_spec
-from .run_identity import run_identity
-from .schedules import build_block_schedule
 
 # what torchrun sets; a plain `python -m diffusion_blocks.train` is one process
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
@@ -163,8 +167,12 @@ class BlockwiseTrainer(Trainer):
         check_settings(job_config, device_type)
         titan_compat.use_device(device_type)
         self.run_spec = resolve_run_spec(job_config)
+        checkpoint_manager_cls = functools.partial(
+            BlockwiseCheckpointManager,
+            added_by_conversion=self.run_spec.family.added_by_conversion,
+        )
         with titan_compat.trainer_overrides(
-            job_config.model.name, self.run_spec.spec, BlockwiseCheckpointManager
+            job_config.model.name, self.run_spec.spec, checkpoint_manager_cls
         ):
             super().__init__(job_config)
         init_empty_optimizer_state(self.optimizers)  # resumable while a block is untrained
@@ -251,7 +259,7 @@ class BlockwiseTrainer(Trainer):
             return
         for b, layers in enumerate(self.partition.layer_ranges):
             lo, hi = self.partition.training_interval(b)
-            params = sum(p.numel() for i in layers for p in self.model.layers[str(i)].parameters())
+            params = layer_parameter_count(self.model, layers)
             logger.info(
                 f"  block {b}: layers {layers.start}-{layers.stop - 1} ({params:,} params), "
                 f"{self.partition.level_name} in [{lo:.4g}, {hi:.4g}]"

@@ -37,6 +37,8 @@ from torch.utils.data import IterableDataset
 
 from torchtitan.components.dataloader import ParallelAwareDataloader
 
+from ..errors import ConfigError, origin_of
+
 HOLDOUT_SEED = 0
 SPLITS = ("train", "test")
 
@@ -341,8 +343,6 @@ def image_shape_of(job_config) -> ImageShape:
 
 def load_job_split(job_config, split: str) -> ImageSplit:
     """The job's `split`; a data mistake becomes a ConfigError naming the config file."""
-    from ..config_loader import ConfigError, origin_of
-
     training = job_config.training
     try:
         return load_split(

@@ -16,6 +16,8 @@ from torchtitan.components.tokenizer import BaseTokenizer, build_hf_tokenizer
 from torchtitan.hf_datasets import DatasetConfig
 from torchtitan.hf_datasets.text_datasets import DATASETS
 
+from ..errors import ConfigError, origin_of
+
 
 class ByteTokenizer(BaseTokenizer):
     """UTF-8 bytes 0..255, BOS = 256, EOS = 257."""
@@ -59,8 +61,6 @@ TOKENIZERS = {
 
 def build_hf_tokenizer_checked(job_config) -> BaseTokenizer:
     """torchtitan's Hugging Face tokenizer; a missing folder is a one-line error."""
-    from ..config_loader import ConfigError, origin_of
-
     path = job_config.model.hf_assets_path
     if not os.path.isfile(os.path.join(path, "tokenizer.json")) and not os.path.isdir(path):
         raise ConfigError(
@@ -126,8 +126,6 @@ def _load_synthetic_heldout(path: str):
 
 
 def _load_text_file(path: str):
-    from ..config_loader import ConfigError
-
     if not path:
         raise ConfigError(
             "[training] dataset = 'text_file' needs [training] dataset_path: "
@@ -145,8 +143,6 @@ def _load_text_file(path: str):
 def check_text_file(path: str, chunk_bytes: int = 1 << 20) -> None:
     """Refuse a file that would train on nothing or on garbage, naming it: empty,
     whitespace only, binary (NUL bytes) or not UTF-8. Streams the file in chunks."""
-    from ..config_loader import ConfigError
-
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset, has_text = 0, False
     with open(path, "rb") as f:
@@ -183,8 +179,6 @@ def check_text_file(path: str, chunk_bytes: int = 1 << 20) -> None:
 def check_json_records(path: str) -> None:
     """A .jsonl (one JSON object per line) or .json (that, or one list of objects) file:
     every record must be an object with a string 'text' field, some of it not blank."""
-    from ..config_loader import ConfigError
-
     with open(path, encoding="utf-8") as f:
         content = f.read()
     if path.endswith(".json") and content.lstrip().startswith("["):
@@ -225,8 +219,6 @@ def _load_text_chars(path: str):
     """A text file's characters, every one of them in order (line and paragraph breaks
     kept), as consecutive chunks: with the `char` tokenizer the token stream is the
     file itself."""
-    from ..config_loader import ConfigError
-
     if not path:
         raise ConfigError(
             "[training] dataset = 'text_chars' needs [training] dataset_path (and "

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..linear_ce import linear_cross_entropy
+from ..components.linear_ce import linear_cross_entropy
 
 
 class CrossEntropyHead(nn.Linear):

@@ -17,7 +17,7 @@ from torch import nn
 
 from torchtitan.protocols.model import BaseModelArgs
 
-from ..partition import BlockPartition
+from ..diffusion.partition import BlockPartition
 from .conditioning import AdaLNModulation, modulate
 
 

@@ -4,11 +4,12 @@ from functools import partial
 
 from torchtitan.protocols.train_spec import TrainSpec
 
+from ...components.validate import build_task_validator
 from ...data.images import build_image_dataloader
-from ...family import blockwise_train_spec, ModelFamily
-from ...objectives import build_squared_error_loss
-from ...parallelize import parallelize_vision
-from ...validation import build_task_validator
+from ...diffusion.objectives import build_squared_error_loss
+from ...parallel.parallelize import parallelize_vision
+from ...protocols.family import blockwise_train_spec, ModelFamily
+from ..llama3.model import is_added_by_conversion
 from .args import dit_flavors
 from .model import DiffusionBlocksDiT, EndToEndDiT
 from .task import ImageGenerationTask
@@ -22,4 +23,7 @@ def get_train_spec() -> TrainSpec:
     )
 
 
-FAMILY = ModelFamily("dblocks_dit", get_train_spec, EndToEndDiT, ImageGenerationTask())
+FAMILY = ModelFamily(
+    "dblocks_dit", get_train_spec, EndToEndDiT, ImageGenerationTask(),
+    added_by_conversion=is_added_by_conversion,
+)

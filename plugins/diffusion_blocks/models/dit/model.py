@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ... import diffusion
-from ...sampling import classifier_free_guidance, ODE_SAMPLERS
+from ...diffusion.sampling import classifier_free_guidance, ODE_SAMPLERS
 from ..conditioning import FinalAdaLN, SigmaEmbedder
 from ..vision_layers import AdaLNZeroLayer, PatchEmbed, sincos_positions_2d, unpatchify
 from .args import DiTArgs

@@ -6,9 +6,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ...image_grid import make_grid, save_png, tensorboard_writers
-from ...objectives import weighted_squared_error_sums
-from ...tasks import EVAL_SEED, EvalContext
+from ...diffusion.objectives import weighted_squared_error_sums
+from ...eval.image_grid import make_grid, save_png, tensorboard_writers
+from ...protocols.task import EVAL_SEED, EvalContext
 
 GRID_CLASSES = 10      # sample-grid rows (the first classes when there are more)
 GRID_PER_CLASS = 8     # sample-grid columns

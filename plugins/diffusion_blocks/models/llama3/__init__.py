@@ -9,12 +9,12 @@ from torchtitan.models.llama3 import Transformer
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 from torchtitan.protocols.train_spec import TrainSpec
 
+from ...components.validate import build_denoiser_validator
 from ...data.text import build_tokenizer
-from ...family import blockwise_train_spec, MASKING_KEYS, ModelFamily, VISION_SAMPLER_KEYS
-from ...parallelize import parallelize_dblocks_llama
-from ...validation import build_denoiser_validator
+from ...parallel.parallelize import parallelize_dblocks_llama
+from ...protocols.family import blockwise_train_spec, MASKING_KEYS, ModelFamily, VISION_SAMPLER_KEYS
 from .args import dblocks_llama3_flavors
-from .model import DiffusionBlocksLlama
+from .model import DiffusionBlocksLlama, is_added_by_conversion
 from .sampler import continue_prompt, generate
 from .task import LanguageModelTask
 
@@ -33,6 +33,7 @@ def token_embedding_parameters(model) -> list:
 
 FAMILY = ModelFamily(
     "dblocks_llama3", get_train_spec, Transformer, LanguageModelTask(), stock_models=("llama3",),
+    added_by_conversion=is_added_by_conversion,
     embedding_parameters=token_embedding_parameters,
     sample_text=partial(continue_prompt, generate, "dblocks_llama3"),
     unused_keys=MASKING_KEYS + VISION_SAMPLER_KEYS,

@@ -5,13 +5,13 @@ from dataclasses import dataclass
 
 from torchtitan.models.llama3 import llama3_args, TransformerModelArgs
 
-from ...partition import BlockPartition
+from ...diffusion.partition import BlockPartition
 
 
 @dataclass(frozen=True)
 class DenoiserOptions:
     """What `[diffusion_blocks]` says about the LM denoiser beyond its partition (see
-    the keys' docs in config.py); the defaults are the config's."""
+    the keys' docs in config/sections.py); the defaults are the config's."""
 
     adaln_cond_dim: int = 256
     target_embedding_scale: float = 1.0

@@ -6,7 +6,7 @@ from torch import nn
 from torchtitan.models.llama3 import Transformer
 from torchtitan.tools.logging import logger
 
-from ...partition import BlockPartition
+from ...diffusion.partition import BlockPartition
 from .args import DenoiserOptions
 from .model import convert_to_denoiser, DiffusionBlocksLlama
 

@@ -35,7 +35,7 @@ from torchtitan.models.llama3.model.model import (
 )
 
 from ... import diffusion
-from ...partition import BlockPartition
+from ...diffusion.partition import BlockPartition
 from ..conditioning import AdaLNModulation, FinalAdaLN, modulate, per_row, SigmaEmbedder
 from .args import DenoiserOptions, DiffusionBlocksLlamaArgs
 

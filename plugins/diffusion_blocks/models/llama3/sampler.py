@@ -31,11 +31,11 @@ from typing import Callable
 import torch
 
 from ... import diffusion
-from ...config_loader import ConfigError
+from ...errors import ConfigError
 from . import kv_cache
 
 # Which token sampler the denoiser uses by default: measured in the README's LM section
-# (tools/lm_report.py, 1 to 8 steps per block).
+# (tools/reports/lm.py, 1 to 8 steps per block).
 DEFAULT_SAMPLER = "ancestral"
 
 

@@ -5,8 +5,11 @@ full-vocabulary logits kept for backward) and the task sums them, weighted the s
 
 import torch
 
-from ...objectives import (
-    cross_entropy_sums, label_ce_sums, sigma_loss_weights, weighted_cross_entropy_sums,
+from ...diffusion.objectives import (
+    cross_entropy_sums,
+    label_ce_sums,
+    sigma_loss_weights,
+    weighted_cross_entropy_sums,
 )
 from ..cross_entropy_head import scores_labels_in_head, scoring_labels
 

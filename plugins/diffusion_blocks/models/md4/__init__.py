@@ -8,12 +8,17 @@ from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.protocols.train_spec import TrainSpec
 
-from ...config_loader import ConfigError, origin_of
-from ...family import (
-    AUTOREGRESSIVE_LM_KEYS, blockwise_train_spec, EDM_KEYS, HEAD_LOSS_KEYS, ModelFamily,
+from ...components.validate import build_task_validator
+from ...errors import ConfigError, origin_of
+from ...parallel.parallelize import parallelize_dblocks_llama
+from ...protocols.family import (
+    AUTOREGRESSIVE_LM_KEYS,
+    blockwise_train_spec,
+    EDM_KEYS,
+    HEAD_LOSS_KEYS,
+    ModelFamily,
 )
-from ...parallelize import parallelize_dblocks_llama
-from ...validation import build_task_validator
+from ..llama3.model import is_added_by_conversion
 from .args import masking_noise_levels, md4_flavors
 from .model import EndToEndMaskedDiffusionLM, MaskedDiffusionLM
 from .sampler import sample_text
@@ -44,6 +49,7 @@ def get_train_spec() -> TrainSpec:
 
 FAMILY = ModelFamily(
     "dblocks_md4", get_train_spec, EndToEndMaskedDiffusionLM, MaskedDiffusionTask(),
+    added_by_conversion=is_added_by_conversion,
     noise_levels=masking_noise_levels, sample_text=sample_text,
     unused_keys=(
         EDM_KEYS + AUTOREGRESSIVE_LM_KEYS + HEAD_LOSS_KEYS

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 from torchtitan.models.llama3 import llama3_args, TransformerModelArgs
 
-from ...masking import MaskingSchedule
-from ...partition import BlockPartition
+from ...diffusion.masking import MaskingSchedule
+from ...diffusion.partition import BlockPartition
 
 
 @dataclass

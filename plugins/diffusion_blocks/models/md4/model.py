@@ -23,7 +23,7 @@ import torch
 from torchtitan.models.llama3 import Transformer
 from torchtitan.models.llama3.model.model import TransformerBlock
 
-from ...partition import BlockPartition
+from ...diffusion.partition import BlockPartition
 from ..conditioning import AdaLNModulation, modulate, SigmaEmbedder
 from ..llama3.model import DenoiserLayer, masked_attention
 from .args import MaskedDiffusionArgs

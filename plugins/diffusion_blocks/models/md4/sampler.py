@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ...family import TextRequest
+from ...protocols.family import TextRequest
 
 
 def token_probabilities(logits_BTV: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:

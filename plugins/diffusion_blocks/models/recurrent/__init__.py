@@ -8,14 +8,19 @@ from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.protocols.train_spec import TrainSpec
 
-from ...config_loader import ConfigError, origin_of
+from ...components.validate import build_denoiser_validator
 from ...data.text import build_tokenizer
-from ...family import (
-    blockwise_train_spec, HEAD_LOSS_KEYS, MASKING_KEYS, ModelFamily, VISION_SAMPLER_KEYS,
+from ...errors import ConfigError, origin_of
+from ...parallel.parallelize import parallelize_dblocks_llama
+from ...protocols.family import (
+    blockwise_train_spec,
+    HEAD_LOSS_KEYS,
+    MASKING_KEYS,
+    ModelFamily,
+    VISION_SAMPLER_KEYS,
 )
-from ...parallelize import parallelize_dblocks_llama
-from ...validation import build_denoiser_validator
 from ..llama3 import token_embedding_parameters
+from ..llama3.model import is_added_by_conversion
 from ..llama3.sampler import continue_prompt
 from ..llama3.task import LanguageModelTask
 from .args import recurrent_flavors
@@ -56,6 +61,7 @@ def check_config(job_config) -> None:
 
 FAMILY = ModelFamily(
     NAME, get_train_spec, RecurrentTwin, LanguageModelTask(),
+    added_by_conversion=is_added_by_conversion,
     embedding_parameters=token_embedding_parameters, check_config=check_config,
     # its sampler recomputes the context for every token: no KV cache to turn off
     sample_text=partial(continue_prompt, generate, NAME, refused=("steps", "kv_cache")),

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from torch import nn
 from torchtitan.models.utils import get_dense_model_nparams_and_flops
 
-from ...partition import BlockPartition
+from ...components.dist_utils import layer_parameter_count
+from ...diffusion.partition import BlockPartition
 from ..llama3.args import DenoiserOptions, DiffusionBlocksLlamaArgs
 
 
@@ -83,9 +84,7 @@ class RecurrentArgs(DiffusionBlocksLlamaArgs):
         )
         if not self.trains_end_to_end:
             return nparams, flops
-        core_params = sum(
-            p.numel() for i in self.core_ids for p in model.layers[str(i)].parameters()
-        )
+        core_params = layer_parameter_count(model, self.core_ids)
         attention = 12 * self.n_heads * (self.dim // self.n_heads) * seq_len * self.n_core_layers
         per_pass = 6 * core_params + attention  # forward + backward of one core pass
         grad_passes = min(self.bptt_steps, self.mean_recurrence)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ...config_loader import ConfigError
+from ...errors import ConfigError
 from ..llama3.sampler import DecodingConfig, pick_tokens, sigma_start, TOKEN_STEPS
 from .model import RecurrentDenoiser, RecurrentTwin
 

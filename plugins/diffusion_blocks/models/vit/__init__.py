@@ -5,10 +5,11 @@ from functools import partial
 from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.protocols.train_spec import TrainSpec
 
+from ...components.validate import build_task_validator
 from ...data.images import build_image_dataloader
-from ...family import blockwise_train_spec, ModelFamily
-from ...parallelize import parallelize_vision
-from ...validation import build_task_validator
+from ...parallel.parallelize import parallelize_vision
+from ...protocols.family import blockwise_train_spec, ModelFamily
+from ..llama3.model import is_added_by_conversion
 from .args import vit_flavors
 from .model import DiffusionBlocksViT, PlainViT
 from .task import ImageClassificationTask
@@ -22,4 +23,7 @@ def get_train_spec() -> TrainSpec:
     )
 
 
-FAMILY = ModelFamily("dblocks_vit", get_train_spec, PlainViT, ImageClassificationTask())
+FAMILY = ModelFamily(
+    "dblocks_vit", get_train_spec, PlainViT, ImageClassificationTask(),
+    added_by_conversion=is_added_by_conversion,
+)

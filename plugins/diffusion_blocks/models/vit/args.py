@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ...errors import ConfigError, origin_of
 from ..vision_layers import ImageTransformerArgs
 
 
@@ -57,8 +58,6 @@ class ViTArgs(ImageTransformerArgs):
         ac = job_config.activation_checkpoint
         uses_dropout = max(self.dropout, self.attention_dropout) > 0
         if uses_dropout and ac.mode != "none" and not ac.preserve_rng_state:
-            from ...config_loader import ConfigError, origin_of
-
             raise ConfigError(
                 f"{origin_of(job_config, 'activation_checkpoint', 'preserve_rng_state')}: "
                 "[activation_checkpoint] preserve_rng_state = false would recompute the "

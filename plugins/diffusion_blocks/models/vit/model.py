@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import diffusion
-from ...sampling import ODE_SAMPLERS
+from ...diffusion.sampling import ODE_SAMPLERS
 from ..conditioning import FinalAdaLN, SigmaEmbedder
 from ..vision_layers import AdaLNZeroLayer, PatchEmbed, PreNormLayer
 from .args import ViTArgs

@@ -3,18 +3,13 @@ embedding's w(sigma)-weighted CE, or plain CE on [CLS]) and what validation meas
 (test accuracy)."""
 
 import torch
-import torch.distributed as dist
 
+from ...components.dist_utils import sum_over_ranks
 from ...data.images import ImageSplit, load_job_split, sharded_batches
-from ...objectives import cross_entropy_sums, weighted_cross_entropy_sums
-from ...tasks import EVAL_SEED, EvalContext
+from ...diffusion.objectives import cross_entropy_sums, weighted_cross_entropy_sums
+from ...protocols.task import EVAL_SEED, EvalContext
 
 
-def _sum_over_ranks(*values: float, device: torch.device) -> list[float]:
-    totals = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-    return totals.tolist()
 
 
 @torch.no_grad()
@@ -60,5 +55,6 @@ class ImageClassificationTask:
             model, split, ctx.job_config.validation.local_batch_size, ctx.device,
             ctx.dp_rank, ctx.dp_degree,
         )
-        correct, counted = _sum_over_ranks(correct, counted, device=ctx.device)
+        totals = torch.tensor((correct, counted), dtype=torch.float64, device=ctx.device)
+        correct, counted = sum_over_ranks(totals).tolist()
         return {"eval/test_accuracy": correct / max(counted, 1)}

@@ -1,0 +1,111 @@
+"""What a checkpoint was trained as, saved with it and checked wherever it is loaded.
+
+The identity of a run is its model (`[model] name`, `flavor`), whether DiffusionBlocks
+is on (`[diffusion_blocks] enable`), the block partition (`num_blocks`, the resolved
+`layers_per_block`, `partition`, `overlap`) and the noise settings (`sigma_min`,
+`sigma_max`, `p_mean`, `p_std`, `sigma_data`). A checkpoint loaded under another
+identity runs every block on sigmas it was not trained for (or the wrong model
+altogether) without any error, so a resume and every inference tool refuse it, naming
+the key and both values.
+
+It is a small JSON file in the step folder (`IDENTITY_FILE`, next to `.metadata`),
+written by the checkpointer before every save. Not an entry of the DCP state: the
+last-step save with `[checkpoint] last_save_model_only` writes the model's tensors
+only, and `last_save_in_hf` writes safetensors, so a `train_state` entry would be
+missing from exactly the checkpoints the inference tools read. A file in the folder is
+there for every save path (sync, async, model-only, HF), and DCP's reader ignores
+files that `.metadata` does not name. A checkpoint without the file (a stock
+torchtitan checkpoint, or one saved before this file existed) is not checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+IDENTITY_FILE = "diffusion_blocks_run.json"
+NOISE_KEYS = ("sigma_min", "sigma_max", "p_mean", "p_std", "sigma_data")
+
+
+def run_identity(job_config, partition) -> dict[str, Any]:
+    """The identity of the run `job_config` describes. `partition` is the model's
+    BlockPartition when DiffusionBlocks is on (its resolved layer counts), else None."""
+    section = job_config.diffusion_blocks
+    identity: dict[str, Any] = {
+        "diffusion_blocks.enable": bool(section.enable),
+        "model.name": job_config.model.name,
+        "model.flavor": job_config.model.flavor,
+    }
+    if section.enable:
+        identity.update({
+            "diffusion_blocks.num_blocks": partition.num_blocks,
+            "diffusion_blocks.layers_per_block": list(partition.layer_counts),
+            "diffusion_blocks.partition": section.partition,
+            "diffusion_blocks.overlap": section.overlap,
+        })
+    identity.update({f"diffusion_blocks.{key}": getattr(section, key) for key in NOISE_KEYS})
+    return identity
+
+
+def write_identity(step_folder: str | Path, identity: dict[str, Any]) -> None:
+    """Write the identity into the step folder (created if needed), atomically."""
+    os.makedirs(step_folder, exist_ok=True)
+    path = Path(step_folder) / IDENTITY_FILE
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(identity, indent=1) + "\n")
+    os.replace(temporary, path)
+
+
+def read_identity(step_folder: str | Path) -> dict[str, Any] | None:
+    """The saved identity, or None for a checkpoint without one; ConfigError when the
+    file cannot be read as a JSON object."""
+    path = Path(step_folder) / IDENTITY_FILE
+    if not path.is_file():
+        return None
+    try:
+        identity = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path} cannot be read: {error}") from None
+    if not isinstance(identity, dict):
+        raise ConfigError(f"{path} holds a JSON {type(identity).__name__}, not an object")
+    return identity
+
+
+def _config_key(key: str) -> str:
+    section, name = key.split(".", 1)
+    return f"[{section}] {name}"
+
+
+def identity_mismatches(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """'[section] key = saved in the checkpoint, ours here' for every key that differs
+    (only `enable` when that differs: the other keys follow from it)."""
+    keys = list(dict.fromkeys([*ours, *saved]))
+    enable = "diffusion_blocks.enable"
+    if saved.get(enable) != ours.get(enable):
+        keys = [enable]
+    absent = "(not set)"
+    return [
+        f"{_config_key(key)} = {saved.get(key, absent)!r} in the checkpoint, "
+        f"{ours.get(key, absent)!r} here"
+        for key in keys
+        if saved.get(key, absent) != ours.get(key, absent)
+    ]
+
+
+def check_identity(step_folder: str | Path, ours: dict[str, Any], advice: str) -> bool:
+    """Raise ConfigError (one line) when the checkpoint in `step_folder` was saved by a
+    run of another identity. Returns False when it has no identity (not checked)."""
+    saved = read_identity(step_folder)
+    if saved is None:
+        return False
+    mismatches = identity_mismatches(saved, ours)
+    if mismatches:
+        raise ConfigError(
+            f"checkpoint {step_folder} was trained with other settings: "
+            f"{'; '.join(mismatches)}. {advice}"
+        )
+    return True

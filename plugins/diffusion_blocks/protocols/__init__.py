@@ -1,0 +1,1 @@
+"""Interfaces: a model family (family.py), its task (task.py), a noise process (noise.py)."""

@@ -1,0 +1,154 @@
+"""The recurrent-depth LM: DiffusionBlocks' single-pass recipe vs Huginn's BPTT twin,
+LM quality against the inference iterations r, at equal training steps.
+
+    python tools/reports/recurrent.py --data ../shared/data/tinyshakespeare.txt \
+        [--job.config_file train_configs/recurrent_debug.toml] [--steps 600] \
+        [--recurrences 1,2,4,8,16,32] [--out outputs/recurrent_report] [--retrain]
+        [--section.key value ...]   (applied to both recurrent trainings)
+
+1. splits the file as tools/reports/lm.py does (the last 10%, at a line break, held out);
+2. trains the config with DiffusionBlocks (one core pass per step) and its end-to-end
+   twin (`--diffusion_blocks.no_enable`: r drawn per step, truncated BPTT) for the same
+   number of optimizer steps, timing both; and a judge: the plain end-to-end llama3
+   debug model (`train_configs/llama3_text.toml`, 8 layers) for the same steps (a run
+   whose final checkpoint is in --out already is not trained again unless --retrain);
+3. for every r, with the true held-out context (teacher forcing, every position of
+   --windows windows of seq_len bytes): P(true next byte), the probability that the
+   sampler at temperature 1 emits the true next byte (the mean over positions of the
+   last pass's softmax at the true byte: one start-noise draw per position, so an
+   unbiased estimate of the probability over the start noise too), and the
+   cross-entropy of the last pass's logits themselves;
+4. for every r, continuations (temperature 1) of --prompts held-out prompts, scored by
+   the judge (nats/byte; reports/lm.py's generative yardstick), beside the real text's.
+Prints markdown tables and writes <out>/report.json.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import diffusion_blocks  # noqa: F401
+from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.errors import exit_on_config_error
+from diffusion_blocks.eval.text import evenly_spaced_windows, judge_ce
+from diffusion_blocks.inference import load_for_inference
+from diffusion_blocks.models.llama3.sampler import DecodingConfig
+from diffusion_blocks.models.recurrent.sampler import generate, sequence_logits
+from common import common_overrides, split_corpus, train
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "train_configs" / "recurrent_debug.toml"
+JUDGE_CONFIG = REPO / "train_configs" / "llama3_text.toml"
+RECIPES = {"dblocks": [], "twin": ["--diffusion_blocks.no_enable"]}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--warmup", type=int, default=40)
+    parser.add_argument("--recurrences", default="1,2,4,8,16,32")
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--out", default=str(REPO / "outputs" / "recurrent_report"))
+    parser.add_argument("--retrain", action="store_true")
+    args, rest = parser.parse_known_args(argv)
+    if not any(a.startswith("--job.config_file") for a in rest):
+        rest = ["--job.config_file", str(CONFIG), *rest]
+    return args, rest
+
+
+def recipe_overrides(config_args, train_path: Path, dump: Path, steps: int, warmup: int, recipe):
+    return [
+        *config_args, *RECIPES[recipe],
+        "--training.dataset", "text_file", "--training.dataset_path", str(train_path),
+        "--job.dump_folder", str(dump), "--training.steps", str(steps),
+        "--lr_scheduler.warmup_steps", str(warmup), "--checkpoint.interval", str(steps),
+        "--metrics.log_freq", "50", "--metrics.no_enable_tensorboard",
+    ]
+
+
+@torch.no_grad()
+def teacher_forced(model, windows_BS: torch.Tensor, recurrence: int, batch: int = 8):
+    """(P(true next byte), CE of the last pass's logits) over every position."""
+    generator = torch.Generator().manual_seed(0)
+    p_true, ce, count = 0.0, 0.0, 0
+    for chunk in windows_BS.split(batch):
+        inputs, labels = chunk[:, :-1], chunk[:, 1:]
+        log_probs = F.log_softmax(sequence_logits(model, inputs, recurrence, generator).float(), -1)
+        true_BT = log_probs.gather(-1, labels[..., None]).squeeze(-1)
+        p_true += float(true_BT.exp().sum())
+        ce -= float(true_BT.sum())
+        count += labels.numel()
+    return p_true / count, ce / count
+
+
+@exit_on_config_error
+def main(argv):
+    args, config_args = parse_args(argv)
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    train_path, val_text = split_corpus(Path(args.data), out)
+    recurrences = [int(r) for r in args.recurrences.split(",")]
+    runs = {recipe: recipe_overrides(config_args, train_path, out / recipe, args.steps,
+                                     args.warmup, recipe) for recipe in RECIPES}
+    runs["judge"] = common_overrides(JUDGE_CONFIG, train_path, out / "judge", args.steps,
+                                     args.warmup) + ["--diffusion_blocks.no_enable"]
+    report_path = out / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report.update(steps=args.steps, recurrences=recurrences)
+    seconds = report.setdefault("train_seconds", {})
+    for name, overrides in runs.items():
+        if args.retrain or not (out / name / "checkpoint" / f"step-{args.steps}" / ".metadata").is_file():
+            seconds[name] = train(name, overrides, args.steps, out / f"log_{name}.txt")
+
+    judge, tokenizer = load_for_inference(
+        parse_job_config(runs["judge"]), out / "judge" / "checkpoint")[:2]
+    held_out_ids = tokenizer.encode(val_text)
+    windows = evenly_spaced_windows(
+        held_out_ids, args.prompt_len + args.new_tokens, args.prompts
+    )
+    prompts, truth = windows[:, :args.prompt_len], windows[:, args.prompt_len:]
+    report["real_text_judge_ce"] = judge_ce(judge, prompts, truth)
+    results = report.setdefault("recipes", {})
+    for recipe in RECIPES:
+        job_config = parse_job_config(runs[recipe])
+        model, _, step_folder = load_for_inference(job_config, out / recipe / "checkpoint")
+        seq_len = job_config.training.seq_len
+        windows = evenly_spaced_windows(held_out_ids, 1 + seq_len, args.windows)
+        result = {"checkpoint": str(step_folder), "per_r": {}, "samples": {}}
+        for r in recurrences:
+            p_true, ce = teacher_forced(model, windows, r)
+            decoding = DecodingConfig(max_new_tokens=args.new_tokens, steps_per_block=r,
+                                      temperature=1.0, seed=0)
+            tokens = generate(model, prompts, decoding, seq_len)
+            result["per_r"][str(r)] = {
+                "p_true_next": p_true, "last_pass_ce": ce,
+                "judge_ce": judge_ce(judge, prompts, tokens[:, args.prompt_len:]),
+            }
+            result["samples"][str(r)] = tokenizer.decode(tokens[0, args.prompt_len:].tolist())
+            print(recipe, r, result["per_r"][str(r)], repr(result["samples"][str(r)]), flush=True)
+        results[recipe] = result
+        report_path.write_text(json.dumps(report, indent=2))
+
+    header = "| r (core iterations per token) | " + " | ".join(map(str, recurrences)) + " |"
+    rule = "|---|" + "---|" * len(recurrences)
+    for key, what in (("p_true_next", "P(true next byte), teacher forcing"),
+                      ("judge_ce", "CE of samples under the judge (nats/byte)"),
+                      ("last_pass_ce", "CE of the last pass's logits (nats/byte)")):
+        print(f"\n{what}\n{header}\n{rule}")
+        for recipe, result in results.items():
+            print(f"| {recipe} | " + " | ".join(
+                f"{result['per_r'][str(r)][key]:.3f}" for r in recurrences) + " |")
+    print(f"\nthe real held-out text under the judge: {report['real_text_judge_ce']:.3f} nats/byte;"
+          f" training seconds: {seconds}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
