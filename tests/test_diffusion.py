@@ -142,7 +142,7 @@ def test_preconditioning_identities():
 
 
 def test_loss_weight_known_values():
-    # DESIGN.md section 4: w = (s^2 + sd^2) / (s sd)^2, i.e. 1 / s^2 + 1 / sd^2
+    # docs/method.md section 4: w = (s^2 + sd^2) / (s sd)^2, i.e. 1 / s^2 + 1 / sd^2
     sigma = torch.tensor([0.002, 0.1, 0.5, 1.0, 80.0], dtype=torch.float64)
     assert dd.loss_weight(sigma, 0.5).tolist() == pytest.approx(
         [250004.0, 104.0, 8.0, 5.0, 4.00015625], rel=1e-12)

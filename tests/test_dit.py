@@ -32,7 +32,7 @@ SD = 0.5  # sigma_data of the configs
 
 def edm_factors(sigma_B: torch.Tensor):
     """(c_skip, c_out, c_in, c_noise) as (B, 1, 1, 1) image factors, written out here
-    (DESIGN.md section 4), not taken from diffusion/edm.py."""
+    (docs/method.md section 4), not taken from diffusion/edm.py."""
     total = sigma_B**2 + SD**2
     image = lambda t: t[:, None, None, None]  # noqa: E731
     return image(SD**2 / total), image(sigma_B * SD / total.sqrt()), image(1 / total.sqrt()), sigma_B.log() / 4

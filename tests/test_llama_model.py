@@ -126,7 +126,7 @@ def test_denoised_estimate_is_c_skip_z_plus_c_out_times_the_network_output():
     z = torch.randn(2, SEQ, 64, generator=gen)
     sigma = torch.tensor([0.1, 1.5])  # c_skip and c_out both matter
     block = 1
-    # EDM factors written out here (DESIGN.md section 4), not taken from diffusion/edm.py
+    # EDM factors written out here (docs/method.md section 4), not taken from diffusion/edm.py
     total = (sigma**2 + SD**2)[:, None, None]
     c_skip, c_out, c_in = SD**2 / total, sigma[:, None, None] * SD / total.sqrt(), 1 / total.sqrt()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The sampler's held-out CE (diffusion_blocks.models.llama3.sampler_ce): on fake
+"""The sampler's held-out CE (diffusion_blocks.eval.sampler_ce): on fake
 denoisers whose final distribution is known it is exact (deterministic chain) or
 converges to the mixture's CE (stochastic chain); on the real tiny model every
 position's chain is the one `generate` runs for that position's prefix."""
@@ -14,7 +14,7 @@ from diffusion_blocks.models.llama3.model import Denoised
 from diffusion_blocks.models.llama3.sampler import (
     DecodingConfig, denoise_next_token_logits, generate,
 )
-from diffusion_blocks.models.llama3.sampler_ce import (
+from diffusion_blocks.eval.sampler_ce import (
     all_positions_next_token_logits, chain_counts, chain_log_probs, sampler_heldout_ce,
 )
 from test_llama_model import make_model, SEQ

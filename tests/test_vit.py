@@ -50,7 +50,7 @@ SD = 0.5  # sigma_data of the configs
 
 
 def edm_factors(sigma_B: torch.Tensor):
-    """(c_skip, c_out, c_in, c_noise) written out here (DESIGN.md section 4), not
+    """(c_skip, c_out, c_in, c_noise) written out here (docs/method.md section 4), not
     taken from diffusion/edm.py."""
     total = sigma_B**2 + SD**2
     return SD**2 / total, sigma_B * SD / total.sqrt(), 1 / total.sqrt(), sigma_B.log() / 4

@@ -1,5 +1,5 @@
 """EDM (Karras et al. 2022) for DiffusionBlocks: the noise schedule, its preconditioning
-and loss weight (DESIGN.md sections 2, 3, 4 and 6).
+and loss weight (docs/method.md sections 2, 3, 4 and 6).
 
 Conventions:
 - sigma boundaries are ascending: boundaries[0] = sigma_min, boundaries[-1] = sigma_max;

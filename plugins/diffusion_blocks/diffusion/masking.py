@@ -15,7 +15,7 @@ predicted uniformly over the V data tokens). As in MD4, alpha is kept inside
 - poly<k>:  a(t) = 1 - t^k.
 MD4 also leaves out the prior term (a token still unmasked at t = 1, probability eps).
 
-DiffusionBlocks reading (DESIGN.md section 5): the noise level is t, with the law
+DiffusionBlocks reading (docs/method.md section 5): the noise level is t, with the law
 t ~ U(0, 1) of MD4's training. The "equiprobable" partition cuts [0, 1] into intervals
 of equal decrease of alpha: a token's unmasking time has CDF 1 - alpha_t, so every
 block owns the same share of the unmasking events (equal t for the linear schedule).

@@ -1,4 +1,4 @@
-"""Inference with a block-partitioned denoiser (DESIGN.md section 6): the sampling grid,
+"""Inference with a block-partitioned denoiser (docs/method.md section 6): the sampling grid,
 the Euler, Heun and churn steps, the samplers that walk the grid, classifier-free
 guidance and the count of network evaluations.
 
@@ -118,7 +118,7 @@ def noised(clean: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tens
 
 
 def expected_clean_embedding(logits_BV: torch.Tensor, table_VD: torch.Tensor) -> torch.Tensor:
-    """D = softmax(logits) @ table for discrete targets (DESIGN.md section 6): the
+    """D = softmax(logits) @ table for discrete targets (docs/method.md section 6): the
     denoiser's posterior mean of the clean embedding, a convex combination of the
     table's rows (softmax in float32, the product in the table's dtype)."""
     return logits_BV.float().softmax(-1).to(table_VD.dtype) @ table_VD
@@ -139,7 +139,7 @@ def churn(
 
 def initial_noise_scale(sigma_max: float, data_is_unit_norm: bool) -> float:
     """Starting scale of z: sqrt(1 + sigma_max^2) for embedding targets (LM, ViT),
-    sigma_max for images (DESIGN.md section 6)."""
+    sigma_max for images (docs/method.md section 6)."""
     return math.sqrt(1.0 + sigma_max**2) if data_is_unit_norm else sigma_max
 
 

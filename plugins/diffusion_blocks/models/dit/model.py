@@ -1,4 +1,4 @@
-"""Block-partitioned class-conditional DiT (DESIGN.md sections 4-6) and its end-to-end twin.
+"""Block-partitioned class-conditional DiT (docs/method.md sections 4-6) and its end-to-end twin.
 
 The network F is DiT (Peebles & Xie 2023): patchify, fixed 2-D sin-cos positions,
 adaLN-Zero layers conditioned on c = sigma_embedding(c_noise) + class_embedding(y),

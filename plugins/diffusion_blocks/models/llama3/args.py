@@ -43,7 +43,7 @@ def _as_dblocks_args(args: TransformerModelArgs, **overrides) -> DiffusionBlocks
 
 def dblocks_llama3_flavors() -> dict[str, DiffusionBlocksLlamaArgs]:
     """torchtitan's llama3 flavors with their stock shapes (debugmodel: 6 layers), plus
-    our own names: 8-layer debug models (B = 2, 4, 8 split evenly), DESIGN.md's measured
+    our own names: 8-layer debug models (B = 2, 4, 8 split evenly), docs/method.md's measured
     anchor shape and Llama 3.2 1B (the memory benchmarks' sizes)."""
     flavors = {name: _as_dblocks_args(args) for name, args in llama3_args.items()}
     flavors["debugmodel_8l"] = _as_dblocks_args(llama3_args["debugmodel"], n_layers=8, n_heads=8)

@@ -5,7 +5,7 @@ context.
 The twin: each layer keeps the keys and values of the rows it has seen; a new token
 runs only its own row, which attends the cached rows and itself.
 
-The denoiser (DESIGN.md section 5): clean rows attend clean rows only, so a clean row's
+The denoiser (docs/method.md section 5): clean rows attend clean rows only, so a clean row's
 keys and values at every layer never change once computed; the noisy row of the next
 token attends the clean rows and itself, and nothing attends it. The clean rows'
 states do depend on the condition vector: with one sigma per sequence they are

@@ -1,4 +1,4 @@
-"""Block-partitioned autoregressive Llama denoiser (DESIGN.md section 5).
+"""Block-partitioned autoregressive Llama denoiser (docs/method.md section 5).
 
 The denoiser IS a stock torchtitan llama3 `Transformer`, converted in place by
 `convert_to_denoiser`: every layer gets AdaLN-Zero modulation, the model gets a sigma
@@ -212,7 +212,7 @@ class DiffusionBlocksLlama(Transformer):
         return unit if scale == 1.0 else scale * unit
 
     def initial_noise_std(self, sigma: float) -> float:
-        """Std of the sampler's starting z at noise level `sigma` (DESIGN.md section 6,
+        """Std of the sampler's starting z at noise level `sigma` (docs/method.md section 6,
         sqrt(1 + sigma_max^2) for unit-norm targets): sqrt(scale^2 + sigma^2)."""
         return math.sqrt(self.options.target_embedding_scale**2 + sigma**2)
 

@@ -1,6 +1,6 @@
 """Text generation with the block-partitioned denoiser and with its end-to-end twin.
 
-Denoiser, per new token (DESIGN.md section 6): the noisy row of the next token starts
+Denoiser, per new token (docs/method.md section 6): the noisy row of the next token starts
 from sigma_start * N(0, I) (sigma_start = `start_sigma` if given, else `[diffusion_blocks] sampling_sigma_max`,
 else sigma_max; see
 `uninformative_state`) and walks the equi-probability sigma grid down to sigma_min in

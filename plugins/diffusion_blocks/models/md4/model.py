@@ -1,4 +1,4 @@
-"""MD4's network on torchtitan's llama3 layers, block-partitioned (DESIGN.md section 5).
+"""MD4's network on torchtitan's llama3 layers, block-partitioned (docs/method.md section 5).
 
 A stock llama3 `Transformer` (token embedding, TransformerBlocks, RMSNorm, head) whose
 attention is bidirectional (no mask: every position sees every position) and whose

@@ -1,4 +1,4 @@
-"""MD4's ancestral sampler with the block-partitioned network (DESIGN.md section 6).
+"""MD4's ancestral sampler with the block-partitioned network (docs/method.md section 6).
 
 Start from a sequence of [MASK] (a prompt, if given, fixed at its start) at t = 1 and
 walk the partition's plan of steps t -> s down to 0 (equal decreases of alpha): at each

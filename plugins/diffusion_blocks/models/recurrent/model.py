@@ -1,4 +1,4 @@
-"""Recurrent-depth (looped) LM, Huginn-style, on torchtitan's llama3 layers (DESIGN.md
+"""Recurrent-depth (looped) LM, Huginn-style, on torchtitan's llama3 layers (docs/method.md
 section 5, recurrent-depth row).
 
     tokens -> prelude (stock llama3 blocks, causal, clean rows) -> e

@@ -6,7 +6,7 @@ context; the state row starts from N(0, I) * sqrt(1 + sigma_max^2); each of the 
 iterations is one denoiser pass (one core pass, the coda, the head) at the next point
 of the r-point equi-probability sigma grid and one step of the LM's token sampler
 (`--sampler`: ancestral, or Euler with the expected clean embedding softmax(logits) @
-normalize(E), DESIGN.md section 6, or Heun with the same D: two passes per step, the
+normalize(E), docs/method.md section 6, or Heun with the same D: two passes per step, the
 second at the step's end sigma, 2r in all); the last pass's logits are decoded. The
 twin (`RecurrentTwin`): the prelude once, r core iterations from a random state, the
 coda, the logits.

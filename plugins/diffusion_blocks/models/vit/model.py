@@ -1,4 +1,4 @@
-"""Block-partitioned ViT classifier (DESIGN.md sections 4-6) and its end-to-end twin.
+"""Block-partitioned ViT classifier (docs/method.md sections 4-6) and its end-to-end twin.
 
 DiffusionBlocksViT denoises a LABEL EMBEDDING conditioned on the image. The clean
 target y is the L2-normalised row of a learnable label table; the noisy z = y + sigma

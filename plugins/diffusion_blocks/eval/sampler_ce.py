@@ -26,8 +26,8 @@ from typing import Callable
 
 import torch
 
-from .evaluation import next_token_ce
-from .sampler import DecodingConfig, denoise_next_token_logits, is_denoiser
+from ..models.llama3.sampler import DecodingConfig, denoise_next_token_logits, is_denoiser
+from .text import next_token_ce
 
 # p(true) below this is reported as `floor_fraction` (not clamped: the CE keeps it)
 FLOOR = 1e-6
