@@ -19,7 +19,7 @@ from diffusion_blocks.diffusion.schedules import build_block_schedule
 from diffusion_blocks.errors import ConfigError
 from diffusion_blocks.models.llama3.args import DenoiserOptions
 from diffusion_blocks.models.llama3.model import masked_attention
-from diffusion_blocks.train import check_sigma_per_token
+from diffusion_blocks.training_modes import check_sigma_per_token
 
 from test_diffusion import ks_statistic
 from test_llama_model import make_model, SEQ
@@ -426,4 +426,4 @@ def test_default_trainer_keeps_one_param_group_and_the_official_embedding_init(m
     torchtitans = make_trainer("--diffusion_blocks.token_embedding_init_std", "1.0")
     assert float(torchtitans.model.tok_embeddings.weight.std()) == pytest.approx(1.0, rel=0.05)
     assert type(trainer.block_schedule).__name__ == "RandomSchedule"
-    assert trainer.level_shape(torch.zeros(2, 5)) == (2,)
+    assert trainer.mode.level_shape(torch.zeros(2, 5)) == (2,)

@@ -277,7 +277,7 @@ def make_trainer(process_group, tmp_path):
 
 
 def force_block(trainer, block: int) -> None:
-    trainer.choose_block = lambda: block
+    trainer.mode.block_for_step = lambda step, device: block
 
 
 def data_of(trainer):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,15 +44,12 @@ from torchtitan.tools.logging import init_logger, logger
 
 from . import titan_compat
 from .components.checkpoint import BlockwiseCheckpointManager
-from .components.dist_utils import layer_parameter_count
-from .components.metrics import BLOCKWISE_PREFIX
 from .components.run_identity import run_identity
 from .config.loader import parse_job_config
-from .diffusion.schedules import build_block_schedule
 from .errors import ConfigError, exit_on_config_error, origin_of
-from .parallel import block_parallel
 from .parallel.fsdp import check_supported_parallelism
 from .registry import resolve_run_spec
+from .training_modes import build_training_mode, Generators
 
 # what torchrun sets; a plain `python -m diffusion_blocks.train` is one process
 SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
@@ -111,34 +108,6 @@ def check_settings(job_config, device_type: str) -> None:
 
 
 @dataclass
-class BlockStats:
-    """Steps and a running (EMA) CE per block, for the log."""
-
-    steps: list[int]
-    running_ce: list[float] = field(default_factory=list)
-    decay: float = 0.9
-
-    @classmethod
-    def empty(cls, num_blocks: int) -> "BlockStats":
-        return cls([0] * num_blocks, [math.nan] * num_blocks)
-
-    def update(self, block: int, ce: float) -> None:
-        self.steps[block] += 1
-        previous = self.running_ce[block]
-        self.running_ce[block] = ce if math.isnan(previous) else (
-            self.decay * previous + (1 - self.decay) * ce
-        )
-
-    def as_metrics(self, unweighted_name: str) -> dict[str, float]:
-        metrics = {}
-        for b, (n, value) in enumerate(zip(self.steps, self.running_ce)):
-            metrics[f"{BLOCKWISE_PREFIX}steps_block{b}"] = n
-            if not math.isnan(value):
-                metrics[f"{BLOCKWISE_PREFIX}running_{unweighted_name}_block{b}"] = value
-        return metrics
-
-
-@dataclass
 class StepTotals:
     """Per-block sums of one step on this rank: unweighted loss, items, noise level
     (sigma, or t), samples."""
@@ -178,39 +147,35 @@ class BlockwiseTrainer(Trainer):
         init_empty_optimizer_state(self.optimizers)  # resumable while a block is untrained
 
         self.model = self.model_parts[0]
-        self.family, self.enabled = self.run_spec.family, self.run_spec.enabled
-        self.layout = getattr(self.model, "block_parallel_layout", None)
+        self.family = self.run_spec.family
+        self.mode = build_training_mode(job_config, self.model, self.run_spec.enabled)
         self.rank = dist.get_rank()
-        section = job_config.diffusion_blocks
-        if self.enabled:
-            self.partition = self.model.partition
-            self.num_blocks = self.partition.num_blocks
-            self.block_schedule = build_block_schedule(
-                section.block_schedule, self.num_blocks, job_config.training.steps,
-                section.seed, section.block_weights,
-            )
-            check_sigma_per_token(job_config, self.model)
-            self.block_stats = BlockStats.empty(self.num_blocks)
-            self.metrics_processor.num_flops_per_token = blockwise_flops_per_token(
-                self.model, job_config.training.seq_len, self.metrics_processor.num_flops_per_token
-            )
-        else:
-            self.partition, self.num_blocks = None, 0
-            self.block_schedule, self.block_stats = None, None
+        self.metrics_processor.num_flops_per_token = self.mode.flops_per_token(
+            self.model, job_config.training.seq_len, self.metrics_processor.num_flops_per_token
+        )
         self.block: int | None = None
         self.nonfinite_skips = 0  # steps skipped for a non-finite loss or gradient norm
         self.checkpointer.set_run(
-            run_identity(job_config, self.partition),
+            run_identity(job_config, self.mode.partition),
             job_config.checkpoint.allow_fresh_start,
             self.metrics_processor.mark_restart,
         )
-        # per-rank generators for noise levels (sigma or t; CPU, float64) and noise (on
-        # the device)
-        self.sigma_generator = torch.Generator().manual_seed(section.seed * 1000 + 1 + self.rank)
-        self.noise_generator = torch.Generator(self.device).manual_seed(
-            section.seed * 1000 + 2 + self.rank
+        seed = job_config.diffusion_blocks.seed
+        self.generators = Generators(
+            level=torch.Generator().manual_seed(seed * 1000 + 1 + self.rank),
+            noise=torch.Generator(self.device).manual_seed(seed * 1000 + 2 + self.rank),
         )
         self.log_layout()
+
+    # what tests and tools read of the mode
+    enabled = property(lambda self: self.mode.enabled)
+    partition = property(lambda self: self.mode.partition)
+    num_blocks = property(lambda self: self.mode.num_blocks)
+    layout = property(lambda self: self.mode.layout)
+    block_schedule = property(lambda self: self.mode.block_schedule)
+    block_stats = property(lambda self: self.mode.block_stats)
+    sigma_generator = property(lambda self: self.generators.level)
+    noise_generator = property(lambda self: self.generators.noise)
 
     # -- construction ------------------------------------------------------
 
@@ -243,85 +208,40 @@ class BlockwiseTrainer(Trainer):
 
     def log_layout(self) -> None:
         config = self.job_config
-        section = config.diffusion_blocks
-        mode = (
-            f"DiffusionBlocks B={self.num_blocks} ({section.block_schedule} schedule"
-            f"{f' {section.block_weights}' if section.block_weights else ''}, "
-            f"{section.partition} partition, overlap {section.overlap})"
-            if self.enabled else "end-to-end (diffusion_blocks disabled)"
-        )
         logger.info(
-            f"{config.model.name} {config.model.flavor} as {type(self.model).__name__}: {mode}; "
+            f"{config.model.name} {config.model.flavor} as {type(self.model).__name__}: "
+            f"{self.mode.describe(config.diffusion_blocks)}; "
             f"device {self.device}, world size {dist.get_world_size()}, "
             f"grad accumulation {self.gradient_accumulation_steps}"
         )
-        if not self.enabled:
-            return
-        for b, layers in enumerate(self.partition.layer_ranges):
-            lo, hi = self.partition.training_interval(b)
-            params = layer_parameter_count(self.model, layers)
-            logger.info(
-                f"  block {b}: layers {layers.start}-{layers.stop - 1} ({params:,} params), "
-                f"{self.partition.level_name} in [{lo:.4g}, {hi:.4g}]"
-            )
+        for line in self.mode.layer_lines(self.model):
+            logger.info(line)
 
     # -- checkpointed state ------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
+        state.update(self.mode.state_dict())
         state.update({
-            "enabled": self.enabled,
-            "layer_counts": list(self.partition.layer_counts) if self.enabled else [],
             # per-rank generators under per-rank keys, as torchtitan does for dataloaders
-            f"sigma_rng_rank{self.rank}": self.sigma_generator.get_state(),
-            f"noise_rng_rank{self.rank}": self.noise_generator.get_state(),
+            f"sigma_rng_rank{self.rank}": self.generators.level.get_state(),
+            f"noise_rng_rank{self.rank}": self.generators.noise.get_state(),
             "nonfinite_skips": self.nonfinite_skips,
         })
-        if self.enabled:
-            state["block_schedule"] = self.block_schedule.state_dict()
-            state["block_steps"] = list(self.block_stats.steps)
-            state["block_running_ce"] = list(self.block_stats.running_ce)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("enabled") != self.enabled:
-            raise ConfigError(
-                "checkpoint was saved with [diffusion_blocks] enable = "
-                f"{state.get('enabled')}, this run has enable = {self.enabled}"
-            )
-        if self.enabled:
-            saved, ours = list(state["layer_counts"]), list(self.partition.layer_counts)
-            if saved != ours:
-                raise ConfigError(
-                    f"checkpoint was saved with {len(saved)} blocks (layers per block "
-                    f"{saved}); this run has num_blocks = {len(ours)} (layers per block "
-                    f"{ours}). Resume with the same [diffusion_blocks] num_blocks / "
-                    "layers_per_block, or start a new dump_folder"
-                )
-            self.block_schedule.load_state_dict(state["block_schedule"])
-            self.block_stats.steps = list(state["block_steps"])
-            self.block_stats.running_ce = list(state["block_running_ce"])
+        self.mode.load_state_dict(state)
         super().load_state_dict(state)
         self.nonfinite_skips = state["nonfinite_skips"]
         for key, generator in (
-            (f"sigma_rng_rank{self.rank}", self.sigma_generator),
-            (f"noise_rng_rank{self.rank}", self.noise_generator),
+            (f"sigma_rng_rank{self.rank}", self.generators.level),
+            (f"noise_rng_rank{self.rank}", self.generators.noise),
         ):
             if key in state:
                 generator.set_state(state[key])
 
     # -- one step ------------------------------------------------------------
-
-    def choose_block(self) -> int:
-        if self.layout is not None:
-            return self.layout.group  # block-parallel: each group always trains its block
-        block = self.block_schedule.block_for_step(self.step)
-        if dist.get_world_size() > 1:
-            # all ranks hold the same generator; rank 0's choice is authoritative
-            chosen = torch.tensor([block], dtype=torch.int64, device=self.device)
-            dist.broadcast(chosen, src=0)
-            block = int(chosen.item())
-        return block
 
     def batch_generator(self, data_iterable):
         """torchtitan's, except that running out of data stops the run with an error.
@@ -341,7 +261,7 @@ class BlockwiseTrainer(Trainer):
             ) from None
 
     def post_dataloading_process(self, input_dict, labels):
-        if self.enabled:  # the denoiser builds its own [clean ; noisy] attention mask
+        if self.mode.builds_own_attention_mask:
             return input_dict["input"], labels, {}, {}
         return super().post_dataloading_process(input_dict, labels)
 
@@ -349,56 +269,27 @@ class BlockwiseTrainer(Trainer):
         """The task's loss sum over this microbatch, divided by the global item count
         (torchtitan's convention), backward; returns the detached scaled loss."""
         _, labels, _, extra_kwargs = self.post_dataloading_process(input_dict, labels)
-        task = self.family.task
-        level = None
         with self.train_context():
             with self.maybe_enable_amp:
-                if self.enabled:
-                    level = self.partition.sample_training_levels(
-                        self.block, self.level_shape(labels), self.sigma_generator
-                    )
-                    sums = task.denoiser_loss(
-                        self.model, input_dict, labels, self.block,
-                        level.to(self.device, torch.float32), self.noise_generator,
-                    )
-                else:
-                    sums = task.end_to_end_loss(
-                        self.model, input_dict, labels, extra_kwargs, self.noise_generator
-                    )
+                sums, level = self.mode.loss_sums(
+                    self.family.task, self.model, input_dict, labels, extra_kwargs,
+                    self.block, self.generators,
+                )
                 loss = sums.loss_sum / global_valid_tokens
             loss.backward()
         self.step_totals.add(self.block or 0, sums.unweighted_sum, sums.num_items, level)
         return loss.detach()
 
-    def level_shape(self, labels: torch.Tensor) -> tuple[int, ...]:
-        """One noise level per sample (B,), or with `sigma_per_token` one per label
-        token (B, T) (check_sigma_per_token made sure the model takes them)."""
-        if self.job_config.diffusion_blocks.sigma_per_token:
-            return tuple(labels.shape[:2])
-        return tuple(labels.shape[:1])
-
-    def normalisation_mesh(self):
-        """Ranks whose items a loss is divided by: the data-parallel ranks, or in a
-        block-parallel run the ranks of this rank's group."""
-        if self.layout is not None:
-            return self.layout.mesh["group_shard"]
-        return self.parallel_dims.get_mesh("batch") if self.parallel_dims.dp_enabled else None
-
     def clip_gradients(self) -> torch.Tensor:
-        max_norm = self.job_config.training.max_norm
-        if self.layout is not None:
-            return block_parallel.clip_grad_norm_block_parallel(self.model, self.layout, max_norm)
-        return dist_utils.clip_grad_norm_(
-            [p for m in self.model_parts for p in m.parameters()], max_norm, foreach=True,
-            pp_mesh=self.parallel_dims.get_optional_mesh("pp"),
-            ep_enabled=self.parallel_dims.ep_enabled,
+        return self.mode.clip_gradients(
+            self.model, self.model_parts, self.parallel_dims, self.job_config.training.max_norm
         )
 
     def train_step(self, data_iterator) -> None:
         self.optimizers.zero_grad()  # set_to_none: inactive blocks keep grad None
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
-        self.block = self.choose_block() if self.enabled else None
-        self.step_totals = StepTotals.zeros(max(self.num_blocks, 1), self.device)
+        self.block = self.mode.block_for_step(self.step, self.device)
+        self.step_totals = StepTotals.zeros(max(self.mode.num_blocks, 1), self.device)
 
         microbatches = []
         local_items = torch.tensor(0, dtype=torch.int64)
@@ -407,7 +298,7 @@ class BlockwiseTrainer(Trainer):
             local_items += (labels != IGNORE_INDEX).sum()
             microbatches.append((input_dict, labels))
         local_items = local_items.to(self.device)
-        mesh = self.normalisation_mesh()
+        mesh = self.mode.normalisation_mesh(self.parallel_dims)
         global_items = dist_utils.dist_sum(local_items, mesh) if mesh is not None else local_items
         global_items = torch.as_tensor(global_items, dtype=torch.float32, device=self.device)
 
@@ -429,9 +320,10 @@ class BlockwiseTrainer(Trainer):
         else:
             self.handle_nonfinite_step(problem)  # skips the step, or raises
 
-        if self.layout is not None and (self.checkpoint_due() or self.validation_due()):
-            # every rank needs every block's current weights to save or validate
-            block_parallel.synchronize_blocks(self.model, self.optimizers, self.layout)
+        # every rank needs every block's current weights to save or validate
+        self.mode.synchronize(
+            self.model, self.optimizers, self.checkpoint_due() or self.validation_due()
+        )
         if problem is not None or not self.metrics_processor.should_log(self.step):
             return
         self.log_step(torch.sum(torch.stack(losses)), local_items, global_items, grad_norm,
@@ -443,7 +335,7 @@ class BlockwiseTrainer(Trainer):
         The loss of every block trained at this step (a block-parallel step trains
         all of them) is summed over the ranks, so a non-finite loss on any rank is
         seen by all; the gradient norm is already global."""
-        loss_per_block = torch.zeros(max(self.num_blocks, 1), dtype=torch.float64, device=self.device)
+        loss_per_block = torch.zeros(max(self.mode.num_blocks, 1), dtype=torch.float64, device=self.device)
         loss_per_block[self.block or 0] = torch.stack(losses).sum().double()
         if dist.get_world_size() > 1:
             dist.all_reduce(loss_per_block, op=dist.ReduceOp.SUM)
@@ -452,28 +344,14 @@ class BlockwiseTrainer(Trainer):
         norm = float(grad_norm)
         if not bad_losses and math.isfinite(norm):
             return None
-        trained = list(range(self.num_blocks)) if self.layout is not None else [self.block]
+        trained = self.mode.trained_blocks(self.block)
         what = []
         if bad_losses:
             what.append(f"the loss is {', '.join(str(losses_B[b]) for b in bad_losses)}")
-            trained = bad_losses if self.enabled else trained
+            trained = self.mode.blocks_with_bad_loss(bad_losses, trained)
         if not math.isfinite(norm):
             what.append(f"the gradient norm is {norm}")
-        return f"step {self.step}: {' and '.join(what)} on {self.describe_blocks(trained)}"
-
-    def describe_blocks(self, blocks: list[int | None]) -> str:
-        """'block 2 (layers 4-5, sigma in [0.18, 0.51])' (t for MD4), or the end-to-end model."""
-        if not self.enabled:
-            return "the end-to-end model"
-        parts = []
-        for block in blocks:
-            layers = self.partition.layer_ranges[block]
-            lo, hi = self.partition.training_interval(block)
-            parts.append(
-                f"block {block} (layers {layers.start}-{layers.stop - 1}, "
-                f"{self.partition.level_name} in [{lo:.4g}, {hi:.4g}])"
-            )
-        return ", ".join(parts)
+        return f"step {self.step}: {' and '.join(what)} on {self.mode.describe_blocks(trained)}"
 
     def handle_nonfinite_step(self, problem: str) -> None:
         """`[diffusion_blocks] on_nonfinite`: 'stop' raises; 'skip' drops the gradients,
@@ -511,26 +389,14 @@ class BlockwiseTrainer(Trainer):
         totals = self.step_totals.sums_B4
         if dist.get_world_size() > 1:
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-        unweighted, items, level_sum, samples = totals.sum(0).tolist()
-        metrics = {f"{BLOCKWISE_PREFIX}{self.family.task.unweighted_name}": unweighted / max(items, 1)}
-        if not self.enabled:
-            return metrics
-        for block, (ce_sum, n, _, _) in enumerate(totals.tolist()):
-            if n > 0:
-                self.block_stats.update(block, ce_sum / n)
-        if self.layout is None:
-            metrics[f"{BLOCKWISE_PREFIX}block"] = self.block
-        # the mean noise level: diffusion_blocks/sigma_mean, or t_mean for MD4
-        metrics[f"{BLOCKWISE_PREFIX}{self.partition.level_name}_mean"] = level_sum / max(samples, 1)
-        return metrics
+        return self.mode.step_metrics(totals, self.block, self.family.task.unweighted_name)
 
     def log_step(self, loss, local_items, global_items, grad_norm, lr, step_metrics) -> None:
         """torchtitan's loss reduction (global mean and max of the ranks' means) and its
         metrics processor, with the per-block figures as extra metrics."""
         if self.parallel_dims.dp_cp_enabled:
             loss_mesh = self.parallel_dims.get_optional_mesh("loss")
-            groups = self.layout.num_blocks if self.layout is not None else 1
-            global_avg_loss = dist_utils.dist_sum(loss, loss_mesh) / groups
+            global_avg_loss = dist_utils.dist_sum(loss, loss_mesh) / self.mode.loss_groups
             global_max_loss = dist_utils.dist_max(loss * global_items / local_items, loss_mesh)
             ntokens_seen = dist_utils.dist_sum(
                 torch.tensor(self.ntokens_seen, dtype=torch.int64, device=self.device), loss_mesh
@@ -538,9 +404,8 @@ class BlockwiseTrainer(Trainer):
         else:
             global_avg_loss = global_max_loss = loss.item()
             ntokens_seen = self.ntokens_seen
-        extra = {"n_tokens_seen": ntokens_seen, "lr": lr, **step_metrics}
-        if self.enabled:
-            extra.update(self.block_stats.as_metrics(self.family.task.unweighted_name))
+        extra = {"n_tokens_seen": ntokens_seen, "lr": lr, **step_metrics,
+                 **self.mode.running_metrics(self.family.task.unweighted_name)}
         self.metrics_processor.log(
             self.step, global_avg_loss, global_max_loss, grad_norm.item(), extra_metrics=extra
         )
@@ -555,17 +420,6 @@ class BlockwiseTrainer(Trainer):
 
     def validation_due(self) -> bool:
         return self.job_config.validation.enable and self.validator.should_validate(self.step)
-
-
-def check_sigma_per_token(job_config, model) -> None:
-    """`sigma_per_token` needs a model that conditions each row on its own sigma (it
-    says so with `sigma_per_token = True`, set from the same config key)."""
-    if job_config.diffusion_blocks.sigma_per_token and not getattr(model, "sigma_per_token", False):
-        raise ConfigError(
-            f"{origin_of(job_config, 'diffusion_blocks', 'sigma_per_token')}: [diffusion_blocks] "
-            f"sigma_per_token needs a token-sequence denoiser (dblocks_llama3); "
-            f"{type(model).__name__} takes one sigma per sample"
-        )
 
 
 @torch.no_grad()
@@ -603,24 +457,6 @@ def init_empty_optimizer_state(optimizers) -> None:
                     )
 
 
-def blockwise_flops_per_token(model, seq_len: int, end_to_end_flops: int) -> int:
-    """FLOPs per item of one block-wise training step, for torchtitan's TFLOPS and MFU.
-
-    A step runs one block's layers instead of all of them: the layers' share of the
-    end-to-end figure shrinks by the block's share of the layer parameters (on average
-    1/B); the LM's 2T sequence doubles the layers' work per label token. Shared modules
-    (embedding, head) count in full."""
-    layer_params = sum(p.numel() for p in model.layers.parameters())
-    all_params = sum(p.numel() for p in model.parameters())
-    if layer_params == 0 or end_to_end_flops <= 0:
-        return end_to_end_flops
-    tokens_per_item = getattr(model, "TOKENS_PER_LABEL", 1)
-    layer_share = layer_params / all_params
-    blocks = model.partition.num_blocks
-    scaled = end_to_end_flops * ((1 - layer_share) + layer_share * tokens_per_item / blocks)
-    return int(scaled)
-
-
 @exit_on_config_error
 def main(argv: list[str] | None = None) -> None:
     """What torchtitan's `main(TrainerClass)` does (train, or write a seed checkpoint;
@@ -646,8 +482,8 @@ def main(argv: list[str] | None = None) -> None:
             logger.info("Created seed checkpoint")
             return
         trainer.train()
-        if trainer.enabled:
-            logger.info(f"Training done: steps per block {trainer.block_stats.steps}")
+        if trainer.mode.summary() is not None:
+            logger.info(trainer.mode.summary())
     finally:
         if trainer is not None:
             trainer.close()
