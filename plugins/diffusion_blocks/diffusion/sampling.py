@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, TYPE_CHECKING
+from typing import Any, Callable, TYPE_CHECKING
 
 import torch
 
@@ -146,25 +146,43 @@ def initial_noise_scale(sigma_max: float, data_is_unit_norm: bool) -> float:
 Denoiser = Callable[[torch.Tensor, float, int], torch.Tensor]
 
 
+# step(z, evaluated at (sigma, its block), sigma, sigma_next, evaluate_next) -> z at
+# sigma_next; evaluate_next(z') evaluates at sigma_next by the block owning it
+PlanStep = Callable[[torch.Tensor, Any, float, float, Callable[[torch.Tensor], Any]], torch.Tensor]
+# churn(z, step) -> (z raised to sigma_hat, sigma_hat, the block owning sigma_hat)
+Churn = Callable[[torch.Tensor, EulerStep], tuple[torch.Tensor, float, int]]
+
+
+def walk_plan(
+    evaluate: Callable[[torch.Tensor, float, int], Any], z: torch.Tensor,
+    plan: list[EulerStep], step: PlanStep, churn: Churn | None = None,
+) -> torch.Tensor:
+    """THE sampling loop over a plan: at every entry the block owning sigma evaluates
+    z (`evaluate(z, sigma, block)`: a denoised estimate, or a text model's logits),
+    then `step` moves z to sigma_next, with the block owning sigma_next at hand for a
+    second evaluation (Heun). Every sampler of every family walks its plan here."""
+    for entry in plan:
+        sigma, block = entry.sigma, entry.block
+        if churn is not None:
+            z, sigma, block = churn(z, entry)
+
+        def evaluate_next(z_next, entry=entry):
+            return evaluate(z_next, entry.sigma_next, entry.next_block)
+
+        z = step(z, evaluate(z, sigma, block), sigma, entry.sigma_next, evaluate_next)
+    return z
+
+
 def euler_sample(denoise: Denoiser, z: torch.Tensor, plan: list[EulerStep]) -> torch.Tensor:
     """z at sigma_min after one Euler step per plan entry, each by its owning block."""
-    for step in plan:
-        denoised = denoise(z, step.sigma, step.block)
-        z = euler_step(z, denoised, step.sigma, step.sigma_next)
-    return z
+    return walk_plan(denoise, z, plan, lambda z, denoised, sigma, sigma_next, _: euler_step(
+        z, denoised, sigma, sigma_next))
 
 
 def heun_sample(denoise: Denoiser, z: torch.Tensor, plan: list[EulerStep]) -> torch.Tensor:
     """z at sigma_min after one Heun step per plan entry: D(z, sigma) by the block
     owning sigma, D(z', sigma_next) by the block owning sigma_next."""
-    for step in plan:
-        denoised = denoise(z, step.sigma, step.block)
-
-        def denoise_next(z_euler):
-            return denoise(z_euler, step.sigma_next, step.next_block)
-
-        z = heun_step(z, denoised, step.sigma, step.sigma_next, denoise_next)
-    return z
+    return walk_plan(denoise, z, plan, heun_step)
 
 
 ODE_SAMPLERS: dict[str, Callable[[Denoiser, torch.Tensor, list[EulerStep]], torch.Tensor]] = {

@@ -217,18 +217,16 @@ def denoise_next_token_logits(
     block_logits = last_row(model, context_BT)
     rows = context_BT.shape[0] if rows is None else rows
     z_BD = uninformative_state((rows, table_VD.shape[1]), start, generator, table_VD)
-    for step in plan:
-        sigma, block = step.sigma, step.block
-        if gamma > 0:
-            sigma = min(step.sigma * (1 + gamma), schedule.sigma_max)
-            z_BD = diffusion.churn(z_BD, step.sigma, sigma, standard_normal_like(z_BD, generator))
-            block = owner_of(partition, sigma)
-        logits_BV = block_logits(z_BD, sigma, block)
 
-        def next_logits(z_next_BD):
-            return block_logits(z_next_BD, step.sigma_next, step.next_block)
+    def churn(z_BD, step):
+        sigma_hat = min(step.sigma * (1 + gamma), schedule.sigma_max)
+        z_BD = diffusion.churn(z_BD, step.sigma, sigma_hat, standard_normal_like(z_BD, generator))
+        return z_BD, sigma_hat, owner_of(partition, sigma_hat)
 
-        z_BD = token_step(z_BD, logits_BV, table_VD, sigma, step.sigma_next, generator, next_logits)
+    def take_step(z_BD, logits_BV, sigma, sigma_next, next_logits):
+        return token_step(z_BD, logits_BV, table_VD, sigma, sigma_next, generator, next_logits)
+
+    z_BD = diffusion.walk_plan(block_logits, z_BD, plan, take_step, churn if gamma > 0 else None)
     return block_logits(z_BD, schedule.sigma_min, owner_of(partition, schedule.sigma_min))
 
 

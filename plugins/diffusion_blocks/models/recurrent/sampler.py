@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ... import diffusion
 from ...errors import ConfigError
 from ..llama3.sampler import DecodingConfig, pick_tokens, sigma_start, TOKEN_STEPS
 from .model import RecurrentDenoiser, RecurrentTwin
@@ -48,11 +49,12 @@ def denoiser_logits(
         logits_BTV = model.denoise(e_BTD, z_ND.view(batch, seq_len, -1), sigma_B).logits_BTV
         return logits_BTV.flatten(0, 1)
 
-    for step in model.partition.sampling_plan(recurrence, start):
-        z_ND = token_step(
-            z_ND, pass_logits(z_ND, step.sigma), table_VD, step.sigma, step.sigma_next,
-            generator, lambda z_next_ND: pass_logits(z_next_ND, step.sigma_next),
-        )
+    def take_step(z_ND, logits_NV, sigma, sigma_next, next_logits):
+        return token_step(z_ND, logits_NV, table_VD, sigma, sigma_next, generator, next_logits)
+
+    plan = model.partition.sampling_plan(recurrence, start)
+    # one shared core: every entry of the plan is its pass, whichever block owns sigma
+    diffusion.walk_plan(lambda z_ND, sigma, _block: pass_logits(z_ND, sigma), z_ND, plan, take_step)
     return logits_BTV
 
 
