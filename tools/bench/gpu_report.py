@@ -171,8 +171,9 @@ class StepFigures:
 
 
 def run_trainer_steps(args: list[str], steps: int, warmup: int = 0,
-                      count_flops: bool = False) -> StepFigures:
-    """`steps` (after `warmup`) real BlockwiseTrainer.train_step calls, in this process."""
+                      count_flops: bool = False, count_activations: bool = True) -> StepFigures:
+    """`steps` (after `warmup`) real BlockwiseTrainer.train_step calls, in this process.
+    count_activations: saved-tensor hooks (they break fullgraph compiled layers)."""
     from diffusion_blocks.config.loader import parse_job_config
     from diffusion_blocks.eval.memory import (
         count_saved_activations, peak_device_bytes, resident_bytes,
@@ -197,7 +198,8 @@ def run_trainer_steps(args: list[str], steps: int, warmup: int = 0,
         flops = None
         if count_flops:
             trainer.step += 1
-            with FlopCounterMode(display=False) as counter:
+            # compiled kernels bypass the dispatcher the counter listens to: count eagerly
+            with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
                 trainer.train_step(data)
             flops = float(counter.get_total_flops()) or None
         activation, resident = 0, 0
@@ -207,9 +209,12 @@ def run_trainer_steps(args: list[str], steps: int, warmup: int = 0,
         start = time.perf_counter()
         for _ in range(steps):
             trainer.step += 1
-            with count_saved_activations(trainer.model) as saved:
+            if count_activations:
+                with count_saved_activations(trainer.model) as saved:
+                    trainer.train_step(data)
+                activation = max(activation, saved.bytes)
+            else:
                 trainer.train_step(data)
-            activation = max(activation, saved.bytes)
             resident = max(resident, resident_bytes(
                 trainer.model, trainer.optimizers, trainer.device).total)
         if cuda:
@@ -540,7 +545,7 @@ def throughput_row(sizes: Sizes, shape: str, mode: str) -> dict:
         "--diffusion_blocks.num_blocks", "4"]
     args = config_args(sizes, *sizes.throughput_shapes[shape], compile_flag, *recipe)
     figures = run_trainer_steps(args, sizes.throughput_steps, warmup=2,
-                                count_flops=sizes.device == "cuda")
+                                count_flops=sizes.device == "cuda", count_activations=False)
     peak = peak_flops()
     mfu = None
     if peak and figures.flops_per_step:
@@ -640,7 +645,7 @@ def wall_try(sizes: Sizes, recipe: str, depth: int) -> dict:
         "--diffusion_blocks.offload_inactive_blocks", "on" if sizes.device == "cuda" else "off"]
     args = config_args(sizes, *sizes.wall_args, "--model.flavor", depth_flavor(sizes, depth), *flag)
     try:
-        figures = run_trainer_steps(args, steps=2)
+        figures = run_trainer_steps(args, steps=2, count_activations=False)
     except Exception as exc:  # noqa: BLE001
         free_memory()
         if is_oom(exc):
