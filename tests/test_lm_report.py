@@ -312,3 +312,36 @@ def test_train_missing_resumes_an_unfinished_run_from_its_last_checkpoint(tmp_pa
     assert (checkpoints / "step-4" / ".metadata").is_file()
     second_part = log.read_text().split("Loading the checkpoint from")
     assert len(second_part) == 2 and second_part[1].split(".\n")[0].strip().endswith("step-2")
+
+
+def test_the_budget_runs_plan_every_row_of_issue_21_item_4(tmp_path):
+    """docs/results/lm.md's budget command: the runs, their steps, the equal-memory
+    flavor (the last word on --model.flavor), checkpoints at the interval and at every
+    budget step, all kept."""
+    tool = load_tool()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(synthetic_sentences(50)) + "\n")
+    args, overrides = tool.parse_args([
+        "--data", str(corpus), "--out", str(tmp_path),
+        "--job.config_file", str(REPO / "train_configs" / "llama3_shakespeare.toml"),
+        "--steps", "1000", "--warmup", "100", "--num-blocks", "4", "--checkpoint-interval", "50",
+        "--equal-memory-row", "--equal-compute-row", "--init-from-e2e", "--budgets", "0.25,0.5,1",
+        "--model.flavor", "debugmodel_8l",
+    ])
+    runs = tool.planned_runs(args, overrides, tmp_path / "train.txt")
+    (tmp_path / "e2e" / "checkpoint" / "step-1000").mkdir(parents=True)  # --init-from-e2e's
+    steps = {name: run.steps for name, run in runs.items()}
+    assert steps == {
+        "end-to-end": 1000, "judge": 2000, "DiffusionBlocks B=4": 4000,
+        "judge, DiffusionBlocks": 8000, "end-to-end, debugmodel_2l (equal memory)": 1000,
+        "end-to-end, 2000 steps (equal compute)": 2000,
+        "DiffusionBlocks B=4, from the end-to-end weights": 4000,
+    }
+    for name, run in runs.items():
+        job_config = tool.parse_job_config(run.overrides)
+        assert job_config.training.seq_len == 256 and job_config.checkpoint.keep_latest_k == 0
+        interval = job_config.checkpoint.interval
+        assert interval <= 50 and all(s % interval == 0 for s in tool.budget_steps(run.steps, args.budgets))
+        layers = 2 if "equal memory" in name else 8
+        assert job_config.model.flavor == f"debugmodel_{layers}l", name
+        assert job_config.diffusion_blocks.enable == name.startswith(("DiffusionBlocks", "judge, D")), name
