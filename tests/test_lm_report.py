@@ -1,6 +1,7 @@
 """tools/reports/lm.py and the measures it reports (diffusion_blocks.eval.text and
 diffusion_blocks.models.llama3.evaluation)."""
 
+import copy
 import importlib.util
 import json
 import math
@@ -15,6 +16,7 @@ from diffusion_blocks.data.text import synthetic_sentences
 from diffusion_blocks.eval import text as text_metrics
 from diffusion_blocks.eval.ngram import judge_ce_on_bytes, NgramLM
 from diffusion_blocks.models.llama3 import evaluation
+from diffusion_blocks.models.llama3.args import dblocks_llama3_flavors
 from diffusion_blocks.models.llama3.model import Denoised
 from diffusion_blocks.models.llama3.sampler import owner_of
 from test_llama_model import make_model, SEQ
@@ -345,3 +347,6 @@ def test_the_budget_runs_plan_every_row_of_issue_21_item_4(tmp_path):
         layers = 2 if "equal memory" in name else 8
         assert job_config.model.flavor == f"debugmodel_{layers}l", name
         assert job_config.diffusion_blocks.enable == name.startswith(("DiffusionBlocks", "judge, D")), name
+        model_args = copy.deepcopy(dblocks_llama3_flavors()[job_config.model.flavor])
+        model_args.update_from_config(job_config)  # the partition fits the layers
+        assert model_args.n_layers == layers

@@ -266,7 +266,8 @@ def planned_runs(args, run_overrides, train_path: Path) -> dict[str, Run]:
         flavor = equal_memory_flavor(config, run_overrides, blocks)
         base = run("e2e_equal_memory", args.steps, args.warmup, e2e)
         runs[f"end-to-end, {flavor} (equal memory)"] = base._replace(
-            overrides=[*base.overrides, "--model.flavor", flavor])
+            # one block: L/B layers need not split into the config's B blocks
+            overrides=[*base.overrides, "--model.flavor", flavor, "--diffusion_blocks.num_blocks", "1"])
     if args.equal_compute_row:
         steps = equal_compute_steps(args.steps)
         runs[f"end-to-end, {steps} steps (equal compute)"] = run(
