@@ -1,9 +1,11 @@
 """tools/reports/lm.py and the measures it reports (diffusion_blocks.eval.text and
 diffusion_blocks.models.llama3.evaluation)."""
 
+import copy
 import importlib.util
 import json
 import math
+import shutil
 import sys
 
 import pytest
@@ -12,7 +14,9 @@ import torch
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.data.text import synthetic_sentences
 from diffusion_blocks.eval import text as text_metrics
+from diffusion_blocks.eval.ngram import judge_ce_on_bytes, NgramLM
 from diffusion_blocks.models.llama3 import evaluation
+from diffusion_blocks.models.llama3.args import dblocks_llama3_flavors
 from diffusion_blocks.models.llama3.model import Denoised
 from diffusion_blocks.models.llama3.sampler import owner_of
 from test_llama_model import make_model, SEQ
@@ -126,37 +130,123 @@ def load_tool():
     return module
 
 
-def test_lm_report_writes_the_documented_keys(tmp_path):
+SAMPLER_CE_KEYS = {"model", "sampler", "steps_per_block", "chains", "windows", "positions",
+                   "ce", "stderr", "ce_by_chains", "floor_fraction", "e2e_ce", "gap_pct"}
+
+
+def test_lm_report_writes_the_documented_keys(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(synthetic_sentences(300)) + "\n")
     out = tmp_path / "report"
-    load_tool().main([
+    tool = load_tool()
+    # every window the sampler CE and its twin's CE are computed on, by id
+    seen = {"sampler": [], "twin": [], "ngram": []}
+    real_sampler_ce, real_twin = tool.sampler_heldout_ce, tool.next_token_ce
+
+    def spy_sampler_ce(model, windows, *a, twin=None, **k):
+        seen["sampler"].append(windows.clone())
+        return real_sampler_ce(model, windows, *a, twin=twin, **k)
+
+    real_ngram = tool.judge_ce_on_bytes
+
+    def spy_ngram(model, prompts, continuations):
+        seen["ngram"].append((prompts.clone(), continuations.clone()))
+        return real_ngram(model, prompts, continuations)
+
+    monkeypatch.setattr(tool, "sampler_heldout_ce", spy_sampler_ce)
+    monkeypatch.setattr(tool, "judge_ce_on_bytes", spy_ngram)
+    tool.main([
         "--data", str(corpus), "--out", str(out), "--steps", "2", "--warmup", "1",
         "--num-blocks", "2", "--samplers", "ancestral,euler", "--steps-per-block", "1,2",
         "--temperatures", "1.0", "--sigmas", "80,0.2", "--prompts", "4", "--prompt-len", "8",
-        "--new-tokens", "4", "--eval-windows", "2",
+        "--new-tokens", "4", "--eval-windows", "2", "--chains", "2", "--chains-per-call", "2",
+        "--ce-windows", "3", "--judge-chains", "2", "--equal-memory-row", "--budgets", "0.5,1",
         "--training.seq_len", "16", "--training.local_batch_size", "2",
         "--checkpoint.last_save_model_only",
     ])
     report = json.loads((out / "report.json").read_text())
-    assert set(report) == {"args", "samples", "teacher_forced"}
+    assert set(report) == {"args", "sampler_ce", "samples", "teacher_forced", "budgets"}
     dblocks = "DiffusionBlocks B=2"
+    equal_memory = "end-to-end, debugmodel_4l (equal memory)"
+    # the headline: every sampler x steps per block, every field, the twin on the same windows
+    assert set(report["sampler_ce"]) == {f"{dblocks} {s} {n}/block" for s in ("ancestral", "euler")
+                                         for n in (1, 2)}
+    for row in report["sampler_ce"].values():
+        assert set(row) == SAMPLER_CE_KEYS
+        assert row["chains"] == 2 and row["windows"] == 3 and row["positions"] == 3 * 16
+        assert set(row["ce_by_chains"]) == {"1", "2"} and row["ce_by_chains"]["2"] == row["ce"]
+        assert math.isfinite(row["ce"]) and 0 <= row["floor_fraction"] <= 1
+        assert row["gap_pct"] == pytest.approx(100 * (row["ce"] - row["e2e_ce"]) / row["e2e_ce"])
+    headline_windows = seen["sampler"][:4]
+    assert all(w.shape == (3, 17) for w in headline_windows)  # not the 2 --eval-windows
+    assert all(torch.equal(w, headline_windows[0]) for w in headline_windows)
+    # the twin's CE in the row is the end-to-end model's on those very windows
+    e2e, _, _ = tool.load(tool.planned_runs(*tool.parse_args([
+        "--data", str(corpus), "--out", str(out), "--steps", "2", "--warmup", "1",
+        "--num-blocks", "2", "--training.seq_len", "16", "--training.local_batch_size", "2"]),
+        out / "train.txt")["end-to-end"].overrides)
+    w = headline_windows[0]
+    for row in report["sampler_ce"].values():
+        assert row["e2e_ce"] == pytest.approx(text_metrics.next_token_ce(e2e, w[:, :-1], w[:, 1:]))
+
     assert set(report["samples"]) == {
         "held-out text", "held-out text, other prompts", "end-to-end T=1.0",
+        f"{equal_memory} T=1.0",
         *(f"{dblocks} {s} {n}/block" for s in ("ancestral", "euler") for n in (1, 2)),
         f"{dblocks} block 0 alone, sigma 80",
     }
     for row in report["samples"].values():
-        assert set(row) == SAMPLE_KEYS
+        assert set(row) == SAMPLE_KEYS | {"ngram_judge_ce", "ngram_dropped_fraction", "dblocks_judge_ce"}
         assert 0 <= row["mauve"] <= 1 and math.isfinite(row["judge_ce"])
+        assert math.isfinite(row["dblocks_judge_ce"])
+        # a toy model may draw ids >= 256 only (its vocabulary is 2048 wide): then NaN
+        assert math.isfinite(row["ngram_judge_ce"]) or row["ngram_dropped_fraction"] == 1
+    for real in ("held-out text", "held-out text, other prompts"):
+        assert report["samples"][real]["ngram_dropped_fraction"] == 0
+        assert math.isfinite(report["samples"][real]["ngram_judge_ce"])
+    # the 5-gram judge scores byte ids only: the byte tokenizer's BOS/EOS never reach it
+    assert len(seen["ngram"]) == len(report["samples"])
     assert report["samples"][f"{dblocks} euler 2/block"]["decoding"]["steps_per_block"] == 2
     assert report["samples"]["held-out text"]["decoding"] is None
-    assert set(report["teacher_forced"]) == {"end-to-end", "judge", dblocks}
+    assert set(report["teacher_forced"]) == {
+        "end-to-end", "judge", dblocks, "judge, DiffusionBlocks", equal_memory}
     assert set(report["teacher_forced"][dblocks]["sigma_ce"]) == {"80", "0.2"}
     assert report["teacher_forced"][dblocks]["sigma_ce"]["80"]["block"] == 0
     assert math.isfinite(report["teacher_forced"]["judge"]["next_token_ce"])
     # the judge is trained twice as long as the end-to-end run, with another seed
     assert (out / "judge" / "checkpoint" / "step-4").is_dir()
+    # budgets: each run's intermediate checkpoint at half its steps
+    assert set(report["budgets"]) == {"0.5", "1"}
+    assert report["budgets"]["0.5"][dblocks]["step"] == 2
+    assert report["budgets"]["0.5"]["end-to-end"]["step"] == 1
+    assert report["budgets"]["1"]["end-to-end"]["ce"] == pytest.approx(
+        text_metrics.next_token_ce(e2e, w[:, :-1], w[:, 1:]))
+    assert (out / "budgets.svg").read_text().startswith("<svg")
+
+
+def test_ngram_judge_drops_the_byte_tokenizers_special_ids():
+    ngram = NgramLM.fit("to be or not to be, that is the question\n" * 5)
+    prompts = torch.tensor([[256, *b"to be or "]])
+    continuations = torch.tensor([[*b"not to", 257]])
+    assert judge_ce_on_bytes(ngram, prompts, continuations) == pytest.approx(
+        ngram.score([b"to be or "], [b"not to"]))
+    assert math.isnan(judge_ce_on_bytes(ngram, prompts, torch.tensor([[257, 256]])))
+
+
+def test_sampler_judge_ce_scores_the_continuation_positions_only(monkeypatch):
+    """The DiffusionBlocks judge reads each chain's log p(true) at the continuation's
+    positions: labels P - 1 onwards of the joined window."""
+    from diffusion_blocks.eval import sampler_ce
+    model = make_model(num_blocks=2)
+    prompts, continuations = torch.arange(6).reshape(2, 3), torch.arange(10, 14).reshape(2, 2)
+
+    def fake_chain_log_probs(model, windows, config, generator, copies, table):
+        # log p(true) = -(the label's token id): the continuation's labels cost 10..13
+        return -windows[:, 1:].double().expand(copies, -1, -1).clone()
+
+    monkeypatch.setattr(sampler_ce, "chain_log_probs", fake_chain_log_probs)
+    ce = sampler_ce.sampler_judge_ce(model, prompts, continuations, sampler_ce.DecodingConfig(), 2)
+    assert ce == pytest.approx(continuations.double().mean().item())
 
 
 def test_dblocks_args_reach_only_the_diffusion_blocks_runs_and_train_missing_skips_finished_runs(
@@ -183,4 +273,80 @@ def test_dblocks_args_reach_only_the_diffusion_blocks_runs_and_train_missing_ski
     monkeypatch.setattr(tool, "load", lambda overrides: (_ for _ in ()).throw(SystemExit("stop")))
     with pytest.raises(SystemExit, match="stop"):
         tool.main(["--data", str(corpus), "--out", str(tmp_path), "--train-missing"])
-    assert trained == ["judge", "DiffusionBlocks B=4"]
+    assert trained == ["judge", "DiffusionBlocks B=4", "judge, DiffusionBlocks"]
+
+
+def test_train_missing_resumes_an_unfinished_run_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """An interrupted run (its last checkpoint at step 2 of 4) is trained again from
+    step 2, not from scratch; the finished ones are skipped."""
+    tool = load_tool()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(synthetic_sentences(100)) + "\n")
+    argv = ["--data", str(corpus), "--out", str(tmp_path), "--train-missing", "--steps", "4",
+            "--warmup", "1", "--checkpoint-interval", "2", "--num-blocks", "2",
+            "--prompt-len", "8", "--new-tokens", "4",
+            "--training.seq_len", "16", "--training.local_batch_size", "2",
+            "--checkpoint.last_save_model_only"]
+    runs = tool.planned_runs(*tool.parse_args(argv), tmp_path / "train.txt")
+    e2e = runs["end-to-end"]
+    tool.split_corpus(corpus, tmp_path)
+    log = tmp_path / f"log_{e2e.dump}.txt"
+    tool.train("end-to-end", e2e.overrides, e2e.steps, log)
+    checkpoints = tmp_path / e2e.dump / "checkpoint"
+    assert (checkpoints / "step-2").is_dir()  # saved every --checkpoint-interval steps
+    shutil.rmtree(checkpoints / "step-4")     # interrupted after step 2
+    for name, run in runs.items():            # the others finished
+        if name != "end-to-end":
+            final = tmp_path / run.dump / "checkpoint" / f"step-{run.steps}"
+            final.mkdir(parents=True)
+            (final / ".metadata").write_text("")
+    real_train, trained = tool.train, []
+
+    def train(name, *a):
+        trained.append(name)
+        return real_train(name, *a)
+
+    monkeypatch.setattr(tool, "train", train)
+    monkeypatch.setattr(tool, "load", lambda overrides: (_ for _ in ()).throw(SystemExit("stop")))
+    with pytest.raises(SystemExit, match="stop"):
+        tool.main(argv)
+    assert trained == ["end-to-end"]
+    assert (checkpoints / "step-4" / ".metadata").is_file()
+    second_part = log.read_text().split("Loading the checkpoint from")
+    assert len(second_part) == 2 and second_part[1].split(".\n")[0].strip().endswith("step-2")
+
+
+def test_the_budget_runs_plan_every_row_of_issue_21_item_4(tmp_path):
+    """docs/results/lm.md's budget command: the runs, their steps, the equal-memory
+    flavor (the last word on --model.flavor), checkpoints at the interval and at every
+    budget step, all kept."""
+    tool = load_tool()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(synthetic_sentences(50)) + "\n")
+    args, overrides = tool.parse_args([
+        "--data", str(corpus), "--out", str(tmp_path),
+        "--job.config_file", str(REPO / "train_configs" / "llama3_shakespeare.toml"),
+        "--steps", "1000", "--warmup", "100", "--num-blocks", "4", "--checkpoint-interval", "50",
+        "--equal-memory-row", "--equal-compute-row", "--init-from-e2e", "--budgets", "0.25,0.5,1",
+        "--model.flavor", "debugmodel_8l",
+    ])
+    runs = tool.planned_runs(args, overrides, tmp_path / "train.txt")
+    (tmp_path / "e2e" / "checkpoint" / "step-1000").mkdir(parents=True)  # --init-from-e2e's
+    steps = {name: run.steps for name, run in runs.items()}
+    assert steps == {
+        "end-to-end": 1000, "judge": 2000, "DiffusionBlocks B=4": 4000,
+        "judge, DiffusionBlocks": 8000, "end-to-end, debugmodel_2l (equal memory)": 1000,
+        "end-to-end, 2000 steps (equal compute)": 2000,
+        "DiffusionBlocks B=4, from the end-to-end weights": 4000,
+    }
+    for name, run in runs.items():
+        job_config = tool.parse_job_config(run.overrides)
+        assert job_config.training.seq_len == 256 and job_config.checkpoint.keep_latest_k == 0
+        interval = job_config.checkpoint.interval
+        assert interval <= 50 and all(s % interval == 0 for s in tool.budget_steps(run.steps, args.budgets))
+        layers = 2 if "equal memory" in name else 8
+        assert job_config.model.flavor == f"debugmodel_{layers}l", name
+        assert job_config.diffusion_blocks.enable == name.startswith(("DiffusionBlocks", "judge, D")), name
+        model_args = copy.deepcopy(dblocks_llama3_flavors()[job_config.model.flavor])
+        model_args.update_from_config(job_config)  # the partition fits the layers
+        assert model_args.n_layers == layers

@@ -51,14 +51,14 @@ def common_overrides(
 
 
 def train(name: str, overrides: list[str], steps: int, log: Path) -> float:
-    """One training run under torchrun, its output in `log`, a progress bar on its
-    steps; returns the seconds it took."""
+    """One training run under torchrun, its output appended to `log` (a resumed run
+    keeps the first part's), a progress bar on its steps; returns the seconds it took."""
     start = time.monotonic()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
            "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
            "-m", "diffusion_blocks.train", *overrides]
     print(f"$ {' '.join(cmd)}\n  (output: {log})", flush=True)
-    with open(log, "w") as log_file, tqdm(total=steps, desc=f"train {name}", unit="step") as bar:
+    with open(log, "a") as log_file, tqdm(total=steps, desc=f"train {name}", unit="step") as bar:
         process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
         for line in process.stdout:

@@ -5,6 +5,9 @@
         [--num-blocks 4] [--init-from-e2e] [--samplers ancestral,euler[,heun]]
         [--steps-per-block 1,2,4,8] [--temperatures 0.7,0.85,1.0] [--prompts 32]
         [--prompt-len 32] [--new-tokens 32] [--eval-windows 16] [--single-block-sigmas 80]
+        [--chains 64] [--chains-per-call 4] [--ce-windows 8] [--judge-chains 4]
+        [--no-dblocks-judge] [--equal-memory-row] [--equal-compute-row]
+        [--budgets 0.25,0.5,1] [--checkpoint-interval N]
         [--out outputs/lm_report] [--skip-training | --train-missing]
         [--dblocks-args="--diffusion_blocks.key value ..."] [--report FILE] [--section.key value ...]
 
@@ -14,8 +17,15 @@
    B x --steps (the random schedule gives every block about --steps updates: equal
    optimizer updates per parameter), warmups scaled alike; with --init-from-e2e also a
    DiffusionBlocks run from the end-to-end run's weights (`[checkpoint]
-   initial_load_path`; the modules the conversion adds start fresh). Further
-   `--section.key value` arguments go to every run (and to loading the models);
+   initial_load_path`; the modules the conversion adds start fresh); a DiffusionBlocks
+   JUDGE, DiffusionBlocks with the judge's seed for 2 x B x --steps (unless
+   --no-dblocks-judge); with --equal-memory-row an end-to-end run with L/B layers (the
+   <flavor>_<L/B>l flavor) and with --equal-compute-row one for 2 x --steps (the
+   DiffusionBlocks run's layer-token FLOPs: `equal_compute_steps`). Every run saves a
+   checkpoint every --checkpoint-interval steps and at each --budgets step, all kept,
+   and --train-missing trains again every run whose final checkpoint is missing:
+   torchtitan resumes it from its last checkpoint. Further `--section.key value`
+   arguments go to every run (and to loading the models);
 3. continues held-out prompts: the end-to-end model at each of --temperatures, each
    DiffusionBlocks model with each token sampler at each --steps-per-block (greedy final
    pick), and each DiffusionBlocks model's block owning each of --single-block-sigmas
@@ -23,22 +33,51 @@
    uninformative noisy row: no denoising chain), and takes the real held-out
    continuations, plus real continuations of other held-out prompts (what MAUVE gives
    two samples of real text at this sample size);
+0. THE HEADLINE, printed first: every DiffusionBlocks model x sampler x steps per
+   block, the sampler's held-out CE (`eval.sampler_ce.sampler_heldout_ce`, --chains K
+   chains, stderr, at K/4, K/2 and K chains, floor fraction) on --ce-windows held-out
+   windows of seq_len + 1, beside the end-to-end model's next-token CE on the same
+   windows' same positions and the gap in percent;
 4. scores every set of continuations: CE under the judge (nats/byte), distinct-1/2/3,
    unigram entropy (nats) and MAUVE against the real continuations on the judge's
    features (mean-pooled final hidden states); and every model teacher-forced on
    held-out windows: end-to-end next-token CE, and for each DiffusionBlocks model the
-   CE of the block owning each of --sigmas with an uninformative noisy input.
+   CE of the block owning each of --sigmas with an uninformative noisy input. Two more
+   judges score every set beside the end-to-end one, so each recipe's samples are
+   judged by both recipes and by neither: a byte 5-gram Kneser-Ney model fit on the
+   training split (the tokenizer's BOS/EOS ids dropped), and the DiffusionBlocks judge
+   through its sampler's CE (`eval.sampler_ce.sampler_judge_ce`, default sampler,
+   --judge-chains chains). Why a trained DiffusionBlocks judge scored by its sampler,
+   not the cheaper teacher-forced block-0 CE at sigma_max: block 0 alone is not the
+   distribution the recipe samples from (the teacher-forced table shows it differs
+   from the chain), and at report sizes the judge's cost is small: K chains x the
+   sampler's forwards over prompt + continuation, a few seconds per sample set for
+   K = 4 on the debug model; its training (2 x B x --steps DiffusionBlocks steps, about
+   the cost of 4 x --steps end-to-end steps) is the price, which --no-dblocks-judge
+   avoids;
+5. with more than one --budgets fraction: every measured model at each fraction of its
+   steps (its intermediate checkpoint): end to end next-token CE, DiffusionBlocks the
+   default sampler's held-out CE at 1 step per block, on the headline's windows, and a
+   hand-written SVG plot of them, <out>/budgets.svg.
 
 Prints the tables and writes <out>/report.json (or --report) with the keys:
   args:            the options;
+  sampler_ce[row]: {"model", "sampler", "steps_per_block", "chains", "windows",
+                   "positions", "ce", "stderr", "ce_by_chains" ({"<k>": ce} at K/4, K/2,
+                   K), "floor_fraction", "e2e_ce" (same positions), "gap_pct"};
+                   rows "<DiffusionBlocks model> <sampler> <s>/block";
   samples[row]:    {"model", "decoding" (the sampler's settings, or null for real
                    text), "judge_ce", "distinct_1", "distinct_2", "distinct_3",
-                   "unigram_entropy", "mauve", "example" (a prompt and its continuation)};
+                   "unigram_entropy", "mauve", "example" (a prompt and its continuation),
+                   "ngram_judge_ce" (NaN when no continuation byte is left),
+                   "ngram_dropped_fraction" (the continuation ids >= 256 it dropped),
+                   "dblocks_judge_ce" (absent with --no-dblocks-judge)};
                    rows: "held-out text", "held-out text, other prompts",
                    "end-to-end T=<t>", "<DiffusionBlocks model> <sampler> <s>/block",
                    "<DiffusionBlocks model> block <b> alone, sigma <sigma>" (decoding null);
   teacher_forced[model]: {"next_token_ce"} for end-to-end models (judge included), or
-                   {"sigma_ce": {"<sigma>": {"block", "ce"}}} for DiffusionBlocks models.
+                   {"sigma_ce": {"<sigma>": {"block", "ce"}}} for DiffusionBlocks models;
+  budgets (with more than one --budgets fraction): {"<fraction>": {model: {"step", "ce"}}}.
 Long phases (training, sampling) show a progress bar with an ETA; each training run's
 output goes to <out>/log_<run>.txt.
 """
@@ -46,6 +85,7 @@ output goes to <out>/log_<run>.txt.
 import argparse
 import json
 import math
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -58,19 +98,26 @@ from diffusion_blocks.config.bounds import AT_LEAST_1, existing_file_arg, NON_NE
 from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.data.text import check_text_file
 from diffusion_blocks.errors import ConfigError, exit_on_config_error
+from diffusion_blocks.eval.ngram import judge_ce_on_bytes, NgramLM
+from diffusion_blocks.eval.sampler_ce import sampler_heldout_ce, sampler_judge_ce
 from diffusion_blocks.eval.text import (
-    evenly_spaced_windows, judge_features, sample_rows, score, teacher_forced,
+    evenly_spaced_windows, judge_features, next_token_ce, sample_rows, score, teacher_forced,
 )
 from diffusion_blocks.inference import load_for_inference
 from diffusion_blocks.models.llama3 import evaluation
+from diffusion_blocks.models.llama3.args import dblocks_llama3_flavors
 from diffusion_blocks.models.llama3.sampler import (
-    forwards_per_token, generate, is_denoiser, owner_of, TOKEN_STEPS,
+    DecodingConfig, forwards_per_token, generate, is_denoiser, owner_of, TOKEN_STEPS,
 )
 from common import common_overrides, split_corpus, train
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "train_configs" / "llama3_text.toml"
 JUDGE_SEED = 1
+SAMPLER_CE_SEED = 0
+NGRAM_ORDER = 5
+NGRAM_VOCAB = 256
+DBLOCKS_JUDGE = "judge, DiffusionBlocks"
 
 
 def comma_list(kind):
@@ -104,6 +151,29 @@ def parse_args(argv):
                         help="prompt-len + new-tokens must fit [training] seq_len")
     parser.add_argument("--eval-windows", type=number_arg(int, AT_LEAST_1), default=16,
                         help="held-out windows of seq_len for the teacher-forced CE")
+    parser.add_argument("--chains", type=number_arg(int, AT_LEAST_1), default=64,
+                        help="the headline: chains K of each sampler's held-out CE")
+    parser.add_argument("--chains-per-call", type=number_arg(int, AT_LEAST_1), default=4,
+                        help="chains run as one batch (memory)")
+    parser.add_argument("--ce-windows", type=number_arg(int, AT_LEAST_1), default=8,
+                        help="held-out windows of seq_len + 1 for the sampler CE and the "
+                             "end-to-end next-token CE beside it")
+    parser.add_argument("--judge-chains", type=number_arg(int, AT_LEAST_1), default=4,
+                        help="chains of the DiffusionBlocks judge's sampler CE of each sample set")
+    parser.add_argument("--no-dblocks-judge", action="store_true",
+                        help="no DiffusionBlocks judge run (its column is left out)")
+    parser.add_argument("--equal-memory-row", action="store_true",
+                        help="add an end-to-end run with L/B layers (the memory of one block)")
+    parser.add_argument("--equal-compute-row", action="store_true",
+                        help="add an end-to-end run with the DiffusionBlocks run's layer-token "
+                             "FLOPs: 2 x --steps (see equal_compute_steps)")
+    parser.add_argument("--budgets", type=comma_list(float), default=[1.0],
+                        help="fractions of every run's steps to measure at (e.g. 0.25,0.5,1), "
+                             "read from the runs' intermediate checkpoints; more than one "
+                             "also writes <out>/budgets.svg")
+    parser.add_argument("--checkpoint-interval", type=number_arg(int, AT_LEAST_1), default=None,
+                        help="save every N steps (so --train-missing resumes an interrupted "
+                             "run; default: the end only, and the --budgets steps)")
     parser.add_argument("--out", default=str(REPO / "outputs" / "lm_report"))
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--train-missing", action="store_true",
@@ -118,6 +188,8 @@ def parse_args(argv):
     unknown = [a for a in run_overrides if a.startswith("-") and "." not in a]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if any(not 0 < f <= 1 for f in args.budgets) or 1.0 not in args.budgets:
+        parser.error(f"--budgets: fractions in (0, 1], 1 among them, got {args.budgets}")
     if any(not 0 < sigma < math.inf for sigma in args.single_block_sigmas):
         parser.error(f"--single-block-sigmas: every sigma must be > 0, got {args.single_block_sigmas}")
     for sampler in args.samplers:
@@ -132,23 +204,74 @@ class Run(NamedTuple):
     dump: str             # its folder under --out
 
 
+def budget_steps(steps: int, budgets: list[float]) -> list[int]:
+    """The optimizer steps at each budget fraction of a run of `steps` (at least 1)."""
+    return [max(1, round(f * steps)) for f in budgets]
+
+
+def checkpoint_interval(steps: int, args) -> int:
+    """Saves at every --checkpoint-interval steps and at each --budgets step: the gcd of
+    the interval and the budget steps (torchtitan saves at multiples of one interval)."""
+    return math.gcd(args.checkpoint_interval or steps, *budget_steps(steps, args.budgets))
+
+
+def equal_memory_flavor(config: Path, run_overrides: list[str], blocks: int) -> str:
+    """The flavor of the end-to-end model with L/B layers: <name>_<L/B>l of an
+    <name>_<L>l flavor (debugmodel_8l, B = 4: debugmodel_2l)."""
+    job_config = parse_job_config(["--job.config_file", str(config), *run_overrides])
+    flavor, layers = job_config.model.flavor, None
+    if (match := re.fullmatch(r"(.*)_(\d+)l", flavor)) and int(match.group(2)) % blocks == 0:
+        layers = int(match.group(2)) // blocks
+        name = f"{match.group(1)}_{layers}l"
+        if name in dblocks_llama3_flavors():
+            return name
+    raise ConfigError(f"--equal-memory-row: no flavor with L/B layers for {flavor!r} and "
+                      f"B = {blocks} (add one to models/llama3/args.py)")
+
+
+def equal_compute_steps(steps: int) -> int:
+    """End-to-end steps with the DiffusionBlocks run's training FLOPs, counted as
+    layer x token products (embeddings, the head and attention's T^2 term left out): a
+    DiffusionBlocks step runs one block's L/B layers over 2T positions (the clean
+    context and the noisy rows), B x steps of them; an end-to-end step runs L layers
+    over T positions. B x steps x (L/B) x 2T / (L x T) = 2 x steps."""
+    return 2 * steps
+
+
 def planned_runs(args, run_overrides, train_path: Path) -> dict[str, Run]:
     out, config = Path(args.out), Path(args.config_file)
     blocks = args.num_blocks
 
     def run(dump: str, steps: int, warmup: int, *extra: str) -> Run:
         overrides = common_overrides(config, train_path, out / dump, steps, warmup)
+        overrides += ["--checkpoint.interval", str(checkpoint_interval(steps, args)),
+                      "--checkpoint.keep_latest_k", "0"]
         return Run([*overrides, *extra, *run_overrides], steps, dump)
 
     dblocks = f"DiffusionBlocks B={blocks}"
     lever = args.dblocks_args
+    e2e = "--diffusion_blocks.no_enable"
     runs = {
-        "end-to-end": run("e2e", args.steps, args.warmup, "--diffusion_blocks.no_enable"),
-        "judge": run("judge", 2 * args.steps, 2 * args.warmup, "--diffusion_blocks.no_enable",
-                     "--debug.seed", str(JUDGE_SEED)),
+        "end-to-end": run("e2e", args.steps, args.warmup, e2e),
+        "judge": run("judge", 2 * args.steps, 2 * args.warmup, e2e, "--debug.seed", str(JUDGE_SEED)),
         dblocks: run("dblocks", blocks * args.steps, blocks * args.warmup,
                      "--diffusion_blocks.num_blocks", str(blocks), *lever),
     }
+    if not args.no_dblocks_judge:
+        runs[DBLOCKS_JUDGE] = run(
+            "judge_dblocks", 2 * blocks * args.steps, 2 * blocks * args.warmup,
+            "--diffusion_blocks.num_blocks", str(blocks), "--debug.seed", str(JUDGE_SEED))
+        # no --dblocks-args: a judge stays the same while one lever is measured
+    if args.equal_memory_row:
+        flavor = equal_memory_flavor(config, run_overrides, blocks)
+        base = run("e2e_equal_memory", args.steps, args.warmup, e2e)
+        runs[f"end-to-end, {flavor} (equal memory)"] = base._replace(
+            # one block: L/B layers need not split into the config's B blocks
+            overrides=[*base.overrides, "--model.flavor", flavor, "--diffusion_blocks.num_blocks", "1"])
+    if args.equal_compute_row:
+        steps = equal_compute_steps(args.steps)
+        runs[f"end-to-end, {steps} steps (equal compute)"] = run(
+            "e2e_equal_compute", steps, steps * args.warmup // args.steps, e2e)
     if args.init_from_e2e:
         e2e_weights = out / "e2e" / checkpoint_folder(runs["end-to-end"].overrides) / f"step-{args.steps}"
         runs[f"{dblocks}, from the end-to-end weights"] = run(
@@ -163,21 +286,148 @@ def checkpoint_folder(overrides: list[str]) -> str:
     return parse_job_config(overrides).checkpoint.folder
 
 
-def load(overrides: list[str]):
+def load(overrides: list[str], step: int | None = None):
+    """The run's model at its latest checkpoint, or at `step`."""
     job_config = parse_job_config(overrides)
-    dump = Path(job_config.job.dump_folder)
-    model, tokenizer, _ = load_for_inference(job_config, dump / job_config.checkpoint.folder)
+    folder = Path(job_config.job.dump_folder) / job_config.checkpoint.folder
+    model, tokenizer, _ = load_for_inference(job_config, folder / f"step-{step}" if step else folder)
     return model, tokenizer, job_config.training.seq_len
+
+
+def scored_models(models: dict) -> dict:
+    """The models the report measures: all but the judges."""
+    return {name: model for name, model in models.items() if not name.startswith("judge")}
+
+
+def sampler_ce_row(args, name: str, model, windows, sampler: str, steps: int, twin) -> dict:
+    result = sampler_heldout_ce(
+        model, windows, DecodingConfig(sampler=sampler, steps_per_block=steps), args.chains,
+        seed=SAMPLER_CE_SEED, twin=twin, chains_per_call=args.chains_per_call)
+    return {
+        "model": name, "sampler": sampler, "steps_per_block": steps, "chains": result.chains,
+        "windows": windows.shape[0], "positions": result.positions, "ce": result.ce,
+        "stderr": result.stderr,
+        "ce_by_chains": {str(k): ce for k, ce in result.ce_by_chains.items()},
+        "floor_fraction": result.floor_fraction, "e2e_ce": result.twin_ce,
+        "gap_pct": 100 * (result.ce - result.twin_ce) / result.twin_ce,
+    }
+
+
+def sampler_ce_rows(args, models: dict, windows) -> dict:
+    """The headline: every DiffusionBlocks model x sampler x steps per block, its
+    sampler's held-out CE on `windows` and the end-to-end model's next-token CE on the
+    same windows' same positions."""
+    twin = models["end-to-end"]
+    plan = [(name, sampler, steps) for name, model in scored_models(models).items()
+            if is_denoiser(model) for sampler in args.samplers for steps in args.steps_per_block]
+    rows = {}
+    for name, sampler, steps in tqdm(plan, desc="sampler CE", unit="row"):
+        rows[f"{name} {sampler} {steps}/block"] = sampler_ce_row(
+            args, name, models[name], windows, sampler, steps, twin)
+    return rows
+
+
+def print_sampler_ce(args, rows: dict) -> None:
+    print(f"\nTHE HEADLINE: the sampler's held-out CE (nats/byte), {args.chains} chains, on "
+          f"{args.ce_windows} held-out windows; end to end: next-token CE on the same positions.\n")
+    print("| model | sampler | steps/block | sampler CE | +-stderr | CE at K/4, K/2, K | "
+          "floor fraction | end-to-end CE | gap % |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows.values():
+        by_k = ", ".join(f"{ce:.3f}" for ce in r["ce_by_chains"].values())
+        print(f"| {r['model']} | {r['sampler']} | {r['steps_per_block']} | {r['ce']:.3f} | "
+              f"{r['stderr']:.3f} | {by_k} | {r['floor_fraction']:.4f} | {r['e2e_ce']:.3f} | "
+              f"{r['gap_pct']:+.1f} |")
+
+
+def budget_rows(args, runs: dict, models: dict, windows) -> dict:
+    """Every measured model at each --budgets fraction of its steps (its intermediate
+    checkpoint: the learning-rate schedule of the full run, not a shorter run's):
+    end to end, next-token CE; DiffusionBlocks, the default sampler's held-out CE at
+    1 step per block; on the sampler CE's windows."""
+    budgets = {}
+    for fraction in tqdm(args.budgets, desc="budgets", unit="budget"):
+        row = {}
+        for name, run in runs.items():
+            if name.startswith("judge"):
+                continue
+            (step,) = budget_steps(run.steps, [fraction])
+            model = models[name] if step == run.steps else load(run.overrides, step)[0]
+            if is_denoiser(model):
+                ce = sampler_heldout_ce(model, windows, DecodingConfig(), args.chains,
+                                        seed=SAMPLER_CE_SEED, chains_per_call=args.chains_per_call).ce
+            else:
+                ce = next_token_ce(model, windows[:, :-1], windows[:, 1:])
+            row[name] = {"step": step, "ce": ce}
+        budgets[f"{fraction:g}"] = row
+    return budgets
+
+
+def print_budgets(budgets: dict) -> None:
+    names = list(next(iter(budgets.values())))
+    print("\nHeld-out CE (nats/byte) at each budget (fraction of each run's steps): end to "
+          "end next-token; DiffusionBlocks, the default sampler at 1 step/block.\n")
+    print("| budget | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for fraction, row in budgets.items():
+        print(f"| {fraction} | " + " | ".join(
+            f"{row[n]['ce']:.3f} (step {row[n]['step']})" for n in names) + " |")
+
+
+def budget_svg(budgets: dict, width: int = 640, height: int = 400) -> str:
+    """A line per model of held-out CE against the budget fraction: a hand-written SVG
+    (no plotting dependency)."""
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    fractions = [float(f) for f in budgets]
+    names = list(next(iter(budgets.values())))
+    ces = [row[n]["ce"] for row in budgets.values() for n in names if math.isfinite(row[n]["ce"])]
+    low, high = min(ces), max(ces)
+    high = high if high > low else low + 1
+    left, right, top, bottom = 60, width - 180, 20, height - 40
+
+    def x(f: float) -> float:
+        return left + (f - min(fractions)) / ((max(fractions) - min(fractions)) or 1) * (right - left)
+
+    def y(ce: float) -> float:
+        return bottom - (ce - low) / (high - low) * (bottom - top)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="black"/>',
+             f'<text x="{(left + right) / 2}" y="{height - 8}" text-anchor="middle">budget '
+             '(fraction of each run\'s steps)</text>',
+             f'<text x="14" y="{(top + bottom) / 2}" transform="rotate(-90 14 {(top + bottom) / 2})" '
+             'text-anchor="middle">held-out CE (nats/byte)</text>']
+    for f in fractions:
+        parts.append(f'<text x="{x(f):.1f}" y="{bottom + 15}" text-anchor="middle">{f:g}</text>')
+    for ce in (low, (low + high) / 2, high):
+        parts.append(f'<text x="{left - 5}" y="{y(ce) + 4:.1f}" text-anchor="end">{ce:.2f}</text>')
+    for i, name in enumerate(names):
+        colour = colours[i % len(colours)]
+        points = " ".join(f"{x(float(f)):.1f},{y(row[name]['ce']):.1f}"
+                          for f, row in budgets.items() if math.isfinite(row[name]["ce"]))
+        parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        label = name.replace("&", "&amp;").replace("<", "&lt;")
+        parts.append(f'<text x="{right + 10}" y="{top + 16 * (i + 1)}" fill="{colour}">{label}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
 
 
 def print_tables(args, samples: dict, tf: dict) -> None:
     print(f"\nContinuations of {args.prompts} held-out {args.prompt_len}-byte prompts by "
           f"{args.new_tokens} bytes; judge: end to end, {2 * args.steps} steps, another seed.\n")
-    print("| samples | judge CE (nats/byte) | distinct-1 | distinct-2 | distinct-3 | "
-          "unigram entropy (nats) | MAUVE |")
-    print("|---|---|---|---|---|---|---|")
+    print("Secondary: the samples under three judges (nats/byte): end to end (another "
+          "seed), the byte 5-gram (Kneser-Ney, the training split) and DiffusionBlocks "
+          "(another seed, its sampler's CE); diversity; MAUVE.\n")
+    print("| samples | judge CE | 5-gram judge CE | DiffusionBlocks judge CE | distinct-1 | "
+          "distinct-2 | distinct-3 | unigram entropy (nats) | MAUVE |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row, r in samples.items():
-        print(f"| {row} | {r['judge_ce']:.3f} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} | "
+        dblocks = f"{r['dblocks_judge_ce']:.3f}" if "dblocks_judge_ce" in r else ""
+        print(f"| {row} | {r['judge_ce']:.3f} | {r['ngram_judge_ce']:.3f} | {dblocks} | "
+              f"{r['distinct_1']:.3f} | {r['distinct_2']:.3f} | "
               f"{r['distinct_3']:.3f} | {r['unigram_entropy']:.3f} | {r['mauve']:.3f} |")
     sigmas = [f"{s:g}" for s in args.sigmas]
     print(f"\nTeacher-forced CE on {args.eval_windows} held-out windows (nats/byte): "
@@ -219,16 +469,37 @@ def main(argv):
     for name, run in runs.items():
         models[name], tokenizer, _ = load(run.overrides)
     judge = models["judge"]
+    dblocks_judge = models.get(DBLOCKS_JUDGE)
+    ngram = NgramLM.fit(train_path.read_bytes(), order=NGRAM_ORDER)
     ids = tokenizer.encode(val_text)
+    eval_windows = evenly_spaced_windows(ids, seq_len + 1, args.eval_windows)
+    ce_windows = evenly_spaced_windows(ids, seq_len + 1, args.ce_windows)
+    sampler_ce = sampler_ce_rows(args, models, ce_windows)
+    print_sampler_ce(args, sampler_ce)
+
     span = args.prompt_len + args.new_tokens
     windows = evenly_spaced_windows(ids, span, 2 * args.prompts)
     prompts, truth = windows[0::2, :args.prompt_len], windows[0::2, args.prompt_len:]
     other_prompts, other_truth = windows[1::2, :args.prompt_len], windows[1::2, args.prompt_len:]
     real_features = judge_features(judge, prompts, truth)
 
+    def judged(prompts_BP, continuations_BC, *model_and_decoding) -> dict:
+        """score() under the end-to-end judge, and the two judges that share its errors
+        with nobody: the byte 5-gram and the DiffusionBlocks judge's sampler."""
+        row = score(judge, prompts_BP, continuations_BC, real_features, tokenizer, *model_and_decoding)
+        row["ngram_judge_ce"] = judge_ce_on_bytes(ngram, prompts_BP, continuations_BC)
+        # ids no byte n-gram can score (BOS/EOS, or the unused ids of a vocabulary
+        # wider than 258) are dropped: how many, so a low 5-gram CE cannot hide them
+        row["ngram_dropped_fraction"] = float((continuations_BC >= NGRAM_VOCAB).double().mean())
+        if dblocks_judge is not None:
+            row["dblocks_judge_ce"] = sampler_judge_ce(
+                dblocks_judge, prompts_BP, continuations_BC, DecodingConfig(),
+                args.judge_chains, seed=JUDGE_SEED, chains_per_call=args.chains_per_call)
+        return row
+
     samples = {
-        "held-out text": score(judge, prompts, truth, real_features, tokenizer),
-        "held-out text, other prompts": score(judge, other_prompts, other_truth, real_features, tokenizer),
+        "held-out text": judged(prompts, truth),
+        "held-out text, other prompts": judged(other_prompts, other_truth),
     }
     rows = sample_rows(args, models)
     work = sum(args.new_tokens * forwards_per_token(models[m], d) for m, d in rows.values())
@@ -238,22 +509,28 @@ def main(argv):
             per_token = forwards_per_token(models[name], decoding)
             tokens = generate(models[name], prompts, decoding, seq_len,
                               on_token=lambda: bar.update(per_token))
-            samples[row] = score(judge, prompts, tokens[:, args.prompt_len:], real_features,
-                                 tokenizer, name, decoding)
+            samples[row] = judged(prompts, tokens[:, args.prompt_len:], name, decoding)
     for name, model in models.items():
+        if name.startswith("judge"):
+            continue
         for sigma in args.single_block_sigmas if is_denoiser(model) else []:
             row = f"{name} block {owner_of(model.partition, sigma)} alone, sigma {sigma:g}"
             continuations = evaluation.single_block_continuations(
                 model, prompts, sigma, args.new_tokens, seq_len)
-            samples[row] = score(judge, prompts, continuations, real_features, tokenizer, name)
+            samples[row] = judged(prompts, continuations, name)
 
-    eval_windows = evenly_spaced_windows(ids, seq_len + 1, args.eval_windows)
     tf = teacher_forced(models, eval_windows, args.sigmas)
+    budgets = budget_rows(args, runs, models, ce_windows) if len(args.budgets) > 1 else {}
     print_tables(args, samples, tf)
+    result = {"args": vars(args), "sampler_ce": sampler_ce, "samples": samples, "teacher_forced": tf}
+    if budgets:
+        print_budgets(budgets)
+        result["budgets"] = budgets
+        svg = out / "budgets.svg"
+        svg.write_text(budget_svg(budgets))
+        print(f"wrote {svg}")
     report = Path(args.report or out / "report.json")
-    report.write_text(json.dumps(
-        {"args": vars(args), "samples": samples, "teacher_forced": tf}, indent=2
-    ))
+    report.write_text(json.dumps(result, indent=2))
     print(f"wrote {report}")
 
 

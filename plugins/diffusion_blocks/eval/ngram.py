@@ -196,3 +196,19 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def byte_rows(rows_BT) -> list[bytes]:
+    """Each row of token ids as bytes, the ids >= 256 (the byte tokenizer's BOS/EOS,
+    which a byte n-gram model has no counts of) dropped."""
+    rows = rows_BT.tolist() if hasattr(rows_BT, "tolist") else [list(r) for r in rows_BT]
+    return [bytes(i for i in row if 0 <= i < VOCAB) for row in rows]
+
+
+def judge_ce_on_bytes(model: NgramLM, prompts_BP, continuations_BC) -> float:
+    """`judge_ce` on rows of a byte tokenizer's ids, its special ids (>= 256) dropped
+    from prompts and continuations alike; NaN when no continuation byte is left."""
+    continuations = byte_rows(continuations_BC)
+    if not any(continuations):
+        return math.nan
+    return model.score(byte_rows(prompts_BP), continuations)

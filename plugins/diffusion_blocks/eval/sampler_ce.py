@@ -169,3 +169,27 @@ def sampler_heldout_ce(
     log_probs_KN = torch.cat(groups).flatten(1)
     twin_ce = None if twin is None else next_token_ce(twin, *context_and_labels(windows_BT))
     return summary(log_probs_KN, config, twin_ce)
+
+
+@torch.no_grad()
+def sampler_judge_ce(
+    model, prompts_BP: torch.Tensor, continuations_BC: torch.Tensor, config: DecodingConfig,
+    chains: int, seed: int = 0, chains_per_call: int = 1,
+) -> float:
+    """A denoiser as a JUDGE of samples: the mean CE (nats/token) of the continuations
+    given their prompts under `chains` chains of config's sampler (the estimator of
+    `sampler_heldout_ce`, read at the continuation's positions only): the shape of
+    `text.judge_ce` with a DiffusionBlocks model's sampling distribution as the judge."""
+    windows_BT = torch.cat([prompts_BP, continuations_BC], dim=1)
+    check_inputs(model, windows_BT, chains, chains_per_call)
+    windows_BT = windows_BT.to(model.tok_embeddings.weight.device)
+    generator = torch.Generator().manual_seed(seed)
+    table_VD = model.clean_embedding_table()
+    groups, done = [], 0
+    while done < chains:
+        copies = min(chains_per_call, chains - done)
+        groups.append(chain_log_probs(model, windows_BT, config, generator, copies, table_VD))
+        done += copies
+    # label j of a window is token j + 1: the continuation's tokens are labels P - 1 ...
+    log_probs_KN = torch.cat(groups)[:, :, prompts_BP.shape[1] - 1:].flatten(1)
+    return float(-mixture_log_probs(log_probs_KN, chains).mean())

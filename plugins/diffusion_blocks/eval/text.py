@@ -119,7 +119,7 @@ def sample_rows(args, models: dict) -> dict[str, tuple[str, DecodingConfig]]:
     """row -> (model name, decoding) of every set of samples to draw."""
     rows = {}
     for name, model in models.items():
-        if name == "judge":
+        if name.startswith("judge"):  # the judges are scored, never sampled
             continue
         if not is_denoiser(model):
             rows |= {f"{name} T={t}": (name, DecodingConfig(max_new_tokens=args.new_tokens, temperature=t))

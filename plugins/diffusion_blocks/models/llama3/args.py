@@ -43,10 +43,16 @@ def _as_dblocks_args(args: TransformerModelArgs, **overrides) -> DiffusionBlocks
 
 def dblocks_llama3_flavors() -> dict[str, DiffusionBlocksLlamaArgs]:
     """torchtitan's llama3 flavors with their stock shapes (debugmodel: 6 layers), plus
-    our own names: 8-layer debug models (B = 2, 4, 8 split evenly), docs/method.md's measured
+    our own names: 8-layer debug models (B = 2, 4, 8 split evenly) and 1-, 2- and 4-layer
+    ones of their shape (the LM report's equal-memory row), docs/method.md's measured
     anchor shape and Llama 3.2 1B (the memory benchmarks' sizes)."""
     flavors = {name: _as_dblocks_args(args) for name, args in llama3_args.items()}
     flavors["debugmodel_8l"] = _as_dblocks_args(llama3_args["debugmodel"], n_layers=8, n_heads=8)
+    # the end-to-end model with L/B layers of an 8-layer one (equal memory, B = 8, 4, 2)
+    for layers in (1, 2, 4):
+        flavors[f"debugmodel_{layers}l"] = _as_dblocks_args(
+            llama3_args["debugmodel"], n_layers=layers, n_heads=8
+        )
     flavors["debugmodel_8l_flex_attn"] = _as_dblocks_args(
         llama3_args["debugmodel_flex_attn"], n_layers=8, n_heads=8
     )
