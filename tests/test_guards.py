@@ -313,6 +313,9 @@ MISMATCHES = {
                "[diffusion_blocks] enable = True in the checkpoint, False here"),
     "sigma_max": (["--diffusion_blocks.sigma_max", "40"],
                   "[diffusion_blocks] sigma_max = 80.0 in the checkpoint, 40.0 here"),
+    # another AdaLN width: named, not a tensor-shape mismatch from the loader
+    "adaln_cond_dim": (["--diffusion_blocks.adaln_cond_dim", "64"],
+                       "[diffusion_blocks] adaln_cond_dim = 256 in the checkpoint, 64 here"),
 }
 
 

@@ -95,11 +95,11 @@ def build_for_inference(job_config, device: torch.device):
     return model.eval(), run.spec, run.family
 
 
-def check_checkpoint_fits(job_config, model, step_folder: Path) -> None:
+def check_checkpoint_fits(job_config, model, step_folder: Path, family) -> None:
     """ConfigError unless the checkpoint's saved identity (if any) is the config's."""
     partition = model.partition if job_config.diffusion_blocks.enable else None
     check_identity(
-        step_folder, run_identity(job_config, partition),
+        step_folder, run_identity(job_config, partition, family),
         "Use the config (and --section.key overrides) the checkpoint was trained with",
     )
 
@@ -126,16 +126,16 @@ def load_model(job_config, checkpoint: str | Path | None, device: torch.device):
     model, _, family = build_for_inference(job_config, device)
     if checkpoint is not None:
         step_folder = resolve_checkpoint(checkpoint)
-        check_checkpoint_fits(job_config, model, step_folder)
+        check_checkpoint_fits(job_config, model, step_folder, family)
         load_model_weights(model, step_folder)
     return model, family
 
 
 def load_for_inference(job_config, checkpoint: str | Path, device: str = "cpu"):
     """Build the configured model and load its weights. Returns (model, tokenizer, step_folder)."""
-    model, spec, _ = build_for_inference(job_config, torch.device(device))
+    model, spec, family = build_for_inference(job_config, torch.device(device))
     step_folder = resolve_checkpoint(checkpoint)
-    check_checkpoint_fits(job_config, model, step_folder)
+    check_checkpoint_fits(job_config, model, step_folder, family)
     load_model_weights(model, step_folder)
     tokenizer = spec.build_tokenizer_fn(job_config) if spec.build_tokenizer_fn else None
     return model, tokenizer, step_folder

@@ -200,7 +200,7 @@ class BlockwiseTrainer(Trainer):
         self.block: int | None = None
         self.nonfinite_skips = 0  # steps skipped for a non-finite loss or gradient norm
         self.checkpointer.set_run(
-            run_identity(job_config, self.partition),
+            run_identity(job_config, self.partition, self.family),
             job_config.checkpoint.allow_fresh_start,
             self.metrics_processor.mark_restart,
         )
