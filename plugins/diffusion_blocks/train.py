@@ -45,6 +45,7 @@ from torchtitan.tools.logging import init_logger, logger
 from . import titan_compat
 from .components.checkpoint import BlockwiseCheckpointManager
 from .components.dist_utils import layer_parameter_count
+from .components.dump_lock import DumpFolderLock
 from .components.metrics import BLOCKWISE_PREFIX
 from .components.run_identity import run_identity
 from .config.loader import parse_job_config
@@ -628,6 +629,7 @@ def main(argv: list[str] | None = None) -> None:
     init_logger()
     use_single_process_env()
     job_config = parse_job_config(argv, reads_data=True)
+    lock = DumpFolderLock.take(job_config)  # rank 0: one run per dump folder
     trainer = None
     try:
         trainer = BlockwiseTrainer(job_config)
@@ -653,6 +655,7 @@ def main(argv: list[str] | None = None) -> None:
             trainer.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+        lock.release()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -200,6 +201,8 @@ VIT, DIT = "vit_digits.toml", "dit_digits.toml"
 # ---------------------------------------------------------------------------
 # The probes
 
+# a lock of pid 1 (always alive) on this host: another run owns the probe's dump folder
+LIVE_LOCK = '{"pid": 1, "host": "%s"}' % socket.gethostname()
 JOB = "{dir}/job.toml: "  # errors about a key set in the probe's job config start so
 
 
@@ -545,7 +548,12 @@ PROBES: list[Probe] = [
     probe("lm_report_too_long", "lm_report", "--prompt-len", "100", "--new-tokens", "100",
           "--data", "{dir}/data.txt", "--out", "{dir}/out", "--skip-training", toml=None,
           files={"data.txt": "To be, or not to be.\n" * 50}, expect="--new-tokens must be <="),
-    # faults: a blow-up, broken checkpoints, checkpoints of other settings
+    # faults: a blow-up, broken checkpoints, checkpoints of other settings, a busy folder
+    probe("dump_folder_locked_by_a_live_run", "train",
+          files={"out/diffusion_blocks.lock": LIVE_LOCK},
+          expect=("in use by the run of pid 1 on", "use another dump_folder")),
+    probe("dump_folder_is_a_file", "train", files={"out": "a file\n"},
+          expect="[job] dump_folder {dir}/out is a file, not a folder"),
     probe("nan_blowup_huge_lr", "train", toml="[optimizer]\nlr = 1e20\n[training]\nsteps = 10\n"
           "[checkpoint]\nenable = true\ninterval = 1\n",
           expect=("stopped", "nothing non-finite was saved", "sigma in")),
