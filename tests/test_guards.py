@@ -302,6 +302,31 @@ def test_resume_with_another_noise_setting_names_key_and_both_values(
     assert trainer.step == 0
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_training_steps_at_or_below_the_resumed_step_names_both(
+    two_checkpoints, make_trainer, tmp_path, steps
+):
+    checkpoints = copy_run(two_checkpoints, tmp_path)
+    trainer = make_trainer(tmp_path, steps)
+    with pytest.raises(ConfigError, match=(
+        rf"^\[training\] steps = {steps} is at or below step 2, which this run resumes "
+        rf"from \({checkpoints / 'step-2'}\): .*--training.steps above 2"
+    )):
+        trainer.checkpointer.load()
+
+
+def test_a_model_only_last_save_says_how_to_train_on(make_trainer, tmp_path):
+    first = make_trainer(tmp_path, 1, "--checkpoint.last_save_model_only")
+    first.checkpointer.save(curr_step=1, last_step=True)
+    step = tmp_path / "checkpoint" / "step-1"
+    trainer = make_trainer(tmp_path, 3)
+    with pytest.raises(ConfigError) as raised:
+        trainer.checkpointer.load()
+    message = str(raised.value)
+    assert "model-only save" in message and "move them" not in message
+    assert f'new [job] dump_folder with [checkpoint] initial_load_path = "{step}"' in message
+
+
 # ---------------------------------------------------------------------------
 # 4. Inference tools check what they load
 

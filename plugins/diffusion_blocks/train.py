@@ -204,6 +204,7 @@ class BlockwiseTrainer(Trainer):
             run_identity(job_config, self.partition, self.family),
             job_config.checkpoint.allow_fresh_start,
             self.metrics_processor.mark_restart,
+            training_steps=job_config.training.steps,
         )
         # per-rank generators for noise levels (sigma or t; CPU, float64) and noise (on
         # the device)

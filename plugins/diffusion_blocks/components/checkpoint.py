@@ -136,6 +136,28 @@ def checkpoint_problem(step_folder: Path) -> str | None:
     return None
 
 
+MODEL_ONLY = "a model-only save ([checkpoint] last_save_model_only): no optimizer or step state"
+
+
+def is_model_only(step_folder: Path) -> bool:
+    """A DCP save of the model's tensors only (no train_state entry), which loads for
+    inference or as an initial load but cannot be resumed."""
+    try:
+        keys = FileSystemReader(str(step_folder)).read_metadata().state_dict_metadata
+    except Exception:
+        return False  # checkpoint_problem reports an unreadable .metadata
+    return not any(key.startswith("train_state") for key in keys)
+
+
+def model_only_remedy(run_folder: str, newest: str) -> str:
+    return (
+        f"to train on from these weights, start a new [job] dump_folder with "
+        f"[checkpoint] initial_load_path = \"{newest}\" (the optimizer starts fresh), or "
+        "save full checkpoints ([checkpoint] last_save_model_only = false) and resume "
+        f"from the newest of those in {run_folder}"
+    )
+
+
 def _wrapped_errors(error: BaseException):
     """The exceptions a DCP CheckpointException wraps (per rank), else the error."""
     if isinstance(error, CheckpointException):
@@ -196,6 +218,7 @@ class BlockwiseCheckpointManager(CheckpointManager):
     allow_fresh_start = False
     on_restart: Callable[[int, str | None], None] | None = None
     _async_folder: str | None = None
+    training_steps: int | None = None  # [training] steps: a resume must be below it
 
     def __init__(self, *args, added_by_conversion: Callable[[str], bool] | None = None, **kwargs):
         """torchtitan's arguments, and `added_by_conversion`: the model keys a stock
@@ -208,10 +231,13 @@ class BlockwiseCheckpointManager(CheckpointManager):
         identity: dict[str, Any] | None,
         allow_fresh_start: bool,
         on_restart: Callable[[int, str | None], None] | None,
+        training_steps: int | None = None,
     ) -> None:
         """The run's identity (written with every save, checked on resume), the
-        `[checkpoint] allow_fresh_start` key, and what to call once a resume has
-        loaded step N from a checkpoint (or decided to start fresh: 0, None)."""
+        `[checkpoint] allow_fresh_start` key, what to call once a resume has
+        loaded step N from a checkpoint (or decided to start fresh: 0, None), and
+        `[training] steps` (a resume from that step or a later one is refused)."""
+        self.training_steps = training_steps
         self.run_identity = identity
         self.allow_fresh_start = allow_fresh_start
         self.on_restart = on_restart
@@ -256,8 +282,11 @@ class BlockwiseCheckpointManager(CheckpointManager):
                 checkpoint_problem(Path(folder)) if os.path.isdir(folder)
                 else "it does not exist"
             )
+            if problem is None and candidate != 0 and is_model_only(Path(folder)):
+                problem = MODEL_ONLY
             if problem is None:
                 self._check_identity(folder)
+                self._check_steps_left(candidate, folder)
                 try:
                     super().load(candidate)
                 except (ConfigError, FloatingPointError):
@@ -288,7 +317,9 @@ class BlockwiseCheckpointManager(CheckpointManager):
             if self.on_restart is not None:
                 self.on_restart(0, None)
             return False
-        if load_failed:
+        if all(problem == MODEL_ONLY for _, problem in rejected):
+            remedy = model_only_remedy(self.folder, rejected[0][0])
+        elif load_failed:
             remedy = (
                 "a load that failed part-way may have changed this process's model, so "
                 "it does not start fresh over them: move them out of the folder"
@@ -302,6 +333,14 @@ class BlockwiseCheckpointManager(CheckpointManager):
             f"{self.folder} holds checkpoints but none can be resumed from "
             f"({_listing(rejected)}); not starting over from step 1: {remedy}"
         )
+
+    def _check_steps_left(self, step: int, folder: str) -> None:
+        if self.training_steps is not None and step >= self.training_steps:
+            raise ConfigError(
+                f"[training] steps = {self.training_steps} is at or below step {step}, "
+                f"which this run resumes from ({folder}): nothing left to train; set "
+                f"--training.steps above {step} to train further"
+            )
 
     def _check_identity(self, folder: str) -> None:
         if self.run_identity is None:
