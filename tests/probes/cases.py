@@ -240,6 +240,12 @@ def trained_run(*overrides: str, damage: Callable[[Path], None] | None = None):
     return write
 
 
+def keep_only_the_last_save(checkpoints: Path) -> None:
+    import shutil
+
+    shutil.rmtree(checkpoints / "step-1")
+
+
 def remove_every_metadata(checkpoints: Path) -> None:
     for metadata in checkpoints.glob("step-*/.metadata"):
         metadata.unlink()
@@ -565,12 +571,23 @@ PROBES: list[Probe] = [
           expect=("none can be resumed from", "truncated")),
     probe("resume_other_sigma_max", "train", toml=RESUME + "[diffusion_blocks]\nsigma_max = 40.0\n",
           files={"run": trained_run()}, expect=("other settings", "sigma_max")),
+    probe("resume_steps_not_above_the_checkpoint", "train", "--training.steps", "2", toml=RESUME,
+          files={"run": trained_run()},
+          expect=("[training] steps = 2 is at or below step 2", "--training.steps above 2")),
+    probe("resume_a_model_only_last_save", "train", toml=RESUME,
+          files={"run": trained_run("--checkpoint.last_save_model_only",
+                                    damage=keep_only_the_last_save)},
+          expect=("model-only save", "initial_load_path = ")),
     probe("resume_other_adaln_cond_dim", "train",
           toml=RESUME + "[diffusion_blocks]\nadaln_cond_dim = 64\n", files={"run": trained_run()},
           expect=("other settings", "adaln_cond_dim = 256 in the checkpoint, 64 here")),
     probe("generate_other_num_blocks", "generate", *RUN_CHECKPOINT,
           toml="[diffusion_blocks]\nnum_blocks = 2\n", files={"run": trained_run()},
           expect=("other settings", "num_blocks")),
+    probe("generate_heun_on_an_end_to_end_checkpoint", "generate", *RUN_CHECKPOINT,
+          "--sampler", "heun", toml="[diffusion_blocks]\nenable = false\n",
+          files={"run": trained_run("--diffusion_blocks.no_enable")},
+          expect="--sampler does not apply to dblocks_llama3 end to end"),
     probe("generate_end_to_end_on_blockwise", "generate", *RUN_CHECKPOINT,
           toml="[diffusion_blocks]\nenable = false\n", files={"run": trained_run()},
           expect=("other settings", "enable")),
