@@ -184,6 +184,23 @@ def test_a_full_disk_stops_the_save_naming_folder_and_cause(make_trainer, tmp_pa
     assert not (folder / ".metadata").exists()
 
 
+def test_too_little_free_space_stops_before_the_save_writes(make_trainer, tmp_path, monkeypatch):
+    """Whatever layer would fail mid-write, the save is refused before it starts."""
+    from collections import namedtuple
+
+    from diffusion_blocks.components import checkpoint as checkpoint_module
+
+    trainer = make_trainer(tmp_path, 3, "--checkpoint.interval", "1")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6, 1000))
+    with pytest.raises(CheckpointError) as error:
+        trainer.checkpointer.save(curr_step=1)
+    folder = tmp_path / "checkpoint" / "step-1"
+    assert str(error.value).startswith(
+        f"cannot save checkpoint {folder}: no space left on device (1000 bytes free")
+    assert not folder.exists()
+
+
 def test_a_failed_async_save_is_logged_and_raised_at_the_next_save(
     make_trainer, tmp_path, monkeypatch, logs
 ):
@@ -342,6 +359,20 @@ MISMATCHES = {
     "adaln_cond_dim": (["--diffusion_blocks.adaln_cond_dim", "64"],
                        "[diffusion_blocks] adaln_cond_dim = 256 in the checkpoint, 64 here"),
 }
+
+
+@pytest.mark.parametrize("damage", ["no .metadata", "truncated shard"])
+def test_inference_falls_back_past_a_broken_newest_checkpoint(
+    two_checkpoints, tmp_path, logs, damage
+):
+    """The inference tools pick a run's checkpoint as a resume does."""
+    from diffusion_blocks.inference import resolve_checkpoint
+
+    damage_fn, reported = DAMAGE[damage]
+    checkpoints = copy_run(two_checkpoints, tmp_path)
+    damage_fn(checkpoints / "step-2")
+    assert resolve_checkpoint(checkpoints) == checkpoints / "step-1"
+    assert f"(skipped: step-2: {reported}" in messages(logs)
 
 
 @pytest.mark.parametrize("key", MISMATCHES)

@@ -555,6 +555,9 @@ PROBES: list[Probe] = [
           "--data", "{dir}/data.txt", "--out", "{dir}/out", "--skip-training", toml=None,
           files={"data.txt": "To be, or not to be.\n" * 50}, expect="--new-tokens must be <="),
     # faults: a blow-up, broken checkpoints, checkpoints of other settings, a busy folder
+    probe("initial_load_path_without_the_checkpointer", "train",
+          toml='[checkpoint]\nenable = false\ninitial_load_path = "{dir}/run/checkpoint/step-2"\n',
+          expect="is set but [checkpoint] enable = false"),
     probe("dump_folder_locked_by_a_live_run", "train",
           files={"out/diffusion_blocks.lock": LIVE_LOCK},
           expect=("in use by the run of pid 1 on", "use another dump_folder")),
