@@ -472,10 +472,13 @@ class BlockwiseCheckpointManager(CheckpointManager):
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
         free, needed = shutil.disk_usage(existing).free, self._expected_save_bytes()
-        if free < needed:
+        short = (free, needed) if free < needed else None
+        # every rank stops, or none enters the collective save
+        short = next((found for found in _agree(short) if found is not None), None)
+        if short is not None:
             raise CheckpointError(
-                f"cannot save checkpoint {folder}: no space left on device ({free} bytes "
-                f"free on its filesystem, the save needs about {needed}). Free space or "
+                f"cannot save checkpoint {folder}: no space left on device ({short[0]} bytes "
+                f"free on its filesystem, the save needs about {short[1]}). Free space or "
                 "set [checkpoint] folder / [job] dump_folder elsewhere"
             )
 
