@@ -190,3 +190,16 @@ def test_paper_shapes_parse_and_build_on_meta():
     assert len(large.layers) == 24 and large.class_embed.num_embeddings == 1001
     n_params = sum(p.numel() for p in large.parameters())
     assert 400e6 < n_params < 500e6  # DiT-L/2: ~458M parameters
+
+
+def test_cfg_scale_acts_on_the_sample():
+    """An 'acts' check of the allow-list (tests/test_keys.py): cfg_scale, read only by
+    dblocks_dit, changes what it samples (s = 1 is plain conditional sampling)."""
+    model = with_live_network(build_on_cpu("dit_digits.toml")[0])
+    classes = torch.tensor([0, 9])
+    with torch.no_grad():
+        plain, guided = (
+            model.sample(classes, 3, scale, torch.Generator().manual_seed(0))
+            for scale in (1.0, 3.0)
+        )
+    assert not torch.allclose(plain, guided)

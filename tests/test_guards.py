@@ -184,6 +184,23 @@ def test_a_full_disk_stops_the_save_naming_folder_and_cause(make_trainer, tmp_pa
     assert not (folder / ".metadata").exists()
 
 
+def test_too_little_free_space_stops_before_the_save_writes(make_trainer, tmp_path, monkeypatch):
+    """Whatever layer would fail mid-write, the save is refused before it starts."""
+    from collections import namedtuple
+
+    from diffusion_blocks.components import checkpoint as checkpoint_module
+
+    trainer = make_trainer(tmp_path, 3, "--checkpoint.interval", "1")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6, 1000))
+    with pytest.raises(CheckpointError) as error:
+        trainer.checkpointer.save(curr_step=1)
+    folder = tmp_path / "checkpoint" / "step-1"
+    assert str(error.value).startswith(
+        f"cannot save checkpoint {folder}: no space left on device (1000 bytes free")
+    assert not folder.exists()
+
+
 def test_a_failed_async_save_is_logged_and_raised_at_the_next_save(
     make_trainer, tmp_path, monkeypatch, logs
 ):
@@ -302,6 +319,31 @@ def test_resume_with_another_noise_setting_names_key_and_both_values(
     assert trainer.step == 0
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_training_steps_at_or_below_the_resumed_step_names_both(
+    two_checkpoints, make_trainer, tmp_path, steps
+):
+    checkpoints = copy_run(two_checkpoints, tmp_path)
+    trainer = make_trainer(tmp_path, steps)
+    with pytest.raises(ConfigError, match=(
+        rf"^\[training\] steps = {steps} is at or below step 2, which this run resumes "
+        rf"from \({checkpoints / 'step-2'}\): .*--training.steps above 2"
+    )):
+        trainer.checkpointer.load()
+
+
+def test_a_model_only_last_save_says_how_to_train_on(make_trainer, tmp_path):
+    first = make_trainer(tmp_path, 1, "--checkpoint.last_save_model_only")
+    first.checkpointer.save(curr_step=1, last_step=True)
+    step = tmp_path / "checkpoint" / "step-1"
+    trainer = make_trainer(tmp_path, 3)
+    with pytest.raises(ConfigError) as raised:
+        trainer.checkpointer.load()
+    message = str(raised.value)
+    assert "model-only save" in message and "move them" not in message
+    assert f'new [job] dump_folder with [checkpoint] initial_load_path = "{step}"' in message
+
+
 # ---------------------------------------------------------------------------
 # 4. Inference tools check what they load
 
@@ -313,7 +355,24 @@ MISMATCHES = {
                "[diffusion_blocks] enable = True in the checkpoint, False here"),
     "sigma_max": (["--diffusion_blocks.sigma_max", "40"],
                   "[diffusion_blocks] sigma_max = 80.0 in the checkpoint, 40.0 here"),
+    # another AdaLN width: named, not a tensor-shape mismatch from the loader
+    "adaln_cond_dim": (["--diffusion_blocks.adaln_cond_dim", "64"],
+                       "[diffusion_blocks] adaln_cond_dim = 256 in the checkpoint, 64 here"),
 }
+
+
+@pytest.mark.parametrize("damage", ["no .metadata", "truncated shard"])
+def test_inference_falls_back_past_a_broken_newest_checkpoint(
+    two_checkpoints, tmp_path, logs, damage
+):
+    """The inference tools pick a run's checkpoint as a resume does."""
+    from diffusion_blocks.inference import resolve_checkpoint
+
+    damage_fn, reported = DAMAGE[damage]
+    checkpoints = copy_run(two_checkpoints, tmp_path)
+    damage_fn(checkpoints / "step-2")
+    assert resolve_checkpoint(checkpoints) == checkpoints / "step-1"
+    assert f"(skipped: step-2: {reported}" in messages(logs)
 
 
 @pytest.mark.parametrize("key", MISMATCHES)

@@ -234,3 +234,18 @@ def test_generate_tool_refuses_zero_steps_per_block_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].endswith(
         "error: argument --steps-per-block/--recurrence: must be >= 1, got 0"
     )
+
+
+@pytest.mark.parametrize("option, flag", [
+    ({"sampler": "heun"}, "--sampler"), ({"churn": 1.0}, "--churn"),
+    ({"start_sigma": 5.0}, "--start-sigma"), ({"steps_per_block": 2}, "--steps-per-block"),
+])
+def test_the_end_to_end_twin_refuses_the_denoiser_only_flags(option, flag):
+    """tools/generate.py on an end-to-end checkpoint: a flag only a denoiser reads is
+    refused (one line), not silently ignored."""
+    from diffusion_blocks.models.llama3.sampler import continue_prompt
+    from diffusion_blocks.protocols.family import TextRequest
+
+    twin = torch.nn.Linear(1, 1)  # no partition: what continue_prompt sees of a twin
+    with pytest.raises(ValueError, match=rf"^{flag} does not apply to dblocks_llama3 end to end"):
+        continue_prompt(None, "dblocks_llama3", twin, None, None, TextRequest(**option))

@@ -273,3 +273,32 @@ def test_bench_throughput_reports_both_modes():
         assert row["items_per_s"] > 0 and row["seconds_per_step"] > 0
         assert row["mfu"] is None  # MFU needs a CUDA device's peak FLOPs
     assert rows[1]["ratio_to_e2e"] == pytest.approx(rows[1]["items_per_s"] / rows[0]["items_per_s"])
+
+
+def estimate_memory_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "estimate_memory_tool", REPO / "tools" / "bench" / "estimate_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("config, blocks, expected", [
+    ("recurrent_debug.toml", None, [1]),        # no --blocks given: none blamed
+    ("llama3_debug.toml", None, [2, 4, 8]),
+    ("vit_digits.toml", None, "dblocks_vit is an image model"),
+    ("dit_digits.toml", [2], "dblocks_dit is an image model"),
+    ("recurrent_debug.toml", [2], "--blocks 2: dblocks_recurrent trains one block"),
+])
+def test_estimate_memory_picks_or_refuses_the_blocks_per_family(config, blocks, expected):
+    from diffusion_blocks.errors import ConfigError
+
+    job_config = parse_job_config(["--job.config_file", str(REPO / "train_configs" / config)])
+    tool = estimate_memory_tool()
+    if isinstance(expected, list):
+        assert tool.blocks_for(job_config, blocks) == expected
+    else:
+        with pytest.raises(ConfigError, match=expected):
+            tool.blocks_for(job_config, blocks)

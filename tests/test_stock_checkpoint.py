@@ -306,3 +306,56 @@ def test_initial_load_in_hf_of_another_model_shape(tmp_path):
     message = one_line_load_error(checkpointer)
     assert f"checkpoint {path} stores model.embed_tokens.weight as (2048, 128)" in message
     assert "this model has (2048, 256)" in message
+
+
+def test_initial_load_of_a_deeper_model_is_refused(tmp_path):
+    """An 8-layer checkpoint must not load its first layers into a 6-layer model."""
+    path = save_dcp(stock_model(seed=0, n_layers=N_LAYERS + 2).state_dict(), tmp_path / "deep")
+    checkpointer = manager(denoiser(), tmp_path / "run", initial_load_path=path)
+    message = one_line_load_error(checkpointer)
+    assert f"checkpoint {path} holds " in message and f"layers.{N_LAYERS}." in message
+
+
+def test_initial_load_of_a_denoiser_into_the_end_to_end_twin_is_refused(tmp_path):
+    path = save_dcp(denoiser().state_dict(), tmp_path / "denoiser")
+    twin = stock_model(seed=2)
+    checkpointer = manager(twin, tmp_path / "run", initial_load_path=path)
+    checkpointer._initial_model_only_load = True
+    message = one_line_load_error(checkpointer)
+    assert "weights this model lacks" in message and "adaln" in message
+
+
+def identity(enable: bool, overlap: float = 0.1) -> dict:
+    return {"diffusion_blocks.enable": enable, "model.name": "llama3",
+            "model.flavor": "debugmodel", "diffusion_blocks.overlap": overlap}
+
+
+@pytest.mark.parametrize("saved, ours, loads", [
+    (identity(False), identity(True), True),        # end to end -> denoiser: the stock path
+    (identity(True), identity(False), False),       # a denoiser into the twin
+    (identity(True, 0.2), identity(True), False),   # another partition: same shapes
+])
+def test_initial_load_checks_the_saved_identity(tmp_path, saved, ours, loads):
+    from diffusion_blocks.components.run_identity import write_identity
+
+    path = save_dcp(stock_model(seed=0).state_dict(), tmp_path / "saved")
+    write_identity(path, saved)
+    checkpointer = manager(denoiser(), tmp_path / "run", initial_load_path=path)
+    checkpointer.set_run(ours, False, None)
+    if loads:
+        assert checkpointer.load()
+    else:
+        message = one_line_load_error(checkpointer)
+        assert message.startswith(f"[checkpoint] initial_load_path {path} was trained as another")
+
+
+def test_initial_load_path_without_the_checkpointer_is_refused(write_toml):
+    from diffusion_blocks.config.loader import parse_job_config
+
+    path = write_toml("run.toml", (
+        '[model]\nname = "dblocks_llama3"\nflavor = "debugmodel"\n'
+        '[checkpoint]\nenable = false\ninitial_load_path = "somewhere"\n'
+    ))
+    with pytest.raises(ValueError, match=r"initial_load_path somewhere is set but \[checkpoint\] "
+                                         r"enable = false"):
+        parse_job_config(["--job.config_file", str(path)])

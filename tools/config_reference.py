@@ -66,7 +66,11 @@ Every key is checked before anything runs:
   `[optimizer] lr`, ... stop at parse time with the file or flag, the key and the
   allowed range; the `SECTION_CHECKS` table of the config checks);
 - a family checks the keys it reads (`ModelFamily.check_config`, before anything is
-  built); a key a family does not read is refused ("is not read by ...");
+  built); a `[diffusion_blocks]` key outside the family's `reads` (the table "Which
+  family reads which key" below) set to another value than its default is refused
+  ("is not read by ..."). The end-to-end twin (`enable = false`) also accepts its
+  block-wise run's keys, so the two stay one flag apart, and logs one line naming the
+  set keys it ignores;
 - a `dataset_path` of our local-file datasets (`text_file`, `text_chars`, `npz`,
   `image_folder`) is read from the folder of the config file that sets it (a
   command-line value from the working directory) and must exist before training
@@ -173,7 +177,36 @@ def render() -> str:
                 f"| `{cell(toml_value(default_of(f)))}` | {cell(docs.get(f.name, '')) or '-'} |"
             )
         out.append("")
+        if section.name == "diffusion_blocks":
+            out += families_table(cls)
     return "\n".join(out)
+
+
+def families_table(cls) -> list[str]:
+    """Per key, the families that read it: B block-wise, E their end-to-end twin, and
+    * where it is part of the run identity (checked on every load)."""
+    from diffusion_blocks.registry import FAMILIES
+
+    names = sorted(FAMILIES)
+    out = [
+        "### Which family reads which key",
+        "",
+        "B: read block-wise; E: read by the end-to-end twin; *: part of the run "
+        "identity ([training.md](training.md#run-identity)); empty: refused.",
+        "",
+        "| key | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for f in dataclasses.fields(cls):
+        marks = []
+        for name in names:
+            family = FAMILIES[name]
+            mark = ("B" if f.name in family.reads else "") + (
+                "E" if f.name in family.twin_reads else "")
+            marks.append(mark + ("*" if f.name in family.identity_keys else ""))
+        out.append(f"| `{f.name}` | " + " | ".join(marks) + " |")
+    out.append("")
+    return out
 
 
 def main() -> int:

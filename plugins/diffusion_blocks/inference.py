@@ -19,7 +19,6 @@ naming the key and both values (the weights would load and produce garbage).
 from __future__ import annotations
 
 import copy
-import re
 import warnings
 from pathlib import Path
 
@@ -30,27 +29,33 @@ from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
 from torchtitan.protocols.model_converter import build_model_converters
 from torchtitan.tools import utils as titan_utils
+from torchtitan.tools.logging import logger
 
+from .components.checkpoint import _listing, newest_usable_step_folder
 from .components.run_identity import check_identity, run_identity
 from .errors import ConfigError
 from .registry import resolve_run_spec
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A DCP step folder (has .metadata), or a checkpoint folder: its latest step-N."""
+    """A DCP step folder (has .metadata), or a checkpoint folder: its newest usable
+    step-N, skipping broken newer ones with a log line as a resume does
+    (components.checkpoint.newest_usable_step_folder)."""
     path = Path(path)
     if (path / ".metadata").is_file():
         return path
-    steps = [
-        (int(m.group(1)), p) for p in path.glob("step-*")
-        if (m := re.fullmatch(r"step-(\d+)", p.name)) and (p / ".metadata").is_file()
-    ]
-    if not steps:
+    if not path.is_dir():
+        raise ConfigError(f"--checkpoint {path}: no such folder")
+    folder, rejected = newest_usable_step_folder(path)
+    if folder is None:
+        reasons = f" (none usable: {_listing(rejected)})" if rejected else ""
         raise ConfigError(
             f"--checkpoint {path}: no DCP checkpoint there (expected a step-N folder "
-            "with a .metadata file, or a folder containing step-N folders)"
+            f"with a .metadata file, or a folder containing step-N folders){reasons}"
         )
-    return max(steps)[1]
+    if rejected:
+        logger.warning(f"Using {folder}, the newest usable checkpoint (skipped: {_listing(rejected)})")
+    return folder
 
 
 def single_process_parallel_dims() -> ParallelDims:
@@ -95,11 +100,11 @@ def build_for_inference(job_config, device: torch.device):
     return model.eval(), run.spec, run.family
 
 
-def check_checkpoint_fits(job_config, model, step_folder: Path) -> None:
+def check_checkpoint_fits(job_config, model, step_folder: Path, family) -> None:
     """ConfigError unless the checkpoint's saved identity (if any) is the config's."""
     partition = model.partition if job_config.diffusion_blocks.enable else None
     check_identity(
-        step_folder, run_identity(job_config, partition),
+        step_folder, run_identity(job_config, partition, family),
         "Use the config (and --section.key overrides) the checkpoint was trained with",
     )
 
@@ -126,16 +131,16 @@ def load_model(job_config, checkpoint: str | Path | None, device: torch.device):
     model, _, family = build_for_inference(job_config, device)
     if checkpoint is not None:
         step_folder = resolve_checkpoint(checkpoint)
-        check_checkpoint_fits(job_config, model, step_folder)
+        check_checkpoint_fits(job_config, model, step_folder, family)
         load_model_weights(model, step_folder)
     return model, family
 
 
 def load_for_inference(job_config, checkpoint: str | Path, device: str = "cpu"):
     """Build the configured model and load its weights. Returns (model, tokenizer, step_folder)."""
-    model, spec, _ = build_for_inference(job_config, torch.device(device))
+    model, spec, family = build_for_inference(job_config, torch.device(device))
     step_folder = resolve_checkpoint(checkpoint)
-    check_checkpoint_fits(job_config, model, step_folder)
+    check_checkpoint_fits(job_config, model, step_folder, family)
     load_model_weights(model, step_folder)
     tokenizer = spec.build_tokenizer_fn(job_config) if spec.build_tokenizer_fn else None
     return model, tokenizer, step_folder

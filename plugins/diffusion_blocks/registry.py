@@ -14,6 +14,7 @@ from torchtitan.protocols.model_converter import (
     _registry_model_converter_cls,
     register_model_converter,
 )
+from torchtitan.tools.logging import logger
 from torchtitan.protocols.train_spec import (
     _extra_train_specs,
     get_train_spec,
@@ -96,7 +97,7 @@ def resolve_run_spec(job_config) -> RunSpec:
             f"{origin_of(job_config, 'model', 'name')}: [model] name = {name!r} is not a "
             f"DiffusionBlocks model; available: {sorted(FAMILIES)}{stock_hint}"
         )
-    refuse_unused_keys(family, job_config)
+    check_keys(family, job_config)
     if family.check_config is not None:
         family.check_config(job_config)
     if job_config.model.flavor not in spec.model_args:
@@ -116,16 +117,40 @@ def resolve_run_spec(job_config) -> RunSpec:
     return RunSpec(spec, family, enabled)
 
 
-def refuse_unused_keys(family: ModelFamily, job_config) -> None:
-    """A `[diffusion_blocks]` key the family never reads must keep its default."""
+def set_keys(job_config) -> list[str]:
+    """The `[diffusion_blocks]` keys set to a value other than their default."""
     section, defaults = job_config.diffusion_blocks, DiffusionBlocks()
-    for key in family.unused_keys:
-        if getattr(section, key) != getattr(defaults, key):
-            raise ConfigError(
-                f"{origin_of(job_config, 'diffusion_blocks', key)}: [diffusion_blocks] {key} "
-                f"= {getattr(section, key)!r} is not read by {family.name}; remove it "
-                f"(default: {getattr(defaults, key)!r})"
+    return [
+        f.name for f in dataclasses.fields(DiffusionBlocks)
+        if getattr(section, f.name) != getattr(defaults, f.name)
+    ]
+
+
+def check_keys(family: ModelFamily, job_config) -> None:
+    """Every `[diffusion_blocks]` key set is read: a key outside the family's `reads`
+    (block-wise) is refused; the end-to-end twin also accepts its block-wise keys
+    (one flag away) and logs, in one line, the set ones it ignores."""
+    enabled = job_config.diffusion_blocks.enable
+    accepted = family.reads if enabled else (*family.reads, *family.twin_reads)
+    for key in set_keys(job_config):
+        if key not in accepted:
+            refuse_key(family, job_config, key)
+    if not enabled:
+        ignored = [k for k in set_keys(job_config) if k not in family.twin_reads]
+        if ignored:
+            logger.info(
+                f"[diffusion_blocks] enable = false: the end-to-end {family.name} ignores "
+                f"{', '.join(ignored)} (read by its block-wise run only)"
             )
+
+
+def refuse_key(family: ModelFamily, job_config, key: str) -> None:
+    value, default = getattr(job_config.diffusion_blocks, key), getattr(DiffusionBlocks(), key)
+    twin = "" if job_config.diffusion_blocks.enable else " (block-wise or end to end)"
+    raise ConfigError(
+        f"{origin_of(job_config, 'diffusion_blocks', key)}: [diffusion_blocks] {key} "
+        f"= {value!r} is not read by {family.name}{twin}; remove it (default: {default!r})"
+    )
 
 
 def with_embedding_lr_multiplier(spec: TrainSpec, family: ModelFamily, job_config) -> TrainSpec:

@@ -44,6 +44,7 @@ from torchtitan.tools.logging import init_logger, logger
 
 from . import titan_compat
 from .components.checkpoint import BlockwiseCheckpointManager
+from .components.dump_lock import DumpFolderLock
 from .components.run_identity import run_identity
 from .config.loader import parse_job_config
 from .errors import ConfigError, exit_on_config_error, origin_of
@@ -156,9 +157,10 @@ class BlockwiseTrainer(Trainer):
         self.block: int | None = None
         self.nonfinite_skips = 0  # steps skipped for a non-finite loss or gradient norm
         self.checkpointer.set_run(
-            run_identity(job_config, self.mode.partition),
+            run_identity(job_config, self.mode.partition, self.family),
             job_config.checkpoint.allow_fresh_start,
             self.metrics_processor.mark_restart,
+            training_steps=job_config.training.steps,
         )
         seed = job_config.diffusion_blocks.seed
         self.generators = Generators(
@@ -464,6 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     init_logger()
     use_single_process_env()
     job_config = parse_job_config(argv, reads_data=True)
+    lock = DumpFolderLock.take(job_config)  # rank 0: one run per dump folder
     trainer = None
     try:
         trainer = BlockwiseTrainer(job_config)
@@ -489,6 +492,7 @@ def main(argv: list[str] | None = None) -> None:
             trainer.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+        lock.release()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -200,6 +201,8 @@ VIT, DIT = "vit_digits.toml", "dit_digits.toml"
 # ---------------------------------------------------------------------------
 # The probes
 
+# a lock of pid 1 (always alive) on this host: another run owns the probe's dump folder
+LIVE_LOCK = '{"pid": 1, "host": "%s"}' % socket.gethostname()
 JOB = "{dir}/job.toml: "  # errors about a key set in the probe's job config start so
 
 
@@ -235,6 +238,12 @@ def trained_run(*overrides: str, damage: Callable[[Path], None] | None = None):
             damage(path / "checkpoint")
 
     return write
+
+
+def keep_only_the_last_save(checkpoints: Path) -> None:
+    import shutil
+
+    shutil.rmtree(checkpoints / "step-1")
 
 
 def remove_every_metadata(checkpoints: Path) -> None:
@@ -315,6 +324,13 @@ PROBES: list[Probe] = [
           expect=JOB + "[diffusion_blocks] sampler 'rk4' is not one of ['euler', 'heun']"),
     probe("sampler_on_an_lm", "train", "--diffusion_blocks.sampler", "heun",
           expect="[diffusion_blocks] sampler = 'heun' is not read by dblocks_llama3"),
+    # keys a family accepted without reading them (the allow-list, ModelFamily.reads)
+    probe("cfg_scale_on_an_lm", "train", "--diffusion_blocks.cfg_scale", "3",
+          expect="[diffusion_blocks] cfg_scale = 3.0 is not read by dblocks_llama3"),
+    probe("adaln_cond_dim_on_the_vit", "train", toml="[diffusion_blocks]\nadaln_cond_dim = 64\n",
+          base=VIT, expect=JOB + "[diffusion_blocks] adaln_cond_dim = 64 is not read by dblocks_vit"),
+    probe("sigma_per_token_on_the_dit", "train", "--diffusion_blocks.sigma_per_token", base=DIT,
+          expect="[diffusion_blocks] sigma_per_token = True is not read by dblocks_dit"),
     probe("num_blocks_zero", "train", "--diffusion_blocks.num_blocks", "0",
           expect="[diffusion_blocks] num_blocks must be >= 1"),
     probe("num_blocks_not_dividing", "train", "--diffusion_blocks.num_blocks", "3",
@@ -521,6 +537,12 @@ PROBES: list[Probe] = [
     probe("partition_config_p_std_nan", "partition", toml="[diffusion_blocks]\np_std = nan\n",
           expect=JOB + "[diffusion_blocks] p_std"),
     probe("estimate_memory_nproc_zero", "estimate_memory", "--nproc", "0", expect="argument --nproc"),
+    probe("estimate_memory_on_the_vit", "estimate_memory", base=VIT,
+          expect="dblocks_vit is an image model (not supported)"),
+    probe("estimate_memory_on_the_dit", "estimate_memory", base=DIT,
+          expect="dblocks_dit is an image model (not supported)"),
+    probe("estimate_memory_recurrent_blocks", "estimate_memory", "--blocks", "4",
+          base="recurrent_debug.toml", expect="--blocks 4: dblocks_recurrent trains one block"),
     probe("estimate_memory_blocks_words", "estimate_memory", "--blocks", "2,x",
           expect="argument --blocks"),
     probe("estimate_memory_blocks_zero", "estimate_memory", "--blocks", "0", expect="argument --blocks"),
@@ -538,7 +560,15 @@ PROBES: list[Probe] = [
     probe("lm_report_too_long", "lm_report", "--prompt-len", "100", "--new-tokens", "100",
           "--data", "{dir}/data.txt", "--out", "{dir}/out", "--skip-training", toml=None,
           files={"data.txt": "To be, or not to be.\n" * 50}, expect="--new-tokens must be <="),
-    # faults: a blow-up, broken checkpoints, checkpoints of other settings
+    # faults: a blow-up, broken checkpoints, checkpoints of other settings, a busy folder
+    probe("initial_load_path_without_the_checkpointer", "train",
+          toml='[checkpoint]\nenable = false\ninitial_load_path = "{dir}/run/checkpoint/step-2"\n',
+          expect="is set but [checkpoint] enable = false"),
+    probe("dump_folder_locked_by_a_live_run", "train",
+          files={"out/diffusion_blocks.lock": LIVE_LOCK},
+          expect=("in use by the run of pid 1 on", "use another dump_folder")),
+    probe("dump_folder_is_a_file", "train", files={"out": "a file\n"},
+          expect="[job] dump_folder {dir}/out is a file, not a folder"),
     probe("nan_blowup_huge_lr", "train", toml="[optimizer]\nlr = 1e20\n[training]\nsteps = 10\n"
           "[checkpoint]\nenable = true\ninterval = 1\n",
           expect=("stopped", "nothing non-finite was saved", "sigma in")),
@@ -550,9 +580,23 @@ PROBES: list[Probe] = [
           expect=("none can be resumed from", "truncated")),
     probe("resume_other_sigma_max", "train", toml=RESUME + "[diffusion_blocks]\nsigma_max = 40.0\n",
           files={"run": trained_run()}, expect=("other settings", "sigma_max")),
+    probe("resume_steps_not_above_the_checkpoint", "train", "--training.steps", "2", toml=RESUME,
+          files={"run": trained_run()},
+          expect=("[training] steps = 2 is at or below step 2", "--training.steps above 2")),
+    probe("resume_a_model_only_last_save", "train", toml=RESUME,
+          files={"run": trained_run("--checkpoint.last_save_model_only",
+                                    damage=keep_only_the_last_save)},
+          expect=("model-only save", "initial_load_path = ")),
+    probe("resume_other_adaln_cond_dim", "train",
+          toml=RESUME + "[diffusion_blocks]\nadaln_cond_dim = 64\n", files={"run": trained_run()},
+          expect=("other settings", "adaln_cond_dim = 256 in the checkpoint, 64 here")),
     probe("generate_other_num_blocks", "generate", *RUN_CHECKPOINT,
           toml="[diffusion_blocks]\nnum_blocks = 2\n", files={"run": trained_run()},
           expect=("other settings", "num_blocks")),
+    probe("generate_heun_on_an_end_to_end_checkpoint", "generate", *RUN_CHECKPOINT,
+          "--sampler", "heun", toml="[diffusion_blocks]\nenable = false\n",
+          files={"run": trained_run("--diffusion_blocks.no_enable")},
+          expect="--sampler does not apply to dblocks_llama3 end to end"),
     probe("generate_end_to_end_on_blockwise", "generate", *RUN_CHECKPOINT,
           toml="[diffusion_blocks]\nenable = false\n", files={"run": trained_run()},
           expect=("other settings", "enable")),

@@ -16,7 +16,7 @@ import sys
 import diffusion_blocks  # noqa: F401
 from diffusion_blocks.config.bounds import AT_LEAST_1, number_arg, number_list_arg
 from diffusion_blocks.config.loader import parse_job_config
-from diffusion_blocks.errors import exit_on_config_error
+from diffusion_blocks.errors import ConfigError, exit_on_config_error
 from diffusion_blocks.eval.memory import estimate_step
 
 GiB = 2**30
@@ -43,13 +43,38 @@ def estimate_rows(config_args: list[str], nproc: int, blocks: list[int]) -> list
     return rows
 
 
+# image models: their step is not a token sequence (eval/memory.py counts the LM's)
+UNSUPPORTED = ("dblocks_vit", "dblocks_dit")
+
+
+def blocks_for(job_config, blocks: list[int] | None) -> list[int]:
+    """The B values to estimate: the flag's, else the family's defaults; one line for
+    a model the estimator does not support or a B the family cannot take."""
+    name = job_config.model.name
+    if name in UNSUPPORTED:
+        raise ConfigError(
+            f"estimate_memory.py estimates the text families' training steps; {name} is an "
+            "image model (not supported)"
+        )
+    if name == "dblocks_recurrent":
+        if blocks is not None and blocks != [1]:
+            raise ConfigError(
+                f"--blocks {','.join(map(str, blocks))}: dblocks_recurrent trains one block "
+                "(its shared core); use --blocks 1 or leave it out"
+            )
+        return [1]
+    return blocks if blocks is not None else [2, 4, 8]
+
+
 @exit_on_config_error
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nproc", type=number_arg(int, AT_LEAST_1), default=1)
-    parser.add_argument("--blocks", type=number_list_arg(int, AT_LEAST_1), default="2,4,8")
+    parser.add_argument("--blocks", type=number_list_arg(int, AT_LEAST_1), default=None,
+                        help="B values (default 2,4,8; the recurrent family: 1)")
     parser.add_argument("--json", action="store_true")
     args, config_args = parser.parse_known_args(argv)
+    args.blocks = blocks_for(parse_job_config(config_args), args.blocks)
     rows = estimate_rows(config_args, args.nproc, args.blocks)
     if args.json:
         print(json.dumps(rows, indent=2))

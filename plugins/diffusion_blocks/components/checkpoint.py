@@ -34,6 +34,7 @@ Resumes, seed checkpoints (step 0) and saves otherwise run torchtitan's code.
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,7 +50,9 @@ from torchtitan.tools.logging import logger
 
 from ..errors import CheckpointError, ConfigError
 from .dist_utils import to_local
-from .run_identity import check_identity, IDENTITY_FILE, read_identity, write_identity
+from .run_identity import (
+    check_identity, IDENTITY_FILE, identity_mismatches, read_identity, write_identity,
+)
 
 STEP_FOLDER = re.compile(r"step-(\d+)")
 HF_INDEX = "model.safetensors.index.json"  # what torchtitan's last_save_in_hf writes
@@ -136,6 +139,71 @@ def checkpoint_problem(step_folder: Path) -> str | None:
     return None
 
 
+MODEL_ONLY = "a model-only save ([checkpoint] last_save_model_only): no optimizer or step state"
+
+
+NON_MODEL_STATES = ("optimizer", "lr_scheduler", "train_state")
+
+
+def is_model_only(step_folder: Path) -> bool:
+    """A DCP save of the model's tensors only (no optimizer, scheduler or train_state
+    entry), which loads for inference or as an initial load but cannot be resumed."""
+    try:
+        keys = FileSystemReader(str(step_folder)).read_metadata().state_dict_metadata
+    except Exception:
+        return False  # checkpoint_problem reports an unreadable .metadata
+    return not any(key.startswith(NON_MODEL_STATES) for key in keys)
+
+
+def model_only_remedy(run_folder: str, newest: str) -> str:
+    return (
+        f"to train on from these weights, start a new [job] dump_folder with "
+        f"[checkpoint] initial_load_path = \"{newest}\" (the optimizer starts fresh), or "
+        "save full checkpoints ([checkpoint] last_save_model_only = false) and resume "
+        f"from the newest of those in {run_folder}"
+    )
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict, DTensors by their local shard."""
+    if isinstance(state, dict):
+        return sum(tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(v) for v in state)
+    if torch.is_tensor(state):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    return 0
+
+
+def step_numbers(run_folder: str | Path) -> list[int]:
+    """The steps of a run folder's `step-N` folders, newest first."""
+    steps = [
+        int(match.group(1)) for name in os.listdir(run_folder)
+        if (match := STEP_FOLDER.fullmatch(name))
+        and os.path.isdir(os.path.join(run_folder, name))
+    ]
+    return sorted(steps, reverse=True)
+
+
+def newest_usable_step_folder(run_folder: str | Path) -> tuple[Path | None, list[tuple[str, str]]]:
+    """(the newest step folder of `run_folder` that checkpoint_problem finds nothing
+    wrong with, or None; the (folder, problem) pairs of the newer ones skipped): the
+    resume's order, for tools that read a run's checkpoints."""
+    rejected: list[tuple[str, str]] = []
+    for step in step_numbers(run_folder):
+        folder = Path(run_folder) / f"step-{step}"
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, rejected
+        rejected.append((str(folder), problem))
+    return None, rejected
+
+
 def _wrapped_errors(error: BaseException):
     """The exceptions a DCP CheckpointException wraps (per rank), else the error."""
     if isinstance(error, CheckpointException):
@@ -196,6 +264,7 @@ class BlockwiseCheckpointManager(CheckpointManager):
     allow_fresh_start = False
     on_restart: Callable[[int, str | None], None] | None = None
     _async_folder: str | None = None
+    training_steps: int | None = None  # [training] steps: a resume must be below it
 
     def __init__(self, *args, added_by_conversion: Callable[[str], bool] | None = None, **kwargs):
         """torchtitan's arguments, and `added_by_conversion`: the model keys a stock
@@ -208,10 +277,13 @@ class BlockwiseCheckpointManager(CheckpointManager):
         identity: dict[str, Any] | None,
         allow_fresh_start: bool,
         on_restart: Callable[[int, str | None], None] | None,
+        training_steps: int | None = None,
     ) -> None:
         """The run's identity (written with every save, checked on resume), the
-        `[checkpoint] allow_fresh_start` key, and what to call once a resume has
-        loaded step N from a checkpoint (or decided to start fresh: 0, None)."""
+        `[checkpoint] allow_fresh_start` key, what to call once a resume has
+        loaded step N from a checkpoint (or decided to start fresh: 0, None), and
+        `[training] steps` (a resume from that step or a later one is refused)."""
+        self.training_steps = training_steps
         self.run_identity = identity
         self.allow_fresh_start = allow_fresh_start
         self.on_restart = on_restart
@@ -229,19 +301,14 @@ class BlockwiseCheckpointManager(CheckpointManager):
         )
         try:
             if not self.enable or not os.path.exists(self.folder):
+                self._check_initial_load()
                 return super().load(step)
             return self._resume(step)
         finally:
             self._initial_model_only_load = False
 
     def _step_folders(self) -> list[int]:
-        """The steps of the run folder's `step-N` folders, newest first."""
-        steps = [
-            int(match.group(1)) for name in os.listdir(self.folder)
-            if (match := STEP_FOLDER.fullmatch(name))
-            and os.path.isdir(os.path.join(self.folder, name))
-        ]
-        return sorted(steps, reverse=True)
+        return step_numbers(self.folder)
 
     def _resume(self, step: int) -> bool:
         """Load `step` ([checkpoint] load_step), or else the newest usable step folder."""
@@ -256,8 +323,11 @@ class BlockwiseCheckpointManager(CheckpointManager):
                 checkpoint_problem(Path(folder)) if os.path.isdir(folder)
                 else "it does not exist"
             )
+            if problem is None and candidate != 0 and is_model_only(Path(folder)):
+                problem = MODEL_ONLY
             if problem is None:
                 self._check_identity(folder)
+                self._check_steps_left(candidate, folder)
                 try:
                     super().load(candidate)
                 except (ConfigError, FloatingPointError):
@@ -288,7 +358,9 @@ class BlockwiseCheckpointManager(CheckpointManager):
             if self.on_restart is not None:
                 self.on_restart(0, None)
             return False
-        if load_failed:
+        if all(problem == MODEL_ONLY for _, problem in rejected):
+            remedy = model_only_remedy(self.folder, rejected[0][0])
+        elif load_failed:
             remedy = (
                 "a load that failed part-way may have changed this process's model, so "
                 "it does not start fresh over them: move them out of the folder"
@@ -302,6 +374,37 @@ class BlockwiseCheckpointManager(CheckpointManager):
             f"{self.folder} holds checkpoints but none can be resumed from "
             f"({_listing(rejected)}); not starting over from step 1: {remedy}"
         )
+
+    def _check_initial_load(self) -> None:
+        """`[checkpoint] initial_load_path` (DCP) with an identity file: a denoiser
+        loads only into a denoiser of the same `[diffusion_blocks]` identity (the
+        weights' names and shapes cannot tell another partition or noise range, nor
+        stop a denoiser's stock weights loading into the end-to-end twin); an
+        end-to-end or stock checkpoint is checked by names and shapes only (dcp_load)."""
+        if not self.enable:  # torchtitan sets no initial_load_* attributes then
+            return
+        path = self.initial_load_path
+        if not (path and self.run_identity) or self.initial_load_in_hf:
+            return
+        saved = read_identity(path)
+        if not (saved and saved.get("diffusion_blocks.enable")):
+            return
+        ours = {k: v for k, v in self.run_identity.items() if k.startswith("diffusion_blocks.")}
+        mismatches = identity_mismatches(saved, ours)
+        if mismatches:
+            raise ConfigError(
+                f"[checkpoint] initial_load_path {path} was trained as another model: "
+                f"{'; '.join(mismatches)}. Use the settings it was trained with, or a "
+                "checkpoint of this model"
+            )
+
+    def _check_steps_left(self, step: int, folder: str) -> None:
+        if self.training_steps is not None and step >= self.training_steps:
+            raise ConfigError(
+                f"[training] steps = {self.training_steps} is at or below step {step}, "
+                f"which this run resumes from ({folder}): nothing left to train; set "
+                f"--training.steps above {step} to train further"
+            )
 
     def _check_identity(self, folder: str) -> None:
         if self.run_identity is None:
@@ -324,6 +427,7 @@ class BlockwiseCheckpointManager(CheckpointManager):
             return super().save(curr_step, last_step)  # e.g. torchft's per-replica save
         folder = self._create_checkpoint_id(curr_step)
         self._refuse_non_finite(folder)
+        self._check_free_space(folder)
         try:
             self._write_identity(folder)
             super().save(curr_step, last_step)
@@ -346,6 +450,37 @@ class BlockwiseCheckpointManager(CheckpointManager):
             if cause is None:
                 raise
             raise _save_failed(self._async_folder, cause) from error
+
+    def _expected_save_bytes(self) -> int:
+        """What the save will write: the newest step folder's size, else the bytes of
+        the local model and optimizer tensors."""
+        if os.path.isdir(self.folder):
+            for step in step_numbers(self.folder):
+                size = folder_bytes(Path(self.folder) / f"step-{step}")
+                if size:
+                    return size
+        total = 0
+        for name in (MODEL, "optimizer"):
+            if name in self.states:
+                total += tensor_bytes(self.states[name].state_dict())
+        return total
+
+    def _check_free_space(self, folder: str) -> None:
+        """CheckpointError before writing when the checkpoint folder's filesystem has
+        less free space than the save needs (a half-written step is worse than none)."""
+        existing = Path(folder)
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        free, needed = shutil.disk_usage(existing).free, self._expected_save_bytes()
+        short = (free, needed) if free < needed else None
+        # every rank stops, or none enters the collective save
+        short = next((found for found in _agree(short) if found is not None), None)
+        if short is not None:
+            raise CheckpointError(
+                f"cannot save checkpoint {folder}: no space left on device ({short[0]} bytes "
+                f"free on its filesystem, the save needs about {short[1]}). Free space or "
+                "set [checkpoint] folder / [job] dump_folder elsewhere"
+            )
 
     def _refuse_non_finite(self, folder: str) -> None:
         """FloatingPointError on every rank when any rank holds a non-finite model
@@ -414,6 +549,7 @@ class BlockwiseCheckpointManager(CheckpointManager):
             loaded = stock | {k: state_dict[k] for k in added if k in stored}
             fresh = [k for k in added if k not in stored]
             check_against_checkpoint(loaded, stored, checkpoint_id)
+            self._refuse_extra_weights(state_dict, stored, checkpoint_id)
             dcp.load(loaded, checkpoint_id=checkpoint_id)
         # ModelWrapper.load_state_dict sets with strict=False: the fresh modules stay
         self.states[MODEL].load_state_dict(loaded)
@@ -421,6 +557,20 @@ class BlockwiseCheckpointManager(CheckpointManager):
             f"loaded {len(state_dict) - len(fresh)} weights from {checkpoint_id}, "
             f"{len(fresh)} new ({ADDED_MODULES}) freshly initialised"
         )
+
+    def _refuse_extra_weights(self, state_dict, stored, checkpoint_id: str) -> None:
+        """A checkpoint with model weights this model lacks (more layers, a denoiser's
+        AdaLN modules for the end-to-end twin) was saved from another model."""
+        extra = [
+            key for key in stored
+            if key not in state_dict and key.split(".", 1)[0] not in self.states
+        ]
+        if extra:
+            raise ConfigError(
+                f"checkpoint {checkpoint_id} holds {len(extra)} weights this model lacks "
+                f"(e.g. {extra[0]}): it was saved from another model ([model] name / "
+                "flavor / n_layers, or a denoiser for the end-to-end twin)"
+            )
 
     def _load_stock_from_hf(
         self, stock: dict[str, Any], checkpoint_id: str, from_quantized: bool

@@ -1,9 +1,10 @@
 """What a checkpoint was trained as, saved with it and checked wherever it is loaded.
 
 The identity of a run is its model (`[model] name`, `flavor`), whether DiffusionBlocks
-is on (`[diffusion_blocks] enable`), the block partition (`num_blocks`, the resolved
-`layers_per_block`, `partition`, `overlap`) and the noise settings (`sigma_min`,
-`sigma_max`, `p_mean`, `p_std`, `sigma_data`). A checkpoint loaded under another
+is on (`[diffusion_blocks] enable`) and the `[diffusion_blocks]` keys its family
+declares as shaping the trained function (`ModelFamily.identity_keys`: e.g. the block
+partition, with `layers_per_block` resolved, and the EDM noise settings; MD4's masking
+keys instead of EDM's; for the end-to-end twin those of them it reads). A checkpoint loaded under another
 identity runs every block on sigmas it was not trained for (or the wrong model
 altogether) without any error, so a resume and every inference tool refuse it, naming
 the key and both values.
@@ -15,7 +16,9 @@ only, and `last_save_in_hf` writes safetensors, so a `train_state` entry would b
 missing from exactly the checkpoints the inference tools read. A file in the folder is
 there for every save path (sync, async, model-only, HF), and DCP's reader ignores
 files that `.metadata` does not name. A checkpoint without the file (a stock
-torchtitan checkpoint, or one saved before this file existed) is not checked.
+torchtitan checkpoint, or one saved before this file existed) is not checked. A saved
+identity that lacks a key (written before the key joined the identity) is read as
+saved with that key's default.
 """
 
 from __future__ import annotations
@@ -25,29 +28,30 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..config.sections import DiffusionBlocks
 from ..errors import ConfigError
 
 IDENTITY_FILE = "diffusion_blocks_run.json"
-NOISE_KEYS = ("sigma_min", "sigma_max", "p_mean", "p_std", "sigma_data")
 
 
-def run_identity(job_config, partition) -> dict[str, Any]:
+def run_identity(job_config, partition, family) -> dict[str, Any]:
     """The identity of the run `job_config` describes. `partition` is the model's
-    BlockPartition when DiffusionBlocks is on (its resolved layer counts), else None."""
+    BlockPartition when DiffusionBlocks is on (its resolved layer counts), else None;
+    `family` the ModelFamily (its identity_keys)."""
     section = job_config.diffusion_blocks
     identity: dict[str, Any] = {
         "diffusion_blocks.enable": bool(section.enable),
         "model.name": job_config.model.name,
         "model.flavor": job_config.model.flavor,
     }
+    keys = family.identity_keys
     if section.enable:
-        identity.update({
-            "diffusion_blocks.num_blocks": partition.num_blocks,
-            "diffusion_blocks.layers_per_block": list(partition.layer_counts),
-            "diffusion_blocks.partition": section.partition,
-            "diffusion_blocks.overlap": section.overlap,
-        })
-    identity.update({f"diffusion_blocks.{key}": getattr(section, key) for key in NOISE_KEYS})
+        identity["diffusion_blocks.num_blocks"] = partition.num_blocks
+        identity["diffusion_blocks.layers_per_block"] = list(partition.layer_counts)
+    else:
+        keys = [key for key in keys if key in family.twin_reads]
+    for key in keys:
+        identity.setdefault(f"diffusion_blocks.{key}", getattr(section, key))
     return identity
 
 
@@ -80,19 +84,28 @@ def _config_key(key: str) -> str:
     return f"[{section}] {name}"
 
 
+def saved_value(saved: dict[str, Any], key: str) -> Any:
+    """The saved value of `key`; a `[diffusion_blocks]` key the file lacks (saved before
+    it joined the identity) reads as its default."""
+    if key in saved:
+        return saved[key]
+    section, name = key.split(".", 1)
+    if section == "diffusion_blocks" and hasattr(DiffusionBlocks, name):
+        return getattr(DiffusionBlocks(), name)
+    return "(not set)"
+
+
 def identity_mismatches(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
-    """'[section] key = saved in the checkpoint, ours here' for every key that differs
-    (only `enable` when that differs: the other keys follow from it)."""
-    keys = list(dict.fromkeys([*ours, *saved]))
+    """'[section] key = saved in the checkpoint, ours here' for every key of ours that
+    differs (only `enable` when that differs: the other keys follow from it). Keys only
+    the checkpoint has (no longer part of this family's identity) are not compared."""
     enable = "diffusion_blocks.enable"
-    if saved.get(enable) != ours.get(enable):
-        keys = [enable]
-    absent = "(not set)"
+    keys = [enable] if saved.get(enable) != ours.get(enable) else list(ours)
     return [
-        f"{_config_key(key)} = {saved.get(key, absent)!r} in the checkpoint, "
-        f"{ours.get(key, absent)!r} here"
+        f"{_config_key(key)} = {saved_value(saved, key)!r} in the checkpoint, "
+        f"{ours[key]!r} here"
         for key in keys
-        if saved.get(key, absent) != ours.get(key, absent)
+        if saved_value(saved, key) != ours[key]
     ]
 
 

@@ -307,6 +307,13 @@ def check_checkpoint(section) -> list[tuple[str, str]]:
         "load_step": Bounds(low=0, special=(-1,), special_meaning="the newest"),
     })
     path = section.initial_load_path
+    if path and not section.enable:
+        problems.append((
+            "initial_load_path",
+            f"{path} is set but [checkpoint] enable = false: torchtitan would silently "
+            "not load it; set [checkpoint] enable = true (the checkpointer loads it) or "
+            "remove it",
+        ))
     if section.enable and path and not os.path.isdir(path):
         problems.append((
             "initial_load_path",

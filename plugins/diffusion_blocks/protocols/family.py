@@ -67,13 +67,35 @@ def edm_noise_levels(section):
     return section.noise_schedule()
 
 
-# `[diffusion_blocks]` keys only the masked-diffusion LM reads
-MASKING_KEYS = ("masking_schedule", "time_conditioning")
-# keys only the vision samplers (DiT, ViT) read; the text families' sampler is
-# tools/generate.py --sampler
-VISION_SAMPLER_KEYS = ("sampler",)
-# keys only dblocks_llama3 (the autoregressive denoiser and its end-to-end twin) reads
+# The `[diffusion_blocks]` keys each family reads (`ModelFamily.reads`), in groups.
+# Where a key is really read: docs/config.md names it per key; tests/test_keys.py walks
+# every family x key.
+# the block-wise trainer's own keys (train.py, parallel/): every family
+TRAINER_KEYS = (
+    "enable", "seed", "block_schedule", "block_weights", "offload_inactive_blocks",
+    "block_parallel", "on_nonfinite", "max_nonfinite_skips",
+)
+# how the layers are cut into blocks and the noise range into intervals
+PARTITION_KEYS = ("num_blocks", "layers_per_block", "partition", "overlap")
+# EDM's sigma process (everything but MD4, whose noise is the masking time t)
+EDM_KEYS = ("sigma_min", "sigma_max", "p_mean", "p_std", "sigma_data")
+# the EDM denoisers' block-0 training law (BlockPartition.sample_training_levels)
+BLOCK0_KEYS = ("block0_sigma_sampling",)
+# the token-embedding denoisers (dblocks_llama3, dblocks_recurrent): DenoiserOptions
+LM_DENOISER_KEYS = (
+    "sampling_sigma_max", "target_embedding_scale", "token_embedding_init_std",
+    "embedding_lr_multiplier", "sampling_steps_per_block", "adaln_cond_dim",
+)
+# only dblocks_llama3 (the autoregressive denoiser and its end-to-end twin)
 HEAD_LOSS_KEYS = ("head_loss", "head_loss_chunk_rows")
+# only the masked-diffusion LM
+MASKING_KEYS = ("masking_schedule", "time_conditioning")
+# the image sampler (DiT) and its training-time label dropout
+DIT_KEYS = ("sampling_steps", "sampler", "cfg_scale", "label_dropout")
+# the ViT's label sampler
+VIT_KEYS = ("sampling_steps_per_block", "sampler")
+# the keys the end-to-end trainer itself reads (train.py), whatever the family
+END_TO_END_TRAINER_KEYS = ("enable", "seed", "on_nonfinite", "max_nonfinite_skips")
 
 
 @dataclass(frozen=True)
@@ -100,17 +122,20 @@ class ModelFamily:
     sample_text: TextSampler | None = None
     """Text generation with the trained model (block-wise or its end-to-end twin);
     None for families that do not generate text."""
-    unused_keys: tuple[str, ...] = MASKING_KEYS + HEAD_LOSS_KEYS
-    """`[diffusion_blocks]` keys the family never reads: registry.resolve_run_spec
-    refuses a value other than the default, so no setting is silently ignored."""
+    reads: tuple[str, ...] = ()
+    """The `[diffusion_blocks]` keys the block-wise family reads (an allow-list):
+    registry.check_keys refuses any other key set to a value other than its default,
+    so no setting is silently ignored."""
+    twin_reads: tuple[str, ...] = END_TO_END_TRAINER_KEYS
+    """The keys the end-to-end twin (`enable = false`) reads. The twin accepts the
+    block-wise keys too (the run stays one flag away from its DiffusionBlocks twin) and
+    logs the set ones it ignores; a key neither reads is refused."""
+    identity_keys: tuple[str, ...] = ()
+    """The keys that shape the trained function (its run identity,
+    components/run_identity.py), checked wherever a checkpoint is loaded. The
+    end-to-end twin's identity is the ones of them it reads (twin_reads)."""
 
 
-# `[diffusion_blocks]` keys only EDM's sigma process and the autoregressive LM read
-EDM_KEYS = ("sigma_min", "sigma_max", "p_mean", "p_std", "sigma_data")
-AUTOREGRESSIVE_LM_KEYS = (
-    "block0_sigma_sampling", "sampling_sigma_max", "sigma_per_token",
-    "target_embedding_scale", "token_embedding_init_std", "sampling_steps_per_block",
-)
 
 
 def blockwise_train_spec(

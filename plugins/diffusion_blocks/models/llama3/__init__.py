@@ -12,7 +12,17 @@ from torchtitan.protocols.train_spec import TrainSpec
 from ...components.validate import build_denoiser_validator
 from ...data.text import build_tokenizer
 from ...parallel.parallelize import parallelize_dblocks_llama
-from ...protocols.family import blockwise_train_spec, MASKING_KEYS, ModelFamily, VISION_SAMPLER_KEYS
+from ...protocols.family import (
+    BLOCK0_KEYS,
+    blockwise_train_spec,
+    EDM_KEYS,
+    END_TO_END_TRAINER_KEYS,
+    HEAD_LOSS_KEYS,
+    LM_DENOISER_KEYS,
+    ModelFamily,
+    PARTITION_KEYS,
+    TRAINER_KEYS,
+)
 from .args import dblocks_llama3_flavors
 from .model import DiffusionBlocksLlama, is_added_by_conversion
 from .sampler import continue_prompt, generate
@@ -36,5 +46,13 @@ FAMILY = ModelFamily(
     added_by_conversion=is_added_by_conversion,
     embedding_parameters=token_embedding_parameters,
     sample_text=partial(continue_prompt, generate, "dblocks_llama3"),
-    unused_keys=MASKING_KEYS + VISION_SAMPLER_KEYS,
+    reads=(
+        TRAINER_KEYS + PARTITION_KEYS + EDM_KEYS + BLOCK0_KEYS + LM_DENOISER_KEYS
+        + ("sigma_per_token",) + HEAD_LOSS_KEYS
+    ),
+    twin_reads=END_TO_END_TRAINER_KEYS + HEAD_LOSS_KEYS,
+    identity_keys=(
+        PARTITION_KEYS + EDM_KEYS
+        + ("sigma_per_token", "target_embedding_scale", "adaln_cond_dim")
+    ),
 )

@@ -303,6 +303,11 @@ def decoding_config(request, job_config) -> DecodingConfig:
     )
 
 
+# TextRequest fields only a denoiser's sampler reads (the end-to-end twin decodes
+# plain next-token logits)
+DENOISER_ONLY_OPTIONS = ("sampler", "churn", "start_sigma", "steps_per_block")
+
+
 def continue_prompt(
     generate_fn, family: str, model, tokenizer, job_config, request,
     refused: tuple[str, ...] = ("steps",),
@@ -311,6 +316,9 @@ def continue_prompt(
     by token with `generate_fn(model, prompt_BT, DecodingConfig, max_context)`, one
     text per sample, prompt included (greedy unless a temperature is given). `refused`:
     the request's fields the family does not use."""
+    if getattr(model, "partition", None) is None:  # the end-to-end twin: no denoiser
+        refused = (*refused, *DENOISER_ONLY_OPTIONS)
+        family = f"{family} end to end ([diffusion_blocks] enable = false)"
     request.refuse_options(refused, family)
     prompt_ids = tokenizer.encode(request.prompt, add_bos=True, add_eos=False)
     prompts_BT = torch.tensor([prompt_ids] * request.num_samples)

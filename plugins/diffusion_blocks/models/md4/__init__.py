@@ -12,11 +12,12 @@ from ...components.validate import build_task_validator
 from ...errors import ConfigError, origin_of
 from ...parallel.parallelize import parallelize_dblocks_llama
 from ...protocols.family import (
-    AUTOREGRESSIVE_LM_KEYS,
     blockwise_train_spec,
-    EDM_KEYS,
-    HEAD_LOSS_KEYS,
+    END_TO_END_TRAINER_KEYS,
+    MASKING_KEYS,
     ModelFamily,
+    PARTITION_KEYS,
+    TRAINER_KEYS,
 )
 from ..llama3.model import is_added_by_conversion
 from .args import masking_noise_levels, md4_flavors
@@ -51,8 +52,7 @@ FAMILY = ModelFamily(
     "dblocks_md4", get_train_spec, EndToEndMaskedDiffusionLM, MaskedDiffusionTask(),
     added_by_conversion=is_added_by_conversion,
     noise_levels=masking_noise_levels, sample_text=sample_text,
-    unused_keys=(
-        EDM_KEYS + AUTOREGRESSIVE_LM_KEYS + HEAD_LOSS_KEYS
-        + ("cfg_scale", "label_dropout", "sampler")
-    ),
+    reads=TRAINER_KEYS + PARTITION_KEYS + MASKING_KEYS + ("adaln_cond_dim", "sampling_steps"),
+    twin_reads=END_TO_END_TRAINER_KEYS + MASKING_KEYS + ("adaln_cond_dim", "sampling_steps"),
+    identity_keys=PARTITION_KEYS + MASKING_KEYS + ("adaln_cond_dim",),
 )

@@ -13,11 +13,13 @@ from ...data.text import build_tokenizer
 from ...errors import ConfigError, origin_of
 from ...parallel.parallelize import parallelize_dblocks_llama
 from ...protocols.family import (
+    BLOCK0_KEYS,
     blockwise_train_spec,
-    HEAD_LOSS_KEYS,
-    MASKING_KEYS,
+    EDM_KEYS,
+    END_TO_END_TRAINER_KEYS,
+    LM_DENOISER_KEYS,
     ModelFamily,
-    VISION_SAMPLER_KEYS,
+    TRAINER_KEYS,
 )
 from ..llama3 import token_embedding_parameters
 from ..llama3.model import is_added_by_conversion
@@ -65,5 +67,12 @@ FAMILY = ModelFamily(
     embedding_parameters=token_embedding_parameters, check_config=check_config,
     # its sampler recomputes the context for every token: no KV cache to turn off
     sample_text=partial(continue_prompt, generate, NAME, refused=("steps", "kv_cache")),
-    unused_keys=MASKING_KEYS + VISION_SAMPLER_KEYS + HEAD_LOSS_KEYS,
+    # one block over all of [sigma_min, sigma_max]: no partition or overlap to read
+    # (check_config keeps num_blocks, layers_per_block and block_parallel at one block)
+    reads=TRAINER_KEYS + ("num_blocks", "layers_per_block") + EDM_KEYS + BLOCK0_KEYS + LM_DENOISER_KEYS,
+    twin_reads=(
+        END_TO_END_TRAINER_KEYS + EDM_KEYS
+        + tuple(key for key in LM_DENOISER_KEYS if key != "embedding_lr_multiplier")
+    ),
+    identity_keys=EDM_KEYS + ("target_embedding_scale", "adaln_cond_dim"),
 )

@@ -8,7 +8,16 @@ from torchtitan.protocols.train_spec import TrainSpec
 from ...components.validate import build_task_validator
 from ...data.images import build_image_dataloader
 from ...parallel.parallelize import parallelize_vision
-from ...protocols.family import blockwise_train_spec, ModelFamily
+from ...protocols.family import (
+    BLOCK0_KEYS,
+    blockwise_train_spec,
+    VIT_KEYS,
+    EDM_KEYS,
+    END_TO_END_TRAINER_KEYS,
+    ModelFamily,
+    PARTITION_KEYS,
+    TRAINER_KEYS,
+)
 from ..llama3.model import is_added_by_conversion
 from .args import vit_flavors
 from .model import DiffusionBlocksViT, PlainViT
@@ -26,4 +35,7 @@ def get_train_spec() -> TrainSpec:
 FAMILY = ModelFamily(
     "dblocks_vit", get_train_spec, PlainViT, ImageClassificationTask(),
     added_by_conversion=is_added_by_conversion,
+    reads=TRAINER_KEYS + PARTITION_KEYS + EDM_KEYS + BLOCK0_KEYS + VIT_KEYS,
+    twin_reads=END_TO_END_TRAINER_KEYS,
+    identity_keys=PARTITION_KEYS + EDM_KEYS,
 )
