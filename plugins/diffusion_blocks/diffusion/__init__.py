@@ -37,6 +37,7 @@ from .partition import (  # noqa: F401 (re-exported)
 from .sampling import (  # noqa: F401 (re-exported)
     churn,
     churn_gamma,
+    network_evaluations,
     walk_plan,
     euler_step,
     EulerStep,

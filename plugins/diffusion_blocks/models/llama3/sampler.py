@@ -152,8 +152,6 @@ TOKEN_STEPS: dict[str, TokenStep] = {
     "ancestral": ancestral_token_step,
     "heun": heun_token_step,
 }
-# block calls per step (a Heun step ends at sigma_next >= sigma_min > 0: always 2)
-CALLS_PER_STEP = {"euler": 1, "ancestral": 1, "heun": 2}
 
 
 # ---------------------------------------------------------------------------
@@ -286,8 +284,10 @@ def forwards_per_token(model, config: DecodingConfig) -> int:
     twin (all its layers)."""
     if not is_denoiser(model):
         return 1
-    steps = model.partition.num_blocks * config.steps_per_block
-    return steps * CALLS_PER_STEP[config.sampler] + 1
+    partition = model.partition
+    plan = partition.sampling_plan(partition.num_blocks * config.steps_per_block,
+                                   sigma_start(partition, config))
+    return diffusion.network_evaluations(config.sampler, plan) + 1
 
 
 def decoding_config(request, job_config) -> DecodingConfig:
