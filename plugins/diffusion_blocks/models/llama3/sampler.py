@@ -310,14 +310,15 @@ DENOISER_ONLY_OPTIONS = ("sampler", "churn", "start_sigma", "steps_per_block")
 
 def continue_prompt(
     generate_fn, family: str, model, tokenizer, job_config, request,
-    refused: tuple[str, ...] = ("steps",),
+    refused: tuple[str, ...] = ("steps",), twin_uses: tuple[str, ...] = (),
 ) -> list[str]:
     """`ModelFamily.sample_text` of an autoregressive family: the prompt continued token
     by token with `generate_fn(model, prompt_BT, DecodingConfig, max_context)`, one
     text per sample, prompt included (greedy unless a temperature is given). `refused`:
-    the request's fields the family does not use."""
+    the request's fields the family does not use; `twin_uses`: the denoiser-only fields
+    its end-to-end twin reads all the same (the recurrent twin's r)."""
     if getattr(model, "partition", None) is None:  # the end-to-end twin: no denoiser
-        refused = (*refused, *DENOISER_ONLY_OPTIONS)
+        refused = (*refused, *(o for o in DENOISER_ONLY_OPTIONS if o not in twin_uses))
         family = f"{family} end to end ([diffusion_blocks] enable = false)"
     request.refuse_options(refused, family)
     prompt_ids = tokenizer.encode(request.prompt, add_bos=True, add_eos=False)

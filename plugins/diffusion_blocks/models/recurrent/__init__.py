@@ -66,7 +66,9 @@ FAMILY = ModelFamily(
     added_by_conversion=is_added_by_conversion,
     embedding_parameters=token_embedding_parameters, check_config=check_config,
     # its sampler recomputes the context for every token: no KV cache to turn off
-    sample_text=partial(continue_prompt, generate, NAME, refused=("steps", "kv_cache")),
+    # its twin iterates the core r = steps_per_block times too (tools/generate.py --recurrence)
+    sample_text=partial(continue_prompt, generate, NAME, refused=("steps", "kv_cache"),
+                        twin_uses=("steps_per_block",)),
     # one block over all of [sigma_min, sigma_max]: no partition or overlap to read
     # (check_config keeps num_blocks, layers_per_block and block_parallel at one block)
     reads=TRAINER_KEYS + ("num_blocks", "layers_per_block") + EDM_KEYS + BLOCK0_KEYS + LM_DENOISER_KEYS,
