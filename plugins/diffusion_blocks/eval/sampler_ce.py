@@ -142,6 +142,26 @@ def summary(log_probs_KN: torch.Tensor, config: DecodingConfig, twin_ce: float |
     )
 
 
+def chains_log_probs(
+    model, windows_BT: torch.Tensor, config: DecodingConfig, chains: int, seed: int,
+    chains_per_call: int, on_chains: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """log p(label) of every chain at every position: (chains, B, T - 1), the chains
+    run `chains_per_call` at a time from one generator seeded `seed`."""
+    check_inputs(model, windows_BT, chains, chains_per_call)
+    windows_BT = windows_BT.to(model.tok_embeddings.weight.device)
+    generator = torch.Generator().manual_seed(seed)
+    table_VD = model.clean_embedding_table()
+    groups, done = [], 0
+    while done < chains:
+        copies = min(chains_per_call, chains - done)
+        groups.append(chain_log_probs(model, windows_BT, config, generator, copies, table_VD))
+        done += copies
+        if on_chains is not None:
+            on_chains(done)
+    return torch.cat(groups)
+
+
 @torch.no_grad()
 def sampler_heldout_ce(
     model, windows_BT: torch.Tensor, config: DecodingConfig, chains: int, seed: int = 0,
@@ -155,18 +175,9 @@ def sampler_heldout_ce(
     `chains_per_call` chains run as one batch (memory); `on_chains(done)` is called
     after each batch. The chains draw from one generator seeded `seed`, so the result
     depends on chains_per_call as well as seed."""
-    check_inputs(model, windows_BT, chains, chains_per_call)
-    windows_BT = windows_BT.to(model.tok_embeddings.weight.device)
-    generator = torch.Generator().manual_seed(seed)
-    table_VD = model.clean_embedding_table()
-    groups, done = [], 0
-    while done < chains:
-        copies = min(chains_per_call, chains - done)
-        groups.append(chain_log_probs(model, windows_BT, config, generator, copies, table_VD))
-        done += copies
-        if on_chains is not None:
-            on_chains(done)
-    log_probs_KN = torch.cat(groups).flatten(1)
+    log_probs_KN = chains_log_probs(
+        model, windows_BT, config, chains, seed, chains_per_call, on_chains
+    ).flatten(1)
     twin_ce = None if twin is None else next_token_ce(twin, *context_and_labels(windows_BT))
     return summary(log_probs_KN, config, twin_ce)
 
@@ -181,15 +192,7 @@ def sampler_judge_ce(
     `sampler_heldout_ce`, read at the continuation's positions only): the shape of
     `text.judge_ce` with a DiffusionBlocks model's sampling distribution as the judge."""
     windows_BT = torch.cat([prompts_BP, continuations_BC], dim=1)
-    check_inputs(model, windows_BT, chains, chains_per_call)
-    windows_BT = windows_BT.to(model.tok_embeddings.weight.device)
-    generator = torch.Generator().manual_seed(seed)
-    table_VD = model.clean_embedding_table()
-    groups, done = [], 0
-    while done < chains:
-        copies = min(chains_per_call, chains - done)
-        groups.append(chain_log_probs(model, windows_BT, config, generator, copies, table_VD))
-        done += copies
+    log_probs_KBL = chains_log_probs(model, windows_BT, config, chains, seed, chains_per_call)
     # label j of a window is token j + 1: the continuation's tokens are labels P - 1 ...
-    log_probs_KN = torch.cat(groups)[:, :, prompts_BP.shape[1] - 1:].flatten(1)
+    log_probs_KN = log_probs_KBL[:, :, prompts_BP.shape[1] - 1:].flatten(1)
     return float(-mixture_log_probs(log_probs_KN, chains).mean())
