@@ -269,7 +269,7 @@ def test_dblocks_args_reach_only_the_diffusion_blocks_runs_and_train_missing_ski
     (tmp_path / e2e.dump / "checkpoint" / f"step-{e2e.steps}").mkdir(parents=True)
     (tmp_path / e2e.dump / "checkpoint" / f"step-{e2e.steps}" / ".metadata").write_text("")
     trained = []
-    monkeypatch.setattr(tool, "train", lambda name, *a: trained.append(name))
+    monkeypatch.setattr(tool, "train", lambda name, *a, **k: trained.append(name))
     monkeypatch.setattr(tool, "load", lambda overrides: (_ for _ in ()).throw(SystemExit("stop")))
     with pytest.raises(SystemExit, match="stop"):
         tool.main(["--data", str(corpus), "--out", str(tmp_path), "--train-missing"])
@@ -302,9 +302,9 @@ def test_train_missing_resumes_an_unfinished_run_from_its_last_checkpoint(tmp_pa
             (final / ".metadata").write_text("")
     real_train, trained = tool.train, []
 
-    def train(name, *a):
+    def train(name, *a, **k):
         trained.append(name)
-        return real_train(name, *a)
+        return real_train(name, *a, **k)
 
     monkeypatch.setattr(tool, "train", train)
     monkeypatch.setattr(tool, "load", lambda overrides: (_ for _ in ()).throw(SystemExit("stop")))
@@ -326,27 +326,63 @@ def test_the_budget_runs_plan_every_row_of_issue_21_item_4(tmp_path):
     args, overrides = tool.parse_args([
         "--data", str(corpus), "--out", str(tmp_path),
         "--job.config_file", str(REPO / "train_configs" / "llama3_shakespeare.toml"),
-        "--steps", "1000", "--warmup", "100", "--num-blocks", "4", "--checkpoint-interval", "50",
+        "--steps", "600", "--warmup", "60", "--num-blocks", "4", "--checkpoint-interval", "50",
         "--equal-memory-row", "--equal-compute-row", "--init-from-e2e", "--budgets", "0.25,0.5,1",
-        "--model.flavor", "debugmodel_8l",
     ])
     runs = tool.planned_runs(args, overrides, tmp_path / "train.txt")
-    (tmp_path / "e2e" / "checkpoint" / "step-1000").mkdir(parents=True)  # --init-from-e2e's
+    (tmp_path / "e2e" / "checkpoint" / "step-600").mkdir(parents=True)  # --init-from-e2e's
     steps = {name: run.steps for name, run in runs.items()}
     assert steps == {
-        "end-to-end": 1000, "judge": 2000, "DiffusionBlocks B=4": 4000,
-        "judge, DiffusionBlocks": 8000, "end-to-end, debugmodel_2l (equal memory)": 1000,
-        "end-to-end, 2000 steps (equal compute)": 2000,
-        "DiffusionBlocks B=4, from the end-to-end weights": 4000,
+        "end-to-end": 600, "judge": 1200, "DiffusionBlocks B=4": 2400,
+        "judge, DiffusionBlocks": 4800, "end-to-end, small_2l (equal memory)": 600,
+        "end-to-end, 1200 steps (equal compute, the judge's run)": 1200,
+        "DiffusionBlocks B=4, from the end-to-end weights": 2400,
     }
     for name, run in runs.items():
         job_config = tool.parse_job_config(run.overrides)
-        assert job_config.training.seq_len == 256 and job_config.checkpoint.keep_latest_k == 0
+        assert job_config.training.seq_len == 128 and job_config.checkpoint.keep_latest_k == 0
         interval = job_config.checkpoint.interval
         assert interval <= 50 and all(s % interval == 0 for s in tool.budget_steps(run.steps, args.budgets))
         layers = 2 if "equal memory" in name else 8
-        assert job_config.model.flavor == f"debugmodel_{layers}l", name
+        assert job_config.model.flavor == f"small_{layers}l", name
         assert job_config.diffusion_blocks.enable == name.startswith(("DiffusionBlocks", "judge, D")), name
         model_args = copy.deepcopy(dblocks_llama3_flavors()[job_config.model.flavor])
         model_args.update_from_config(job_config)  # the partition fits the layers
         assert model_args.n_layers == layers
+    # the equal-compute row is the judge's run, trained once
+    assert runs["end-to-end, 1200 steps (equal compute, the judge's run)"] is runs["judge"]
+
+
+def test_parallel_runs_train_each_run_once_and_the_run_from_e2e_waits_for_it(tmp_path, monkeypatch):
+    """--parallel-runs 2: every planned run is trained once (the equal-compute row is
+    the judge's run), at most two at a time, and the DiffusionBlocks run that starts
+    from the end-to-end weights starts only after the end-to-end run has finished."""
+    import threading
+    import time
+
+    tool = load_tool()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(synthetic_sentences(50)) + "\n")
+    argv = ["--data", str(corpus), "--out", str(tmp_path), "--parallel-runs", "2",
+            "--init-from-e2e", "--equal-compute-row", "--no-dblocks-judge"]
+    events, running, lock = [], [], threading.Lock()
+
+    def fake_train(name, overrides, steps, log, position=0):
+        with lock:
+            events.append(("start", name))
+            running.append(name)
+            assert len(running) <= 2
+        time.sleep(0.2 if name == "end-to-end" else 0.05)
+        with lock:
+            running.remove(name)
+            events.append(("end", name))
+
+    monkeypatch.setattr(tool, "train", fake_train)
+    monkeypatch.setattr(tool, "load", lambda overrides: (_ for _ in ()).throw(SystemExit("stop")))
+    with pytest.raises(SystemExit, match="stop"):
+        tool.main(argv)
+    started = [name for kind, name in events if kind == "start"]
+    assert sorted(started) == sorted(["end-to-end", "judge", "DiffusionBlocks B=4",
+                                      "DiffusionBlocks B=4, from the end-to-end weights"])
+    assert events.index(("end", "end-to-end")) < events.index(
+        ("start", "DiffusionBlocks B=4, from the end-to-end weights"))

@@ -50,7 +50,7 @@ def common_overrides(
     ]
 
 
-def train(name: str, overrides: list[str], steps: int, log: Path) -> float:
+def train(name: str, overrides: list[str], steps: int, log: Path, position: int = 0) -> float:
     """One training run under torchrun, its output appended to `log` (a resumed run
     keeps the first part's), a progress bar on its steps; returns the seconds it took."""
     start = time.monotonic()
@@ -58,7 +58,8 @@ def train(name: str, overrides: list[str], steps: int, log: Path) -> float:
            "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
            "-m", "diffusion_blocks.train", *overrides]
     print(f"$ {' '.join(cmd)}\n  (output: {log})", flush=True)
-    with open(log, "a") as log_file, tqdm(total=steps, desc=f"train {name}", unit="step") as bar:
+    with open(log, "a") as log_file, tqdm(total=steps, desc=f"train {name}", unit="step",
+                                         position=position) as bar:
         process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
         for line in process.stdout:

@@ -8,7 +8,7 @@
         [--chains 64] [--chains-per-call 4] [--ce-windows 8] [--judge-chains 4]
         [--no-dblocks-judge] [--equal-memory-row] [--equal-compute-row]
         [--budgets 0.25,0.5,1] [--checkpoint-interval N]
-        [--out outputs/lm_report] [--skip-training | --train-missing]
+        [--out outputs/lm_report] [--skip-training | --train-missing] [--parallel-runs N]
         [--dblocks-args="--diffusion_blocks.key value ..."] [--report FILE] [--section.key value ...]
 
 1. splits the file: the last 10% (at a line break) is held out;
@@ -20,8 +20,10 @@
    initial_load_path`; the modules the conversion adds start fresh); a DiffusionBlocks
    JUDGE, DiffusionBlocks with the judge's seed for 2 x B x --steps (unless
    --no-dblocks-judge); with --equal-memory-row an end-to-end run with L/B layers (the
-   <flavor>_<L/B>l flavor) and with --equal-compute-row one for 2 x --steps (the
-   DiffusionBlocks run's layer-token FLOPs: `equal_compute_steps`). Every run saves a
+   <flavor>_<L/B>l flavor) and with --equal-compute-row the row of an end-to-end model
+   at 2 x --steps (the DiffusionBlocks run's layer-token FLOPs: `equal_compute_steps`),
+   which is the judge's run (trained once; its samples are not drawn, since it judges
+   them). --parallel-runs N trains N runs at once (one core each). Every run saves a
    checkpoint every --checkpoint-interval steps and at each --budgets step, all kept,
    and --train-missing trains again every run whose final checkpoint is missing:
    torchtitan resumes it from its last checkpoint. Further `--section.key value`
@@ -89,6 +91,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 from tqdm import tqdm
@@ -176,6 +179,8 @@ def parse_args(argv):
                              "run; default: the end only, and the --budgets steps)")
     parser.add_argument("--out", default=str(REPO / "outputs" / "lm_report"))
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--parallel-runs", type=number_arg(int, AT_LEAST_1), default=1,
+                        help="train up to N runs at once (one thread each; N = the cores)")
     parser.add_argument("--train-missing", action="store_true",
                         help="train only the runs whose final checkpoint is not in --out "
                              "(e.g. the end-to-end and judge folders linked from a baseline)")
@@ -238,6 +243,10 @@ def equal_compute_steps(steps: int) -> int:
     return 2 * steps
 
 
+def equal_compute_name(steps: int) -> str:
+    return f"end-to-end, {equal_compute_steps(steps)} steps (equal compute, the judge's run)"
+
+
 def planned_runs(args, run_overrides, train_path: Path) -> dict[str, Run]:
     out, config = Path(args.out), Path(args.config_file)
     blocks = args.num_blocks
@@ -269,9 +278,11 @@ def planned_runs(args, run_overrides, train_path: Path) -> dict[str, Run]:
             # one block: L/B layers need not split into the config's B blocks
             overrides=[*base.overrides, "--model.flavor", flavor, "--diffusion_blocks.num_blocks", "1"])
     if args.equal_compute_row:
-        steps = equal_compute_steps(args.steps)
-        runs[f"end-to-end, {steps} steps (equal compute)"] = run(
-            "e2e_equal_compute", steps, steps * args.warmup // args.steps, e2e)
+        # the judge's run is end to end at 2 x --steps (equal_compute_steps) with another
+        # seed: it is the equal-compute model too, trained once (never sampled: a judge
+        # scoring its own samples would share their errors)
+        assert equal_compute_steps(args.steps) == runs["judge"].steps
+        runs[equal_compute_name(args.steps)] = runs["judge"]
     if args.init_from_e2e:
         e2e_weights = out / "e2e" / checkpoint_folder(runs["end-to-end"].overrides) / f"step-{args.steps}"
         runs[f"{dblocks}, from the end-to-end weights"] = run(
@@ -280,6 +291,37 @@ def planned_runs(args, run_overrides, train_path: Path) -> dict[str, Run]:
             "--checkpoint.initial_load_path", str(e2e_weights), *lever,
         )
     return runs
+
+
+def train_runs(args, runs: dict[str, Run], out: Path) -> None:
+    """Trains every run (each once: the equal-compute row shares the judge's), up to
+    --parallel-runs at a time; the run started from the end-to-end weights waits for
+    the end-to-end run. With --train-missing a run whose final checkpoint is there is
+    skipped and an interrupted one resumes from its last checkpoint."""
+    todo: dict[str, Run] = {}
+    # every run has the config's [checkpoint] folder; read from the end-to-end run's
+    # arguments, since the run from its weights cannot be parsed before they exist
+    folder = checkpoint_folder(runs["end-to-end"].overrides)
+    for name, run in runs.items():
+        final = out / run.dump / folder / f"step-{run.steps}"
+        if args.train_missing and (final / ".metadata").is_file():
+            print(f"{name}: {final} is there, not trained again", flush=True)
+        elif run.dump not in {r.dump for r in todo.values()}:
+            todo[name] = run
+    futures: dict[str, Future] = {}
+
+    def train_after(name: str, run: Run, first: Future | None) -> None:
+        if first is not None:
+            first.result()  # raises if the run it starts from failed
+        train(name, run.overrides, run.steps, out / f"log_{run.dump}.txt", position=len(futures))
+
+    # submitted in order: the end-to-end run starts before the one that waits for it
+    with ThreadPoolExecutor(args.parallel_runs) as pool:
+        for name, run in todo.items():
+            first = futures.get("end-to-end") if run.dump == "dblocks_from_e2e" else None
+            futures[name] = pool.submit(train_after, name, run, first)
+        for future in futures.values():
+            future.result()
 
 
 def checkpoint_folder(overrides: list[str]) -> str:
@@ -458,12 +500,7 @@ def main(argv):
     if args.prompt_len + args.new_tokens > seq_len:
         raise ConfigError(f"--prompt-len + --new-tokens must be <= [training] seq_len {seq_len}")
     if not args.skip_training:
-        for name, run in runs.items():
-            final = out / run.dump / checkpoint_folder(run.overrides) / f"step-{run.steps}"
-            if args.train_missing and (final / ".metadata").is_file():
-                print(f"{name}: {final} is there, not trained again", flush=True)
-                continue
-            train(name, run.overrides, run.steps, out / f"log_{run.dump}.txt")
+        train_runs(args, runs, out)
 
     models, tokenizer = {}, None
     for name, run in runs.items():
@@ -501,7 +538,8 @@ def main(argv):
         "held-out text": judged(prompts, truth),
         "held-out text, other prompts": judged(other_prompts, other_truth),
     }
-    rows = sample_rows(args, models)
+    rows = {row: (name, decoding) for row, (name, decoding) in sample_rows(args, models).items()
+            if runs[name] is not runs["judge"]}  # the equal-compute row is the judge's run
     work = sum(args.new_tokens * forwards_per_token(models[m], d) for m, d in rows.values())
     with tqdm(total=work, desc="sampling", unit="forward") as bar:
         for row, (name, decoding) in rows.items():

@@ -53,6 +53,12 @@ def dblocks_llama3_flavors() -> dict[str, DiffusionBlocksLlamaArgs]:
         flavors[f"debugmodel_{layers}l"] = _as_dblocks_args(
             llama3_args["debugmodel"], n_layers=layers, n_heads=8
         )
+    # dim 128, 4 heads: the LM budget runs (train_configs/llama3_shakespeare.toml), ~4x
+    # cheaper a byte than the debug model so the report's rows fit a session on 2 cores
+    for layers in (2, 8):
+        flavors[f"small_{layers}l"] = _as_dblocks_args(
+            llama3_args["debugmodel"], dim=128, n_layers=layers, n_heads=4, multiple_of=128
+        )
     flavors["debugmodel_8l_flex_attn"] = _as_dblocks_args(
         llama3_args["debugmodel_flex_attn"], n_layers=8, n_heads=8
     )
