@@ -142,6 +142,17 @@ def test_torchtitan_datasets_keep_their_dataset_path(elsewhere):
     assert job_config.training.dataset_path == "tests/assets/c4_test"
 
 
+def test_stock_config_without_its_c4_test_folder_names_the_folder(elsewhere):
+    """The shipped stock job run outside a torchtitan checkout: one line naming the
+    dataset, the folder it looked in and the ways out, not torchtitan's traceback."""
+    stock = REPO / "train_configs" / "llama3_torchtitan_debug_dblocks.toml"
+    message = one_line_error(stock, "--data.tokenizer", "byte", reads_data=True)
+    assert "[training] dataset = 'c4_test'" in message
+    assert str(elsewhere / "tests" / "assets" / "c4_test") in message and "does not exist" in message
+    (elsewhere / "tests" / "assets" / "c4_test").mkdir(parents=True)  # in a checkout: fine
+    parse(stock, "--data.tokenizer", "byte", reads_data=True)
+
+
 # ---------------------------------------------------------------------------
 # Text files
 
@@ -197,3 +208,23 @@ def test_good_json_records_pass(tmp_path):
     path = tmp_path / "c.json"
     path.write_text('[{"text": "one"}, {"text": "two"}]')
     check_json_records(str(path))
+
+
+def test_a_user_mistake_under_torchrun_leaves_no_recorded_traceback(tmp_path, monkeypatch, capsys):
+    """torchelastic's @record (on torchtitan's Trainer.__init__) writes the traceback of a
+    ConfigError raised inside it to TORCHELASTIC_ERROR_FILE, and torchrun prints that file:
+    the entry point removes it, so the one line is all the user reads."""
+    from diffusion_blocks.errors import exit_on_config_error
+
+    recorded = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(recorded))
+
+    @exit_on_config_error
+    def main():
+        recorded.write_text('{"message": "Traceback ..."}')  # what @record leaves
+        raise ConfigError("[training] steps: must be >= 1")
+
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 2 and not recorded.exists()
+    assert capsys.readouterr().err == "error: [training] steps: must be >= 1\n"

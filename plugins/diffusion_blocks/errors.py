@@ -3,6 +3,7 @@ nothing of ours), so low-level modules raise ConfigError without importing the l
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -36,6 +37,16 @@ def origin_of(job_config, section: str, key: str) -> str:
 EXIT_CODES = {ConfigError: 2, FloatingPointError: 1}
 
 
+def _forget_recorded_traceback() -> None:
+    """torchtitan's Trainer.__init__ is wrapped in torchelastic's @record, which writes
+    the traceback of any exception raised inside it to the file torchrun names in
+    TORCHELASTIC_ERROR_FILE, and torchrun prints that file in its failure summary: for a
+    user's mistake the one line above is the whole story."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path and os.path.isfile(path):
+        os.remove(path)
+
+
 def exit_on_config_error(fn):
     """Decorator for entry points: a ConfigError (exit code 2) or a run stopped on a
     non-finite value (FloatingPointError, exit code 1) ends in its one-line message."""
@@ -45,6 +56,7 @@ def exit_on_config_error(fn):
             return fn(*a, **kw)
         except tuple(EXIT_CODES) as e:
             print(f"error: {e}", file=sys.stderr)
+            _forget_recorded_traceback()
             code = next(c for kind, c in EXIT_CODES.items() if isinstance(e, kind))
             raise SystemExit(code) from None
 

@@ -258,6 +258,11 @@ def dataset_problems(section) -> list[tuple[str, str]]:
     return []
 
 
+# torchtitan's datasets read from a folder under the working directory (a torchtitan
+# checkout) when dataset_path is not set: what the folder holds
+TORCHTITAN_LOCAL_DATASETS = {"c4_test": "torchtitan's c4 test shard (tests/assets/c4_test of a torchtitan checkout)"}
+
+
 def dataset_path_problems(job_config) -> list[tuple[str, str, str]]:
     """The local dataset files a run reads must exist (the loader has resolved the
     paths against the config files that set them)."""
@@ -268,6 +273,15 @@ def dataset_path_problems(job_config) -> list[tuple[str, str, str]]:
         if name == "validation" and not section.enable:
             continue
         path = section.dataset_path
+        if section.dataset in TORCHTITAN_LOCAL_DATASETS and section.dataset in DATASETS:
+            folder = path or DATASETS[section.dataset].path
+            if not os.path.exists(folder):
+                problems.append((name, "dataset", (
+                    f"= {section.dataset!r} reads {TORCHTITAN_LOCAL_DATASETS[section.dataset]} "
+                    f"from {os.path.abspath(folder)}, which does not exist: run from a "
+                    "torchtitan checkout, set dataset_path to that folder, or train on a "
+                    "local file (dataset = 'text_file')"
+                )))
         if section.dataset in local and path and not os.path.exists(path):
             problems.append((name, "dataset_path", (
                 f"{path} does not exist (dataset = {section.dataset!r} reads "
