@@ -122,7 +122,8 @@ def test_npz_mistakes_are_explained(tmp_path, arrays, fragment):
 
 @pytest.mark.parametrize("content,fragment", [
     (b"PK\x03\x04 not really a zip", "is not a readable .npz archive"),
-    (b"", "is not a readable .npz archive"),
+    (b"", r"is empty \(0 bytes\)"),
+    (b"hello, text\n", r"is not a .npz archive .* starts with b'hell'"),
 ])
 def test_npz_that_is_not_an_archive_is_named(tmp_path, content, fragment):
     path = tmp_path / "broken.npz"

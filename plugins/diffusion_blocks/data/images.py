@@ -238,6 +238,7 @@ def _npz_labels(labels: np.ndarray, key: str, file: Path) -> np.ndarray:
 
 def load_npz(path: str | None, shape: ImageShape) -> LoadedImages:
     file = _existing_path(path, "npz")
+    _check_zip_archive(file)
     try:
         archive = np.load(file)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
@@ -256,6 +257,22 @@ def load_npz(path: str | None, shape: ImageShape) -> LoadedImages:
         if {"test_images", "test_labels"} <= set(archive.files):
             test = _npz_split(archive, "test_images", "test_labels", file)
     return LoadedImages(train, test)
+
+
+def _check_zip_archive(file: Path) -> None:
+    """An empty file or one that is not a zip (numpy.savez's format) named as such, before
+    numpy's messages about pickles or missing data mislead."""
+    if file.is_dir():
+        raise ValueError(f"{file} is a folder, not a .npz file (dataset = 'image_folder' reads folders)")
+    with open(file, "rb") as handle:
+        head = handle.read(4)
+    if not head:
+        raise ValueError(f"{file} is empty (0 bytes), not a .npz archive")
+    if head not in (b"PK\x03\x04", b"PK\x05\x06"):
+        raise ValueError(
+            f"{file} is not a .npz archive (a zip of arrays, as numpy.savez writes): it "
+            f"starts with {head!r}"
+        )
 
 
 def _existing_path(path: str | None, dataset: str) -> Path:
