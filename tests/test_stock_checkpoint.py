@@ -325,15 +325,20 @@ def test_initial_load_of_a_denoiser_into_the_end_to_end_twin_is_refused(tmp_path
     assert "weights this model lacks" in message and "adaln" in message
 
 
-def identity(enable: bool, overlap: float = 0.1) -> dict:
-    return {"diffusion_blocks.enable": enable, "model.name": "llama3",
-            "model.flavor": "debugmodel", "diffusion_blocks.overlap": overlap}
+def identity(enable: bool, overlap: float = 0.1, family: str | None = "dblocks_llama3") -> dict:
+    saved = {"diffusion_blocks.enable": enable, "model.name": "llama3",
+             "model.flavor": "debugmodel", "diffusion_blocks.overlap": overlap}
+    return saved | ({"model.family": family} if family else {})
 
 
 @pytest.mark.parametrize("saved, ours, loads", [
     (identity(False), identity(True), True),        # end to end -> denoiser: the stock path
     (identity(True), identity(False), False),       # a denoiser into the twin
     (identity(True, 0.2), identity(True), False),   # another partition: same shapes
+    # another family with the same weights' names and shapes, end to end or not
+    (identity(False, family="dblocks_md4"), identity(True), False),
+    (identity(True, family="dblocks_md4"), identity(True), False),
+    (identity(True, family=None), identity(True), True),  # saved before the family was
 ])
 def test_initial_load_checks_the_saved_identity(tmp_path, saved, ours, loads):
     from diffusion_blocks.components.run_identity import write_identity

@@ -51,7 +51,7 @@ from torchtitan.tools.logging import logger
 from ..errors import CheckpointError, ConfigError
 from .dist_utils import to_local
 from .run_identity import (
-    check_identity, IDENTITY_FILE, identity_mismatches, read_identity, write_identity,
+    check_identity, FAMILY_KEY, IDENTITY_FILE, identity_mismatches, read_identity, write_identity,
 )
 
 STEP_FOLDER = re.compile(r"step-(\d+)")
@@ -387,7 +387,17 @@ class BlockwiseCheckpointManager(CheckpointManager):
         if not (path and self.run_identity) or self.initial_load_in_hf:
             return
         saved = read_identity(path)
-        if not (saved and saved.get("diffusion_blocks.enable")):
+        if not saved:
+            return
+        # another family (an MD4 model into the LM, ...), whatever its weights' names
+        theirs, ours_family = saved.get(FAMILY_KEY), self.run_identity.get(FAMILY_KEY)
+        if theirs and ours_family and theirs != ours_family:
+            raise ConfigError(
+                f"[checkpoint] initial_load_path {path} was trained as another model: a "
+                f"{theirs} model ([model] name = {saved.get('model.name')!r}), and this run "
+                f"trains {ours_family}. Start from a checkpoint of this model family"
+            )
+        if not saved.get("diffusion_blocks.enable"):
             return
         ours = {k: v for k, v in self.run_identity.items() if k.startswith("diffusion_blocks.")}
         mismatches = identity_mismatches(saved, ours)

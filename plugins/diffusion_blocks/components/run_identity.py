@@ -1,6 +1,7 @@
 """What a checkpoint was trained as, saved with it and checked wherever it is loaded.
 
-The identity of a run is its model (`[model] name`, `flavor`), whether DiffusionBlocks
+The identity of a run is its model (`[model] name`, `flavor`, and the family that name
+trains as: a stock llama3 with the converter trains as dblocks_llama3), whether DiffusionBlocks
 is on (`[diffusion_blocks] enable`) and the `[diffusion_blocks]` keys its family
 declares as shaping the trained function (`ModelFamily.identity_keys`: e.g. the block
 partition, with `layers_per_block` resolved, and the EDM noise settings; MD4's masking
@@ -32,6 +33,7 @@ from ..config.sections import DiffusionBlocks
 from ..errors import ConfigError
 
 IDENTITY_FILE = "diffusion_blocks_run.json"
+FAMILY_KEY = "model.family"
 
 
 def run_identity(job_config, partition, family) -> dict[str, Any]:
@@ -43,6 +45,7 @@ def run_identity(job_config, partition, family) -> dict[str, Any]:
         "diffusion_blocks.enable": bool(section.enable),
         "model.name": job_config.model.name,
         "model.flavor": job_config.model.flavor,
+        "model.family": family.name,
     }
     keys = family.identity_keys
     if section.enable:
@@ -86,12 +89,15 @@ def _config_key(key: str) -> str:
 
 def saved_value(saved: dict[str, Any], key: str) -> Any:
     """The saved value of `key`; a `[diffusion_blocks]` key the file lacks (saved before
-    it joined the identity) reads as its default."""
+    it joined the identity) reads as its default, `model.family` (added later, and
+    implied by the name and flavor it was saved with) as not to be compared (None)."""
     if key in saved:
         return saved[key]
     section, name = key.split(".", 1)
     if section == "diffusion_blocks" and hasattr(DiffusionBlocks, name):
         return getattr(DiffusionBlocks(), name)
+    if key == FAMILY_KEY:
+        return None
     return "(not set)"
 
 
@@ -106,6 +112,7 @@ def identity_mismatches(saved: dict[str, Any], ours: dict[str, Any]) -> list[str
         f"{ours[key]!r} here"
         for key in keys
         if saved_value(saved, key) != ours[key]
+        and not (key == FAMILY_KEY and saved_value(saved, key) is None)
     ]
 
 
