@@ -263,6 +263,9 @@ def test_bench_generate_prints_one_row_per_context_length():
         assert {"context_length", "dblocks_tokens_per_s", "e2e_tokens_per_s", "ratio"} <= set(row)
         assert row["dblocks_tokens_per_s"] > 0 and row["e2e_tokens_per_s"] > 0 and row["ratio"] > 0
         assert row["kv_cache"] and row["num_blocks"] == 2
+    # each prompt length says when it starts (a long CPU prefill must not look hung)
+    assert [line.split(":")[0] for line in result.stderr.splitlines()
+            if line.startswith("context ")] == ["context 4", "context 9"]
 
 
 def test_bench_generate_refuses_a_context_that_does_not_fit_in_one_line(capsys):
@@ -277,3 +280,26 @@ def test_bench_generate_refuses_a_context_that_does_not_fit_in_one_line(capsys):
         "error: --context-lengths 60: 60 + --new-tokens 8 tokens exceed the model's "
         "max_seq_len 64 ([training] seq_len); shorten them or raise --training.seq_len"
     )
+
+
+def test_bench_generate_refuses_a_context_beyond_what_a_checkpoint_was_trained_for(tmp_path, monkeypatch, capsys):
+    """With --checkpoint the model's max_seq_len is the config's [training] seq_len (128
+    for the debug config): --context-lengths 100000 ends in one line before any forward,
+    instead of a silent 100k-token prefill."""
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("bench_generate", REPO / "tools" / "bench" / "generate.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    loaded = []
+
+    def load_model(job_config, checkpoint, device):
+        loaded.append(job_config.training.seq_len)
+        return SimpleNamespace(model_args=SimpleNamespace(max_seq_len=job_config.training.seq_len)), None
+
+    monkeypatch.setattr(tool, "load_model", load_model)
+    with pytest.raises(SystemExit) as stopped:
+        tool.main(["--context-lengths", "100000", "--checkpoint", str(tmp_path)])
+    assert stopped.value.code == 2 and loaded == [128]
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: --context-lengths 100000: 100000 + --new-tokens 32 tokens exceed the model's max_seq_len 128")

@@ -11,8 +11,10 @@ Builds the config's block-wise LM (`[model] flavor`, `[diffusion_blocks] num_blo
 same config with `[diffusion_blocks] enable = false`), with random weights unless
 --checkpoint (block-wise) / --e2e-checkpoint (twin) are given: the speed does not
 depend on the weights. `[training] seq_len` (the models' max_seq_len, RoPE's range) is
-set to the longest prompt plus --new-tokens unless given on the command line; a
-prompt whose decoding would not fit is refused. For each prompt length, a random
+the config's for a --checkpoint (what it was trained for), and for random weights set to
+the longest prompt plus --new-tokens; given on the command line it wins either way. A
+prompt whose decoding would not fit is refused before anything runs, and each prompt
+length says on stderr when it starts (a long prefill on a CPU takes a while). For each prompt length, a random
 prompt of that many tokens (--batch-size rows), then --new-tokens tokens with
 `sampler.generate` (greedy final pick; the block-wise model runs --steps-per-block steps
 per block with --sampler), the best of --repeats runs of each (the models take turns).
@@ -91,7 +93,7 @@ def given(config_args: list[str], flag: str) -> bool:
 
 def build_models(args, config_args: list[str]):
     """(block-wise model, end-to-end twin), in eval mode on args.device."""
-    if not given(config_args, "--training.seq_len"):
+    if not given(config_args, "--training.seq_len") and args.checkpoint is None:
         seq_len = max(args.context_lengths) + args.new_tokens
         config_args = config_args + ["--training.seq_len", str(seq_len)]
     device = torch.device(args.device)
@@ -155,6 +157,8 @@ def bench(args, dblocks, e2e) -> list[dict]:
     warmup = dataclasses.replace(config, max_new_tokens=2)
     rows = []
     for length in args.context_lengths:
+        print(f"context {length}: {args.repeats} run(s) of {args.new_tokens} new tokens "
+              "per model...", file=sys.stderr, flush=True)
         prompt_BT = torch.randint(0, vocab, (args.batch_size, length), generator=generator).to(device)
         models = {"dblocks": dblocks, "e2e": e2e}
         for model in models.values():
