@@ -31,7 +31,7 @@ from torchtitan.protocols.model_converter import build_model_converters
 from torchtitan.tools import utils as titan_utils
 from torchtitan.tools.logging import logger
 
-from .components.checkpoint import _listing, newest_usable_step_folder
+from .components.checkpoint import rejected_listing, newest_usable_step_folder
 from .components.run_identity import check_identity, run_identity
 from .errors import ConfigError
 from .registry import resolve_run_spec
@@ -48,13 +48,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise ConfigError(f"--checkpoint {path}: no such folder")
     folder, rejected = newest_usable_step_folder(path)
     if folder is None:
-        reasons = f" (none usable: {_listing(rejected)})" if rejected else ""
+        reasons = f" (none usable: {rejected_listing(rejected)})" if rejected else ""
         raise ConfigError(
             f"--checkpoint {path}: no DCP checkpoint there (expected a step-N folder "
             f"with a .metadata file, or a folder containing step-N folders){reasons}"
         )
     if rejected:
-        logger.warning(f"Using {folder}, the newest usable checkpoint (skipped: {_listing(rejected)})")
+        logger.warning(f"Using {folder}, the newest usable checkpoint (skipped: {rejected_listing(rejected)})")
     return folder
 
 

@@ -338,7 +338,7 @@ class BlockwiseCheckpointManager(CheckpointManager):
                 if rejected:
                     logger.warning(
                         f"Resumed from {folder}, the newest usable checkpoint (skipped: "
-                        f"{_listing(rejected)})"
+                        f"{rejected_listing(rejected)})"
                     )
                 if self.on_restart is not None:
                     self.on_restart(candidate, folder)
@@ -352,7 +352,7 @@ class BlockwiseCheckpointManager(CheckpointManager):
             )
         if self.allow_fresh_start and not load_failed:
             logger.warning(
-                f"No usable checkpoint in {self.folder} ({_listing(rejected)}); starting "
+                f"No usable checkpoint in {self.folder} ({rejected_listing(rejected)}); starting "
                 "at step 1 because [checkpoint] allow_fresh_start = true"
             )
             if self.on_restart is not None:
@@ -372,7 +372,7 @@ class BlockwiseCheckpointManager(CheckpointManager):
             )
         raise CheckpointError(
             f"{self.folder} holds checkpoints but none can be resumed from "
-            f"({_listing(rejected)}); not starting over from step 1: {remedy}"
+            f"({rejected_listing(rejected)}); not starting over from step 1: {remedy}"
         )
 
     def _check_initial_load(self) -> None:
@@ -613,7 +613,7 @@ def _dcp_metadata(checkpoint_id: str) -> dict[str, Any]:
         ) from error
 
 
-def _listing(rejected: list[tuple[str, str]]) -> str:
+def rejected_listing(rejected: list[tuple[str, str]]) -> str:
     return "; ".join(f"{Path(folder).name}: {problem}" for folder, problem in rejected)
 
 
