@@ -75,3 +75,24 @@ def test_a_dump_folder_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "out").write_text("not a folder")
     with pytest.raises(ConfigError, match=r"dump_folder .*out is a file, not a folder$"):
         DumpFolderLock.take(config_for(tmp_path / "out"), rank=0)
+
+
+def test_a_dump_folder_under_a_file_cannot_be_created_in_one_line(tmp_path):
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"dump_folder .*out/run cannot be created: Not a directory$"):
+        DumpFolderLock.take(config_for(tmp_path / "out" / "run"), rank=0)
+
+
+def test_a_read_only_dump_folder_is_one_line(tmp_path, monkeypatch):
+    """A folder the run cannot write (chmod 555 for a user; the suite may run as root,
+    for whom every folder is writable, so os.access answers as it would for a user)."""
+    import diffusion_blocks.components.dump_lock as dump_lock
+
+    real_access = dump_lock.os.access
+    read_only = tmp_path / "out"
+    read_only.mkdir()
+    monkeypatch.setattr(dump_lock.os, "access",
+                        lambda path, mode: False if str(path) == str(read_only) else real_access(path, mode))
+    with pytest.raises(ConfigError, match=r"dump_folder .*out is not writable \(read-only\?\)$"):
+        DumpFolderLock.take(config_for(read_only), rank=0)
+    assert not (read_only / LOCK_FILE).exists()
