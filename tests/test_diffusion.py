@@ -205,3 +205,59 @@ def test_sampling_plan_runs_blocks_in_order_owning_their_sigma(num_blocks, num_s
     if num_steps % num_blocks == 0:
         per_block = [sum(s.block == b for s in plan) for b in range(num_blocks)]
         assert per_block == [num_steps // num_blocks] * num_blocks
+
+
+# ---------------------------------------------------------------------------
+# partition = "explicit" and the information-balanced cut
+
+
+def test_explicit_partition_cuts_at_the_given_sigmas():
+    from diffusion_blocks.diffusion.partition import EXPLICIT
+
+    section = DiffusionBlocks(num_blocks=4, partition=EXPLICIT, sigma_boundaries=[0.05, 0.5, 5.0])
+    partition = BlockPartition.from_config(section, n_layers=8)
+    assert partition.boundaries == (0.002, 0.05, 0.5, 5.0, 80.0)
+    assert [partition.interval(b) for b in range(4)][0] == (5.0, 80.0)  # block 0 owns the top
+
+
+@pytest.mark.parametrize("inner, fragment", [
+    ([0.5, 5.0], "has 2 values; partition = 'explicit' with num_blocks = 4 needs 3"),
+    ([5.0, 0.5, 0.05], "must be strictly ascending"),
+    ([0.05, 0.5, 90.0], "must be strictly ascending inside (sigma_min, sigma_max) = (0.002, 80)"),
+])
+def test_explicit_partition_refuses_boundaries_that_do_not_cut_the_range(inner, fragment):
+    section = DiffusionBlocks(num_blocks=4, partition="explicit", sigma_boundaries=inner)
+    with pytest.raises(ValueError) as info:
+        BlockPartition.from_config(section, n_layers=8)
+    assert fragment in str(info.value)
+
+
+def test_sigma_boundaries_act_only_with_the_explicit_partition():
+    from diffusion_blocks.config.checks import check_diffusion_blocks
+
+    assert ("sigma_boundaries", ) == tuple(k for k, _ in check_diffusion_blocks(
+        DiffusionBlocks(sigma_boundaries=[0.1, 1.0, 10.0])))
+    assert [k for k, _ in check_diffusion_blocks(DiffusionBlocks(partition="explicit"))] == ["partition"]
+    assert not check_diffusion_blocks(DiffusionBlocks(partition="explicit", sigma_boundaries=[0.1, 1.0, 10.0]))
+
+
+def test_information_balanced_cut_gives_each_block_an_equal_share_of_the_ce_drop():
+    """A profile linear in ln(sigma) over [e^-4, e^4] (CE 4 at the top, 0 at the
+    bottom): the equal-drop cut is the equal cut in ln(sigma). A profile flat above
+    sigma = 1 puts every boundary below it."""
+    from diffusion_blocks.diffusion.partition import information_balanced_boundaries
+
+    log_s = [x / 2 for x in range(-8, 9)]
+    sigmas = [math.exp(v) for v in log_s]
+    linear = [(v + 4) / 2 for v in log_s]
+    cut = information_balanced_boundaries(sigmas, linear, 4)
+    assert cut == pytest.approx([math.exp(-2), 1.0, math.exp(2)], rel=1e-9)
+    low = [4.0 + min(v, 0.0) for v in log_s]  # flat above sigma 1, then falling to 0
+    assert information_balanced_boundaries(sigmas, low, 4) == pytest.approx(
+        [math.exp(-3), math.exp(-2), math.exp(-1)], rel=1e-9)
+    # noise that rises again on the way down is ignored (running minimum)
+    bumpy = list(linear)
+    bumpy[3] += 1.5
+    assert information_balanced_boundaries(sigmas, bumpy, 2) == pytest.approx([1.0], rel=1e-9)
+    with pytest.raises(ValueError, match="does not fall"):
+        information_balanced_boundaries(sigmas, [1.0] * len(sigmas), 4)

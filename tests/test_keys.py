@@ -22,7 +22,7 @@ from diffusion_blocks.registry import check_keys, FAMILIES
 KEYS = [f.name for f in dataclasses.fields(DiffusionBlocks)]
 DEFAULTS = DiffusionBlocks()
 CHOICES = {
-    "partition": list(PARTITIONS),
+    "partition": list(PARTITIONS),  # "explicit" is sigma_boundaries' companion
     # "weighted" needs block_weights (that key's own case sets both)
     "block_schedule": [s for s in BLOCK_SCHEDULES if s != "weighted"],
     "block0_sigma_sampling": list(SIGMA_LAWS), "offload_inactive_blocks": list(OFFLOAD_MODES),
@@ -35,6 +35,7 @@ COMPANIONS = {
     "block_weights": {"block_schedule": "weighted"},
     "head_loss_chunk_rows": {"head_loss": "chunked"},
     "layers_per_block": {"num_blocks": 2},
+    "sigma_boundaries": {"partition": "explicit"},
 }
 # the leaks the allow-list closes: keys these families accepted without reading them
 KNOWN_LEAKS = {
@@ -72,6 +73,8 @@ def non_default(key: str):
         return [1, 2]
     if key == "block_weights":
         return [2.0, 1.0, 1.0, 1.0]
+    if key == "sigma_boundaries":
+        return [0.1, 1.0, 10.0]
     if key == "sampling_sigma_max":
         return 10.0
     return number_in(DIFFUSION_BLOCKS_BOUNDS.get(key, Bounds(low=0, low_open=True)), default)

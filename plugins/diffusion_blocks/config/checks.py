@@ -13,7 +13,7 @@ from ..data.images import build_image_dataloader, IMAGE_DATASETS, LOCAL_IMAGE_DA
 from ..data.text import LOCAL_TEXT_DATASETS, TOKENIZERS
 from ..diffusion.lognormal import lognormal_cdf, SIGMA_LAWS
 from ..diffusion.masking import check_masking_schedule
-from ..diffusion.partition import PARTITIONS
+from ..diffusion.partition import EXPLICIT, PARTITION_NAMES
 from ..diffusion.sampling import ODE_SAMPLERS
 from ..diffusion.schedules import BLOCK_SCHEDULES
 from .bounds import (
@@ -71,10 +71,18 @@ def check_diffusion_blocks(section: DiffusionBlocks) -> list[tuple[str, str]]:
                 f"[{math.log(section.sigma_min):.3g}, {math.log(section.sigma_max):.3g}] "
                 "or widen p_std",
             ))
-    if section.partition not in PARTITIONS:
+    if section.partition not in PARTITION_NAMES:
         problems.append(
-            ("partition", f"{section.partition!r} is not one of {sorted(PARTITIONS)}")
+            ("partition", f"{section.partition!r} is not one of {PARTITION_NAMES}")
         )
+    if section.sigma_boundaries and section.partition != EXPLICIT:
+        problems.append(("sigma_boundaries", (
+            f"is read only with partition = 'explicit' (partition is {section.partition!r}): "
+            "set both, or neither")))
+    if section.partition == EXPLICIT and not section.sigma_boundaries:
+        problems.append(("partition", "= 'explicit' needs sigma_boundaries (the num_blocks - 1 inner boundaries)"))
+    if any(not math.isfinite(s) or s <= 0 for s in section.sigma_boundaries):
+        problems.append(("sigma_boundaries", f"must be positive finite numbers, got {list(section.sigma_boundaries)}"))
     if section.block_schedule not in BLOCK_SCHEDULES:
         problems.append(
             (

@@ -33,7 +33,12 @@ class DiffusionBlocks:
     """Explicit layer counts per block (block 0 first); empty = equal split."""
 
     partition: str = "equiprobable"
-    """How [sigma_min, sigma_max] is cut: 'equiprobable' or 'uniform_log'."""
+    """How [sigma_min, sigma_max] is cut: 'equiprobable', 'uniform_log', or 'explicit'
+    (at `sigma_boundaries`)."""
+
+    sigma_boundaries: list[float] = field(default_factory=list)
+    """partition = 'explicit': the num_blocks - 1 inner boundaries, ascending (e.g. the
+    information-balanced cut `tools/balance_partition.py` measures). Set only then."""
 
     overlap: float = 0.1
     """gamma: each block's interval is widened by gamma times its log-width per side."""

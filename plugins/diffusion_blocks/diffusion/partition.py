@@ -60,6 +60,58 @@ PARTITIONS: dict[str, Callable[[int, NoiseSchedule], list[float]]] = {
 }
 
 
+# `partition = "explicit"`: the inner boundaries are the config's `sigma_boundaries`
+# (e.g. tools/balance_partition.py's information-balanced cut), not a rule of the law
+EXPLICIT = "explicit"
+PARTITION_NAMES = sorted([*PARTITIONS, EXPLICIT])
+
+
+def explicit_boundaries(inner: list[float], num_blocks: int, lo: float, hi: float) -> list[float]:
+    """[lo, *inner, hi]: B - 1 given inner boundaries, strictly ascending inside (lo, hi)."""
+    if len(inner) != num_blocks - 1:
+        raise ValueError(
+            f"sigma_boundaries has {len(inner)} values; partition = 'explicit' with "
+            f"num_blocks = {num_blocks} needs {num_blocks - 1} (the inner boundaries, ascending)"
+        )
+    levels = [lo, *inner, hi]
+    if any(not (a < b) for a, b in zip(levels, levels[1:])):
+        raise ValueError(
+            f"sigma_boundaries {list(inner)} must be strictly ascending inside "
+            f"(sigma_min, sigma_max) = ({lo:g}, {hi:g})"
+        )
+    return levels
+
+
+def information_balanced_boundaries(
+    sigmas: list[float], ce: list[float], num_blocks: int
+) -> list[float]:
+    """The B - 1 inner boundaries that give each block an equal share of the drop in
+    denoising CE from the highest measured sigma to the lowest (CDCD's time warping,
+    cut instead of warped): `ce[i]` is the owning block's CE of the true token from a
+    noisy row at `sigmas[i]`. The profile is made monotone (a running minimum from the
+    top, so noise in the estimate cannot fold the cut back) and interpolated linearly
+    in ln(sigma)."""
+    if len(sigmas) != len(ce) or len(sigmas) < 2:
+        raise ValueError("need at least two (sigma, CE) points of equal count")
+    points = sorted(zip(sigmas, ce), reverse=True)  # from the top level down
+    log_s, drops, lowest = [], [], math.inf
+    for sigma, value in points:
+        lowest = min(lowest, value)
+        log_s.append(math.log(sigma))
+        drops.append(points[0][1] - lowest if math.isfinite(points[0][1]) else 0.0)
+    total = drops[-1]
+    if not total > 0:
+        raise ValueError("the CE profile does not fall from the top sigma to the bottom one: nothing to balance")
+    inner = []
+    for b in range(1, num_blocks):  # block b-1 (from the top) ends where b/B of the drop is done
+        target = b / num_blocks * total
+        i = next(i for i in range(1, len(drops)) if drops[i] >= target)
+        span = drops[i] - drops[i - 1]
+        frac = (target - drops[i - 1]) / span if span > 0 else 0.0
+        inner.append(math.exp(log_s[i - 1] + frac * (log_s[i] - log_s[i - 1])))
+    return sorted(inner)
+
+
 def block_sigma_boundaries(
     num_blocks: int, schedule: NoiseSchedule, partition: str = "equiprobable"
 ) -> list[float]:
@@ -165,9 +217,16 @@ class BlockPartition:
         """`schedule`: the family's noise process; default EDM's, from the section."""
         counts = layers_per_block(section, n_layers)
         schedule = schedule or section.noise_schedule()
+        if section.partition == EXPLICIT:
+            if schedule.level_name != "sigma":
+                raise ValueError(f"partition = 'explicit' cuts sigma; this model's noise level is {schedule.level_name}")
+            boundaries = explicit_boundaries(
+                list(section.sigma_boundaries), len(counts), section.sigma_min, section.sigma_max)
+        else:
+            boundaries = schedule.boundaries(len(counts), section.partition)
         return cls(
             layer_counts=tuple(counts),
-            boundaries=tuple(schedule.boundaries(len(counts), section.partition)),
+            boundaries=tuple(boundaries),
             overlap=section.overlap,
             schedule=schedule,
             block0_sigma_sampling=section.block0_sigma_sampling,

@@ -78,7 +78,7 @@ TRAINER_KEYS = (
 # how the layers are cut into blocks and the noise range into intervals
 PARTITION_KEYS = ("num_blocks", "layers_per_block", "partition", "overlap")
 # EDM's sigma process (everything but MD4, whose noise is the masking time t)
-EDM_KEYS = ("sigma_min", "sigma_max", "p_mean", "p_std", "sigma_data")
+EDM_KEYS = ("sigma_min", "sigma_max", "p_mean", "p_std", "sigma_data", "sigma_boundaries")
 # the EDM denoisers' block-0 training law (BlockPartition.sample_training_levels)
 BLOCK0_KEYS = ("block0_sigma_sampling",)
 # the token-embedding denoisers (dblocks_llama3, dblocks_recurrent): DenoiserOptions

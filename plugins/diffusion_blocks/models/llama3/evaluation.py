@@ -5,6 +5,9 @@ the measures of any LM and its samples are in eval/text.py).
   held-out windows from the clean prefix and an uninformative noisy row (the state the
   sampler starts from at that sigma), beside eval/text.py's `next_token_ce`, an
   end-to-end model's held-out next-token CE;
+- `denoising_ce_profile`: the owning block's CE of the true token from a noisy row at
+  each sigma (the training corruption), the profile the information-balanced partition
+  cuts;
 - `single_block_continuations`: text that block writes on its own (each token drawn
   from its logits on an uninformative noisy row, no denoising chain), to tell the
   block's quality from the sampling chain's.
@@ -32,6 +35,26 @@ def teacher_forced_denoising_ce(
     sigma_B = torch.full((tokens_BT.shape[0],), sigma, device=like.device)
     logits_BTV = model.denoise(tokens_BT, z_BTD, sigma_B, owner_of(model.partition, sigma)).logits_BTV
     return float(per_sample_cross_entropy(logits_BTV, labels_BT).mean())
+
+
+@torch.no_grad()
+def denoising_ce_profile(
+    model, tokens_BT: torch.Tensor, labels_BT: torch.Tensor, sigmas: list[float],
+    generator: torch.Generator,
+) -> list[float]:
+    """For each sigma, the mean CE (nats/token) of the block owning it for the true next
+    tokens, each noisy row the label's clean embedding plus sigma times Gaussian noise
+    (the training corruption): how much of the token is decided at that noise level,
+    the profile tools/balance_partition.py cuts into equal shares."""
+    like = model.tok_embeddings.weight
+    ces = []
+    for sigma in sigmas:
+        noise_BTD = torch.randn((*labels_BT.shape, like.shape[-1]), generator=generator).to(like)
+        sigma_B = torch.full((tokens_BT.shape[0],), float(sigma), device=like.device)
+        logits_BTV = model(tokens_BT, labels_BT, block=owner_of(model.partition, sigma),
+                           noise_BTD=noise_BTD, sigma_B=sigma_B)
+        ces.append(float(per_sample_cross_entropy(logits_BTV, labels_BT).mean()))
+    return ces
 
 
 @torch.no_grad()
