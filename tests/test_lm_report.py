@@ -386,3 +386,20 @@ def test_parallel_runs_train_each_run_once_and_the_run_from_e2e_waits_for_it(tmp
                                       "DiffusionBlocks B=4, from the end-to-end weights"])
     assert events.index(("end", "end-to-end")) < events.index(
         ("start", "DiffusionBlocks B=4, from the end-to-end weights"))
+
+
+def test_a_lever_is_one_more_dblocks_row_with_its_flags(tmp_path):
+    tool = load_tool()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(synthetic_sentences(50)) + "\n")
+    lever = "balanced=--diffusion_blocks.partition explicit --diffusion_blocks.sigma_boundaries 0.1 1 10"
+    args, overrides = tool.parse_args(["--data", str(corpus), "--out", str(tmp_path), "--lever", lever])
+    runs = tool.planned_runs(args, overrides, tmp_path / "train.txt")
+    main, balanced = runs["DiffusionBlocks B=4"], runs["DiffusionBlocks B=4, balanced"]
+    assert balanced.steps == main.steps and balanced.dump == "dblocks_balanced"
+    job_config = tool.parse_job_config(balanced.overrides)
+    assert job_config.diffusion_blocks.partition == "explicit"
+    assert job_config.diffusion_blocks.sigma_boundaries == [0.1, 1.0, 10.0]
+    assert tool.parse_job_config(main.overrides).diffusion_blocks.partition == "equiprobable"
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--data", str(corpus), "--lever", "Bad Name=--x 1"])

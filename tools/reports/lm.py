@@ -9,7 +9,8 @@
         [--no-dblocks-judge] [--equal-memory-row] [--equal-compute-row]
         [--budgets 0.25,0.5,1] [--checkpoint-interval N]
         [--out outputs/lm_report] [--skip-training | --train-missing] [--parallel-runs N]
-        [--dblocks-args="--diffusion_blocks.key value ..."] [--report FILE] [--section.key value ...]
+        [--dblocks-args="--diffusion_blocks.key value ..."] [--lever NAME=FLAGS ...]
+        [--report FILE] [--section.key value ...]
 
 1. splits the file: the last 10% (at a line break) is held out;
 2. trains the same model end to end for --steps optimizer steps; an independent JUDGE,
@@ -19,7 +20,9 @@
    DiffusionBlocks run from the end-to-end run's weights (`[checkpoint]
    initial_load_path`; the modules the conversion adds start fresh); a DiffusionBlocks
    JUDGE, DiffusionBlocks with the judge's seed for 2 x B x --steps (unless
-   --no-dblocks-judge); with --equal-memory-row an end-to-end run with L/B layers (the
+   --no-dblocks-judge); each --lever NAME=FLAGS one more DiffusionBlocks run like the
+   main one plus FLAGS (row "DiffusionBlocks B=<B>, NAME", folder dblocks_NAME: a lever
+   measured beside the paper's recipe on the same windows); with --equal-memory-row an end-to-end run with L/B layers (the
    <flavor>_<L/B>l flavor) and with --equal-compute-row the row of an end-to-end model
    at 2 x --steps (the DiffusionBlocks run's layer-token FLOPs: `equal_compute_steps`),
    which is the judge's run (trained once; its samples are not drawn, since it judges
@@ -127,6 +130,15 @@ def comma_list(kind):
     return lambda text: [kind(item) for item in text.split(",") if item]
 
 
+def lever_arg(text: str) -> tuple[str, list[str]]:
+    name, sep, flags = text.partition("=")
+    if not sep or not re.fullmatch(r"[a-z0-9_]+", name) or not flags.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME=FLAGS, NAME of lowercase letters, digits and _ (its "
+            "run's folder is dblocks_NAME), FLAGS the trainer's --section.key value flags")
+    return name, shlex.split(flags)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=existing_file_arg, default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
@@ -184,6 +196,9 @@ def parse_args(argv):
     parser.add_argument("--train-missing", action="store_true",
                         help="train only the runs whose final checkpoint is not in --out "
                              "(e.g. the end-to-end and judge folders linked from a baseline)")
+    parser.add_argument("--lever", type=lever_arg, action="append", default=[], metavar="NAME=FLAGS",
+                        help="one more DiffusionBlocks row, trained like the main one plus FLAGS "
+                             "(e.g. 'balanced=--diffusion_blocks.partition explicit ...'); repeatable")
     parser.add_argument("--dblocks-args", type=shlex.split, default=[],
                         help="overrides for the DiffusionBlocks runs only, one quoted "
                              "string after =: e.g. --dblocks-args=\"--diffusion_blocks.sigma_per_token\" "
@@ -283,6 +298,10 @@ def planned_runs(args, run_overrides, train_path: Path) -> dict[str, Run]:
         # scoring its own samples would share their errors)
         assert equal_compute_steps(args.steps) == runs["judge"].steps
         runs[equal_compute_name(args.steps)] = runs["judge"]
+    for name, flags in args.lever:
+        runs[f"{dblocks}, {name}"] = run(
+            f"dblocks_{name}", blocks * args.steps, blocks * args.warmup,
+            "--diffusion_blocks.num_blocks", str(blocks), *lever, *flags)
     if args.init_from_e2e:
         e2e_weights = out / "e2e" / checkpoint_folder(runs["end-to-end"].overrides) / f"step-{args.steps}"
         runs[f"{dblocks}, from the end-to-end weights"] = run(
