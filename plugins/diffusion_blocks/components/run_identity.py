@@ -94,8 +94,9 @@ def saved_value(saved: dict[str, Any], key: str) -> Any:
     if key in saved:
         return saved[key]
     section, name = key.split(".", 1)
-    if section == "diffusion_blocks" and hasattr(DiffusionBlocks, name):
-        return getattr(DiffusionBlocks(), name)
+    defaults = DiffusionBlocks()  # an instance: list keys have no class attribute
+    if section == "diffusion_blocks" and hasattr(defaults, name):
+        return getattr(defaults, name)
     if key == FAMILY_KEY:
         return None
     return "(not set)"
