@@ -64,6 +64,7 @@ def train(name: str, overrides: list[str], steps: int, log: Path, position: int 
                                    stderr=subprocess.STDOUT, text=True)
         for line in process.stdout:
             log_file.write(line)
+            log_file.flush()  # a killed report leaves the whole log
             if match := STEP_LINE.search(line):
                 bar.update(int(match.group(1)) - bar.n)
         if process.wait() != 0:
