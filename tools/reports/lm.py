@@ -180,8 +180,9 @@ def parse_args(argv):
     parser.add_argument("--equal-memory-row", action="store_true",
                         help="add an end-to-end run with L/B layers (the memory of one block)")
     parser.add_argument("--equal-compute-row", action="store_true",
-                        help="add an end-to-end run with the DiffusionBlocks run's layer-token "
-                             "FLOPs: 2 x --steps (see equal_compute_steps)")
+                        help="add the row of an end-to-end model with the DiffusionBlocks run's "
+                             "layer-token FLOPs, 2 x --steps (see equal_compute_steps): the "
+                             "judge's run, trained once and not sampled")
     parser.add_argument("--budgets", type=comma_list(float), default=[1.0],
                         help="fractions of every run's steps to measure at (e.g. 0.25,0.5,1), "
                              "read from the runs' intermediate checkpoints; more than one "
