@@ -131,7 +131,8 @@ def load_tool():
 
 
 SAMPLER_CE_KEYS = {"model", "sampler", "steps_per_block", "chains", "windows", "positions",
-                   "ce", "stderr", "ce_by_chains", "floor_fraction", "e2e_ce", "gap_pct"}
+                   "ce", "stderr", "ce_by_chains", "floor_fraction", "e2e_ce", "gap_pct",
+                   "split_draws", "profile", "block_end_ce", "block_loss", "best_stop"}
 
 
 def test_lm_report_writes_the_documented_keys(tmp_path, monkeypatch):
@@ -160,7 +161,7 @@ def test_lm_report_writes_the_documented_keys(tmp_path, monkeypatch):
         "--num-blocks", "2", "--samplers", "ancestral,euler", "--steps-per-block", "1,2",
         "--temperatures", "1.0", "--sigmas", "80,0.2", "--prompts", "4", "--prompt-len", "8",
         "--new-tokens", "4", "--eval-windows", "2", "--chains", "2", "--chains-per-call", "2",
-        "--ce-windows", "3", "--judge-chains", "2", "--equal-memory-row", "--budgets", "0.5,1",
+        "--split-draws", "1", "--ce-windows", "3", "--judge-chains", "2", "--equal-memory-row", "--budgets", "0.5,1",
         "--training.seq_len", "16", "--training.local_batch_size", "2",
         "--checkpoint.last_save_model_only",
     ])
@@ -174,7 +175,15 @@ def test_lm_report_writes_the_documented_keys(tmp_path, monkeypatch):
     for row in report["sampler_ce"].values():
         assert set(row) == SAMPLER_CE_KEYS
         assert row["chains"] == 2 and row["windows"] == 3 and row["positions"] == 3 * 16
-        assert set(row["ce_by_chains"]) == {"1", "2"} and row["ce_by_chains"]["2"] == row["ce"]
+        # the ancestral rows: one group of 2 chains (its first draw split); euler: 1 and 2
+        split = row["sampler"] == "ancestral"
+        assert row["split_draws"] == (1 if split else 0)
+        assert set(row["ce_by_chains"]) == ({"2"} if split else {"1", "2"})
+        assert row["ce_by_chains"]["2"] == row["ce"]
+        assert len(row["profile"]) == 2 * row["steps_per_block"] + 1
+        assert row["profile"][-1]["ce"] == row["ce"] and row["profile"][0]["block"] == 0
+        assert set(row["block_end_ce"]) == {"0", "1"} and row["block_loss"]["0"] == 0
+        assert row["best_stop"]["ce"] == min(p["ce"] for p in row["profile"])
         assert math.isfinite(row["ce"]) and 0 <= row["floor_fraction"] <= 1
         assert row["gap_pct"] == pytest.approx(100 * (row["ce"] - row["e2e_ce"]) / row["e2e_ce"])
     headline_windows = seen["sampler"][:4]
@@ -240,9 +249,11 @@ def test_sampler_judge_ce_scores_the_continuation_positions_only(monkeypatch):
     model = make_model(num_blocks=2)
     prompts, continuations = torch.arange(6).reshape(2, 3), torch.arange(10, 14).reshape(2, 2)
 
-    def fake_chain_log_probs(model, windows, config, generator, copies, table):
-        # log p(true) = -(the label's token id): the continuation's labels cost 10..13
-        return -windows[:, 1:].double().expand(copies, -1, -1).clone()
+    def fake_chain_log_probs(model, windows, config, generator, copies, table, split_draws=0):
+        # log p(true) = -(the label's token id) at the final state (an earlier state
+        # reads 0): the continuation's labels cost 10..13
+        final = -windows[:, 1:].double().expand(copies, -1, -1)
+        return [(80.0, 0), (0.002, 1)], torch.stack([torch.zeros_like(final), final], dim=1)
 
     monkeypatch.setattr(sampler_ce, "chain_log_probs", fake_chain_log_probs)
     ce = sampler_ce.sampler_judge_ce(model, prompts, continuations, sampler_ce.DecodingConfig(), 2)
@@ -403,3 +414,14 @@ def test_a_lever_is_one_more_dblocks_row_with_its_flags(tmp_path):
     assert tool.parse_job_config(main.overrides).diffusion_blocks.partition == "equiprobable"
     with pytest.raises(SystemExit):
         tool.parse_args(["--data", str(corpus), "--lever", "Bad Name=--x 1"])
+
+
+def test_chains_that_do_not_fill_whole_split_groups_are_refused_in_one_line(tmp_path, capsys):
+    tool = load_tool()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(synthetic_sentences(50)) + "\n")
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--data", str(corpus), "--chains", "24", "--split-draws", "4"])
+    assert "--chains 24: the ancestral sampler's CE runs chains in groups of 2^--split-draws = 16" in capsys.readouterr().err
+    args, _ = tool.parse_args(["--data", str(corpus), "--chains", "24", "--split-draws", "3"])
+    assert tool.split_draws(args, "ancestral") == 3 and tool.split_draws(args, "euler") == 0

@@ -239,6 +239,7 @@ def test_generate_tool_refuses_zero_steps_per_block_in_one_line(tmp_path):
 @pytest.mark.parametrize("option, flag", [
     ({"sampler": "heun"}, "--sampler"), ({"churn": 1.0}, "--churn"),
     ({"start_sigma": 5.0}, "--start-sigma"), ({"steps_per_block": 2}, "--steps-per-block"),
+    ({"stop_sigma": 1.0}, "--stop-sigma"),
 ])
 def test_the_end_to_end_twin_refuses_the_denoiser_only_flags(option, flag):
     """tools/generate.py on an end-to-end checkpoint: a flag only a denoiser reads is
@@ -249,3 +250,19 @@ def test_the_end_to_end_twin_refuses_the_denoiser_only_flags(option, flag):
     twin = torch.nn.Linear(1, 1)  # no partition: what continue_prompt sees of a twin
     with pytest.raises(ValueError, match=rf"^{flag} does not apply to dblocks_llama3 end to end"):
         continue_prompt(None, "dblocks_llama3", twin, None, None, TextRequest(**option))
+
+
+@pytest.mark.parametrize("family", ["md4", "recurrent"])
+def test_families_without_a_stoppable_chain_refuse_stop_sigma(family):
+    """--stop-sigma acts on the block-partitioned LM's chain only: MD4 and the
+    recurrent denoiser refuse it in one line."""
+    import types
+    from diffusion_blocks.protocols.family import TextRequest
+    if family == "md4":
+        from diffusion_blocks.models.md4.sampler import sample_text
+    else:
+        from diffusion_blocks.models.recurrent import FAMILY
+        denoiser = types.SimpleNamespace(partition=object())  # refused before any use
+        sample_text = lambda _, *rest: FAMILY.sample_text(denoiser, *rest)
+    with pytest.raises(ValueError, match=r"^--stop-sigma does not apply to (dblocks_md4|dblocks_recurrent) text"):
+        sample_text(None, None, None, TextRequest(stop_sigma=1.0))

@@ -4,7 +4,7 @@ or its end-to-end twin, as the config's `[diffusion_blocks] enable` says).
     python tools/generate.py --job.config_file train_configs/llama3_debug.toml \
         --checkpoint outputs/llama3_debug/checkpoint --prompt "the cat" \
         [--max-new-tokens 64] [--steps-per-block 1] [--temperature 0.8 --top-k 20] [--seed 0] \
-        [--sampler ancestral|euler|heun] [--churn 0] [--start-sigma S] [--no-kv-cache]
+        [--sampler ancestral|euler|heun] [--churn 0] [--start-sigma S] [--stop-sigma S] [--no-kv-cache]
     python tools/generate.py --job.config_file train_configs/md4_chars.toml \
         --checkpoint outputs/md4_chars/checkpoint [--prompt "the cat"] [--steps 256] \
         [--num-samples 4] [--json]
@@ -73,6 +73,10 @@ def parse_args(argv):
     parser.add_argument("--start-sigma", type=number_arg(float, POSITIVE), default=None,
                         help="autoregressive denoisers: sample from this sigma down "
                              "(default: [diffusion_blocks] sampling_sigma_max, else sigma_max)")
+    parser.add_argument("--stop-sigma", type=number_arg(float, POSITIVE), default=None,
+                        help="dblocks_llama3: stop the chain at the lowest grid sigma >= "
+                             "this and draw the token there (default: sigma_min, the "
+                             "whole chain)")
     parser.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
                         help="dblocks_llama3: recompute the whole context for every new "
                              "token instead of reusing its cached keys and values (same "
@@ -97,7 +101,7 @@ def main(argv):
         temperature=args.temperature, top_k=args.top_k, seed=args.seed,
         steps_per_block=args.steps_per_block, steps=args.steps,
         sampler=args.sampler, churn=args.churn, start_sigma=args.start_sigma,
-        kv_cache=args.kv_cache,
+        stop_sigma=args.stop_sigma, kv_cache=args.kv_cache,
     )
     try:
         model, tokenizer, step_folder = load_for_inference(job_config, args.checkpoint)

@@ -5,7 +5,7 @@
         [--num-blocks 4] [--init-from-e2e] [--samplers ancestral,euler[,heun]]
         [--steps-per-block 1,2,4,8] [--temperatures 0.7,0.85,1.0] [--prompts 32]
         [--prompt-len 32] [--new-tokens 32] [--eval-windows 16] [--single-block-sigmas 80]
-        [--chains 64] [--chains-per-call 4] [--ce-windows 8] [--judge-chains 4]
+        [--chains 64] [--split-draws 4] [--chains-per-call 4] [--ce-windows 8] [--judge-chains 4]
         [--no-dblocks-judge] [--equal-memory-row] [--equal-compute-row]
         [--budgets 0.25,0.5,1] [--checkpoint-interval N]
         [--out outputs/lm_report] [--skip-training | --train-missing] [--parallel-runs N]
@@ -40,9 +40,12 @@
    two samples of real text at this sample size);
 0. THE HEADLINE, printed first: every DiffusionBlocks model x sampler x steps per
    block, the sampler's held-out CE (`eval.sampler_ce.sampler_heldout_ce`, --chains K
-   chains, stderr, at K/4, K/2 and K chains, floor fraction) on --ce-windows held-out
+   chains, stderr, at K/4, K/2 and K chains, floor fraction; the ancestral sampler's
+   first --split-draws draws split on the true token) on --ce-windows held-out
    windows of seq_len + 1, beside the end-to-end model's next-token CE on the same
-   windows' same positions and the gap in percent;
+   windows' same positions and the gap in percent; and where the chain decides: the
+   same estimator when each block is done (the sampler stopped there), the rise from
+   the block before, and the best stop;
 4. scores every set of continuations: CE under the judge (nats/byte), distinct-1/2/3,
    unigram entropy (nats) and MAUVE against the real continuations on the judge's
    features (mean-pooled final hidden states); and every model teacher-forced on
@@ -69,7 +72,11 @@ Prints the tables and writes <out>/report.json (or --report) with the keys:
   args:            the options;
   sampler_ce[row]: {"model", "sampler", "steps_per_block", "chains", "windows",
                    "positions", "ce", "stderr", "ce_by_chains" ({"<k>": ce} at K/4, K/2,
-                   K), "floor_fraction", "e2e_ce" (same positions), "gap_pct"};
+                   K), "floor_fraction", "e2e_ce" (same positions), "gap_pct",
+                   "split_draws", "profile" ([{"sigma", "block", "ce", "ce_by_chains"}]:
+                   every state of the chain, the sampler stopped there), "block_end_ce"
+                   and "block_loss" ({"<block>": ce}), "best_stop" ({"sigma", "block",
+                   "ce", "gap_pct"})};
                    rows "<DiffusionBlocks model> <sampler> <s>/block";
   samples[row]:    {"model", "decoding" (the sampler's settings, or null for real
                    text), "judge_ce", "distinct_1", "distinct_2", "distinct_3",
@@ -105,7 +112,9 @@ from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.data.text import check_text_file
 from diffusion_blocks.errors import ConfigError, exit_on_config_error
 from diffusion_blocks.eval.ngram import judge_ce_on_bytes, NgramLM
-from diffusion_blocks.eval.sampler_ce import sampler_heldout_ce, sampler_judge_ce
+from diffusion_blocks.eval.sampler_ce import (
+    block_ends, block_losses, sampler_heldout_ce, sampler_judge_ce,
+)
 from diffusion_blocks.eval.text import (
     evenly_spaced_windows, judge_features, next_token_ce, sample_rows, score, teacher_forced,
 )
@@ -168,6 +177,9 @@ def parse_args(argv):
                         help="held-out windows of seq_len for the teacher-forced CE")
     parser.add_argument("--chains", type=number_arg(int, AT_LEAST_1), default=64,
                         help="the headline: chains K of each sampler's held-out CE")
+    parser.add_argument("--split-draws", type=number_arg(int, NON_NEGATIVE), default=4,
+                        help="the ancestral sampler's CE: its first D draws split on the true "
+                             "token (eval.sampler_ce; --chains a multiple of 2^D; 0: plain)")
     parser.add_argument("--chains-per-call", type=number_arg(int, AT_LEAST_1), default=4,
                         help="chains run as one batch (memory)")
     parser.add_argument("--ce-windows", type=number_arg(int, AT_LEAST_1), default=8,
@@ -216,6 +228,10 @@ def parse_args(argv):
     for sampler in args.samplers:
         if sampler not in TOKEN_STEPS:
             parser.error(f"--samplers: {sampler!r} is not one of {sorted(TOKEN_STEPS)}")
+    group = 2 ** args.split_draws
+    if args.chains % group:
+        parser.error(f"--chains {args.chains}: the ancestral sampler's CE runs chains in groups "
+                     f"of 2^--split-draws = {group}; give a multiple of it or fewer --split-draws")
     return args, run_overrides
 
 
@@ -361,17 +377,36 @@ def scored_models(models: dict) -> dict:
     return {name: model for name, model in models.items() if not name.startswith("judge")}
 
 
+def split_draws(args, sampler: str) -> int:
+    """The estimator's split draws: --split-draws for the ancestral sampler, else 0."""
+    return args.split_draws if sampler == "ancestral" else 0
+
+
+def heldout_sampler_ce(args, model, windows, config: DecodingConfig, twin=None):
+    return sampler_heldout_ce(
+        model, windows, config, args.chains, seed=SAMPLER_CE_SEED, twin=twin,
+        chains_per_call=args.chains_per_call, split_draws=split_draws(args, config.sampler))
+
+
 def sampler_ce_row(args, name: str, model, windows, sampler: str, steps: int, twin) -> dict:
-    result = sampler_heldout_ce(
-        model, windows, DecodingConfig(sampler=sampler, steps_per_block=steps), args.chains,
-        seed=SAMPLER_CE_SEED, twin=twin, chains_per_call=args.chains_per_call)
+    result = heldout_sampler_ce(
+        args, model, windows, DecodingConfig(sampler=sampler, steps_per_block=steps), twin)
+    best = result.best_point()
     return {
         "model": name, "sampler": sampler, "steps_per_block": steps, "chains": result.chains,
+        "split_draws": result.split_draws,
         "windows": windows.shape[0], "positions": result.positions, "ce": result.ce,
         "stderr": result.stderr,
         "ce_by_chains": {str(k): ce for k, ce in result.ce_by_chains.items()},
         "floor_fraction": result.floor_fraction, "e2e_ce": result.twin_ce,
         "gap_pct": 100 * (result.ce - result.twin_ce) / result.twin_ce,
+        "profile": [{"sigma": p.sigma, "block": p.block, "ce": p.ce,
+                     "ce_by_chains": {str(k): ce for k, ce in p.ce_by_chains.items()}}
+                    for p in result.profile],
+        "block_end_ce": {str(b): p.ce for b, p in block_ends(result.profile).items()},
+        "block_loss": {str(b): loss for b, loss in block_losses(result.profile).items()},
+        "best_stop": {"sigma": best.sigma, "block": best.block, "ce": best.ce,
+                      "gap_pct": 100 * (best.ce - result.twin_ce) / result.twin_ce},
     }
 
 
@@ -400,6 +435,16 @@ def print_sampler_ce(args, rows: dict) -> None:
         print(f"| {r['model']} | {r['sampler']} | {r['steps_per_block']} | {r['ce']:.3f} | "
               f"{r['stderr']:.3f} | {by_k} | {r['floor_fraction']:.4f} | {r['e2e_ce']:.3f} | "
               f"{r['gap_pct']:+.1f} |")
+    print("\nWhere the chain decides: the same estimator when each block is done (the "
+          "sampler stopped there: --stop-sigma), the rise from the block before, and the "
+          "best stop.\n")
+    print("| model | sampler | steps/block | CE when each block is done (rise) | best stop: sigma, CE, gap % |")
+    print("|---|---|---|---|---|")
+    for r in rows.values():
+        ends = "; ".join(f"{b}: {ce:.3f} ({r['block_loss'][b]:+.3f})" for b, ce in r["block_end_ce"].items())
+        best = r["best_stop"]
+        print(f"| {r['model']} | {r['sampler']} | {r['steps_per_block']} | {ends} | "
+              f"{best['sigma']:.4g}, {best['ce']:.3f}, {best['gap_pct']:+.1f} |")
 
 
 def budget_rows(args, runs: dict, models: dict, windows) -> dict:
@@ -416,8 +461,7 @@ def budget_rows(args, runs: dict, models: dict, windows) -> dict:
             (step,) = budget_steps(run.steps, [fraction])
             model = models[name] if step == run.steps else load(run.overrides, step)[0]
             if is_denoiser(model):
-                ce = sampler_heldout_ce(model, windows, DecodingConfig(), args.chains,
-                                        seed=SAMPLER_CE_SEED, chains_per_call=args.chains_per_call).ce
+                ce = heldout_sampler_ce(args, model, windows, DecodingConfig()).ce
             else:
                 ce = next_token_ce(model, windows[:, :-1], windows[:, 1:])
             row[name] = {"step": step, "ce": ce}

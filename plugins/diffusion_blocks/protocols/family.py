@@ -41,6 +41,9 @@ class TextRequest:
     start_sigma: float | None = None
     """Autoregressive denoisers: the sigma sampling starts from (None: the configured
     `[diffusion_blocks] sampling_sigma_max`, else sigma_max)."""
+    stop_sigma: float | None = None
+    """dblocks_llama3: the sigma the chain stops at, the token drawn from the logits
+    there (None: sigma_min, the whole chain; `models.llama3.sampler.decoding_plan`)."""
     kv_cache: bool = True
     """dblocks_llama3 (block-wise and end to end): decode with the KV cache
     (`models/llama3/kv_cache.py`); False = recompute the context for every token."""

@@ -19,7 +19,9 @@ samplers take the steps:
 
 `churn` (EDM's S_churn) optionally raises each step's sigma with fresh noise first.
 After the last step the block owning sigma_min reads z at sigma_min, and its logits
-give the token: greedy, or sampled at `temperature` (and `top_k`). Temperature acts on
+give the token (`stop_sigma`: the chain stops at the lowest sigma of its grid that is
+>= stop_sigma instead, and the block owning that sigma reads z there; the token is
+decided where the blocks above it left it, the later blocks take no step): greedy, or sampled at `temperature` (and `top_k`). Temperature acts on
 that final distribution only; the steps always use the model's own distribution.
 """
 
@@ -49,6 +51,7 @@ class DecodingConfig:
     sampler: str = DEFAULT_SAMPLER  # the denoiser's token sampler: a key of TOKEN_STEPS
     churn: float = 0.0            # EDM S_churn (0 = none)
     start_sigma: float | None = None  # None = the partition's sampling_start_sigma
+    stop_sigma: float | None = None   # None = sigma_min: the whole chain (see sampling_stop)
     kv_cache: bool = True         # reuse the context's keys and values (kv_cache.py)
 
     def __post_init__(self):
@@ -64,6 +67,8 @@ class DecodingConfig:
                 ("churn", self.churn, self.churn >= 0, ">= 0"),
                 ("start_sigma", self.start_sigma,
                  self.start_sigma is None or self.start_sigma > 0, "> 0"),
+                ("stop_sigma", self.stop_sigma,
+                 self.stop_sigma is None or self.stop_sigma > 0, "> 0"),
             )
             if not ok
         ]
@@ -128,10 +133,15 @@ def euler_token_step(z_BD, logits_BV, table_VD, sigma, sigma_next, generator, ne
     return diffusion.euler_step(z_BD, denoised_BD, sigma, sigma_next)
 
 
+def renoised_tokens(tokens_B, table_VD, sigma_next, generator, like_BD) -> torch.Tensor:
+    """z <- e_hat[token] + sigma_next * eps, each row's token given."""
+    clean_BD = table_VD[tokens_B].to(like_BD.dtype)
+    return diffusion.noised(clean_BD, sigma_next, standard_normal_like(clean_BD, generator))
+
+
 def ancestral_token_step(z_BD, logits_BV, table_VD, sigma, sigma_next, generator, next_logits=None):
     """Draw x ~ softmax(logits) and re-noise: z <- e_hat[x] + sigma_next * eps."""
-    clean_BD = table_VD[sample_from(logits_BV, generator)].to(z_BD.dtype)
-    return diffusion.noised(clean_BD, sigma_next, standard_normal_like(clean_BD, generator))
+    return renoised_tokens(sample_from(logits_BV, generator), table_VD, sigma_next, generator, z_BD)
 
 
 def heun_token_step(z_BD, logits_BV, table_VD, sigma, sigma_next, generator, next_logits):
@@ -192,13 +202,55 @@ def sigma_start(partition, config: DecodingConfig) -> float:
     return config.start_sigma
 
 
+def check_stop_sigma(partition, config: DecodingConfig, start: float) -> None:
+    if config.stop_sigma is not None and not (
+        partition.schedule.sigma_min <= config.stop_sigma <= start
+    ):
+        raise ConfigError(
+            f"decoding: stop_sigma must lie in [sigma_min, start sigma] = "
+            f"[{partition.schedule.sigma_min}, {start}], got {config.stop_sigma}"
+        )
+
+
+def whole_plan(partition, config: DecodingConfig) -> list:
+    """The grid from the start sigma down to sigma_min in B x steps_per_block steps."""
+    start = sigma_start(partition, config)
+    check_stop_sigma(partition, config, start)
+    return partition.sampling_plan(partition.num_blocks * config.steps_per_block, start)
+
+
+def decoding_plan(partition, config: DecodingConfig) -> list:
+    """The steps a token's chain takes: the whole plan, cut after the last step landing
+    at or above config.stop_sigma (whole when stop_sigma is None)."""
+    plan = whole_plan(partition, config)
+    if config.stop_sigma is None:
+        return plan
+    # relative slack: a stop_sigma typed from a printed grid point keeps that point
+    return [step for step in plan if step.sigma_next >= config.stop_sigma * (1 - 1e-9)]
+
+
+def final_sigma(partition, plan: list, config: DecodingConfig) -> float:
+    """Where the chain's token is read: the last step's sigma_next (the start sigma when
+    the plan is empty)."""
+    return plan[-1].sigma_next if plan else sigma_start(partition, config)
+
+
+# on_logits(sigma, block, logits_NV): a chain's state read at sigma by its block
+LogitsHook = Callable[[float, int, torch.Tensor], None]
+
+
 @torch.no_grad()
 def denoise_next_token_logits(
     model, context_BT: torch.Tensor, config: DecodingConfig, generator: torch.Generator,
     last_row=last_row_denoiser, table_VD: torch.Tensor | None = None, rows: int | None = None,
+    on_logits: LogitsHook | None = None, token_step: TokenStep | None = None,
 ) -> torch.Tensor:
     """Sample the token after `context_BT` with the configured token sampler; returns
-    the logits (B, V) of the block owning sigma_min, read at sigma_min after the last step.
+    the logits (B, V) the token is drawn from: the block owning sigma_min's, read at
+    sigma_min after the last step (at the chain's stop when config.stop_sigma is set).
+    `on_logits` sees every state the chain reaches as its block reads it (the logits
+    each step starts from, then the final ones): what a chain stopped there would draw.
+    `token_step` replaces config.sampler's step (an estimator's variant of it).
     `last_row(model, context_BT)` gives the block calls' function (`last_row_denoiser`,
     or a KV cache's); `table_VD` the model's clean_embedding_table() where the caller
     has it (generate makes it once, not per token). `rows`: the noisy rows the chain
@@ -207,9 +259,10 @@ def denoise_next_token_logits(
     partition = model.partition
     schedule = partition.schedule
     start = sigma_start(partition, config)
-    plan = partition.sampling_plan(partition.num_blocks * config.steps_per_block, start)
-    gamma = diffusion.churn_gamma(config.churn, len(plan))
-    token_step = TOKEN_STEPS[config.sampler]
+    plan = decoding_plan(partition, config)
+    # the whole chain's churn: a stopped chain is the whole chain's first steps
+    gamma = diffusion.churn_gamma(config.churn, len(whole_plan(partition, config)))
+    token_step = token_step or TOKEN_STEPS[config.sampler]
     if table_VD is None:
         table_VD = model.clean_embedding_table()
     block_logits = last_row(model, context_BT)
@@ -222,10 +275,17 @@ def denoise_next_token_logits(
         return z_BD, sigma_hat, owner_of(partition, sigma_hat)
 
     def take_step(z_BD, logits_BV, sigma, sigma_next, next_logits):
+        if on_logits is not None:
+            on_logits(sigma, owner_of(partition, sigma), logits_BV)
         return token_step(z_BD, logits_BV, table_VD, sigma, sigma_next, generator, next_logits)
 
     z_BD = diffusion.walk_plan(block_logits, z_BD, plan, take_step, churn if gamma > 0 else None)
-    return block_logits(z_BD, schedule.sigma_min, owner_of(partition, schedule.sigma_min))
+    sigma = final_sigma(partition, plan, config)
+    block = owner_of(partition, sigma)
+    logits_BV = block_logits(z_BD, sigma, block)
+    if on_logits is not None:
+        on_logits(sigma, block, logits_BV)
+    return logits_BV
 
 
 @torch.no_grad()
@@ -284,10 +344,7 @@ def forwards_per_token(model, config: DecodingConfig) -> int:
     twin (all its layers)."""
     if not is_denoiser(model):
         return 1
-    partition = model.partition
-    plan = partition.sampling_plan(partition.num_blocks * config.steps_per_block,
-                                   sigma_start(partition, config))
-    return diffusion.network_evaluations(config.sampler, plan) + 1
+    return diffusion.network_evaluations(config.sampler, decoding_plan(model.partition, config)) + 1
 
 
 def decoding_config(request, job_config) -> DecodingConfig:
@@ -299,13 +356,14 @@ def decoding_config(request, job_config) -> DecodingConfig:
                          or job_config.diffusion_blocks.sampling_steps_per_block),
         temperature=request.temperature or 0.0, top_k=request.top_k, seed=request.seed,
         sampler=request.sampler or DEFAULT_SAMPLER, churn=request.churn,
-        start_sigma=request.start_sigma, kv_cache=request.kv_cache,
+        start_sigma=request.start_sigma, stop_sigma=request.stop_sigma,
+        kv_cache=request.kv_cache,
     )
 
 
 # TextRequest fields only a denoiser's sampler reads (the end-to-end twin decodes
 # plain next-token logits)
-DENOISER_ONLY_OPTIONS = ("sampler", "churn", "start_sigma", "steps_per_block")
+DENOISER_ONLY_OPTIONS = ("sampler", "churn", "start_sigma", "stop_sigma", "steps_per_block")
 
 
 def continue_prompt(

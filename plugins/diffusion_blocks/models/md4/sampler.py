@@ -60,7 +60,8 @@ def sample_text(model, tokenizer, job_config, request: TextRequest) -> list[str]
     """`request.num_samples` texts of the prompt plus max_new_tokens characters
     (at most [training] seq_len in all), temperature 1 unless given."""
     request.refuse_options(
-        ("steps_per_block", "sampler", "churn", "start_sigma", "kv_cache"), "dblocks_md4"
+        ("steps_per_block", "sampler", "churn", "start_sigma", "stop_sigma", "kv_cache"),
+        "dblocks_md4",
     )
     prompt_ids = tokenizer.encode(request.prompt)
     if len(prompt_ids) >= job_config.training.seq_len:

@@ -67,7 +67,7 @@ FAMILY = ModelFamily(
     embedding_parameters=token_embedding_parameters, check_config=check_config,
     # its sampler recomputes the context for every token: no KV cache to turn off
     # its twin iterates the core r = steps_per_block times too (tools/generate.py --recurrence)
-    sample_text=partial(continue_prompt, generate, NAME, refused=("steps", "kv_cache"),
+    sample_text=partial(continue_prompt, generate, NAME, refused=("steps", "kv_cache", "stop_sigma"),
                         twin_uses=("steps_per_block",)),
     # one block over all of [sigma_min, sigma_max]: no partition or overlap to read
     # (check_config keeps num_blocks, layers_per_block and block_parallel at one block)
