@@ -231,6 +231,12 @@ def test_lm_report_writes_the_documented_keys(tmp_path, monkeypatch):
     assert report["budgets"]["1"]["end-to-end"]["ce"] == pytest.approx(
         text_metrics.next_token_ce(e2e, w[:, :-1], w[:, 1:]))
     assert (out / "budgets.svg").read_text().startswith("<svg")
+    from PIL import Image
+    with Image.open(out / "budgets.png") as plot:
+        assert plot.format == "PNG" and plot.size == (900, 440)
+        # the lines are drawn: pixels of the first two models' colours
+        colours = {colour for _, colour in plot.convert("RGB").getcolors(1 << 20)}
+    assert (0x1f, 0x77, 0xb4) in colours and (0xd6, 0x27, 0x28) in colours
 
 
 def test_ngram_judge_drops_the_byte_tokenizers_special_ids():
@@ -280,7 +286,7 @@ def test_dblocks_args_reach_only_the_diffusion_blocks_runs_and_train_missing_ski
     (tmp_path / e2e.dump / "checkpoint" / f"step-{e2e.steps}").mkdir(parents=True)
     (tmp_path / e2e.dump / "checkpoint" / f"step-{e2e.steps}" / ".metadata").write_text("")
     trained = []
-    monkeypatch.setattr(tool, "train", lambda name, *a, **k: trained.append(name))
+    monkeypatch.setattr(sys.modules["common"], "train", lambda name, *a, **k: trained.append(name))
     monkeypatch.setattr(tool, "load", lambda overrides: (_ for _ in ()).throw(SystemExit("stop")))
     with pytest.raises(SystemExit, match="stop"):
         tool.main(["--data", str(corpus), "--out", str(tmp_path), "--train-missing"])
@@ -302,7 +308,8 @@ def test_train_missing_resumes_an_unfinished_run_from_its_last_checkpoint(tmp_pa
     e2e = runs["end-to-end"]
     tool.split_corpus(corpus, tmp_path)
     log = tmp_path / f"log_{e2e.dump}.txt"
-    tool.train("end-to-end", e2e.overrides, e2e.steps, log)
+    common = sys.modules["common"]
+    common.train("end-to-end", e2e.overrides, e2e.steps, log)
     checkpoints = tmp_path / e2e.dump / "checkpoint"
     assert (checkpoints / "step-2").is_dir()  # saved every --checkpoint-interval steps
     shutil.rmtree(checkpoints / "step-4")     # interrupted after step 2
@@ -311,13 +318,13 @@ def test_train_missing_resumes_an_unfinished_run_from_its_last_checkpoint(tmp_pa
             final = tmp_path / run.dump / "checkpoint" / f"step-{run.steps}"
             final.mkdir(parents=True)
             (final / ".metadata").write_text("")
-    real_train, trained = tool.train, []
+    real_train, trained = common.train, []
 
     def train(name, *a, **k):
         trained.append(name)
         return real_train(name, *a, **k)
 
-    monkeypatch.setattr(tool, "train", train)
+    monkeypatch.setattr(common, "train", train)
     monkeypatch.setattr(tool, "load", lambda overrides: (_ for _ in ()).throw(SystemExit("stop")))
     with pytest.raises(SystemExit, match="stop"):
         tool.main(argv)
@@ -388,7 +395,7 @@ def test_parallel_runs_train_each_run_once_and_the_run_from_e2e_waits_for_it(tmp
             running.remove(name)
             events.append(("end", name))
 
-    monkeypatch.setattr(tool, "train", fake_train)
+    monkeypatch.setattr(sys.modules["common"], "train", fake_train)
     monkeypatch.setattr(tool, "load", lambda overrides: (_ for _ in ()).throw(SystemExit("stop")))
     with pytest.raises(SystemExit, match="stop"):
         tool.main(argv)

@@ -66,7 +66,7 @@
 5. with more than one --budgets fraction: every measured model at each fraction of its
    steps (its intermediate checkpoint): end to end next-token CE, DiffusionBlocks the
    default sampler's held-out CE at 1 step per block, on the headline's windows, and a
-   hand-written SVG plot of them, <out>/budgets.svg.
+   plot of them, <out>/budgets.png (and the same as SVG, <out>/budgets.svg).
 
 Prints the tables and writes <out>/report.json (or --report) with the keys:
   args:            the options;
@@ -101,8 +101,6 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import NamedTuple
 
 from tqdm import tqdm
 
@@ -124,7 +122,8 @@ from diffusion_blocks.models.llama3.args import dblocks_llama3_flavors
 from diffusion_blocks.models.llama3.sampler import (
     DecodingConfig, forwards_per_token, generate, is_denoiser, owner_of, TOKEN_STEPS,
 )
-from common import common_overrides, split_corpus, train
+from budget import budget_png, budget_steps, budget_svg, checkpointed, Run, train_runs
+from common import common_overrides, split_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "train_configs" / "llama3_text.toml"
@@ -133,6 +132,7 @@ SAMPLER_CE_SEED = 0
 NGRAM_ORDER = 5
 NGRAM_VOCAB = 256
 DBLOCKS_JUDGE = "judge, DiffusionBlocks"
+Y_LABEL = "held-out CE (nats/byte)"
 
 
 def comma_list(kind):
@@ -198,7 +198,7 @@ def parse_args(argv):
     parser.add_argument("--budgets", type=comma_list(float), default=[1.0],
                         help="fractions of every run's steps to measure at (e.g. 0.25,0.5,1), "
                              "read from the runs' intermediate checkpoints; more than one "
-                             "also writes <out>/budgets.svg")
+                             "also writes <out>/budgets.png and .svg")
     parser.add_argument("--checkpoint-interval", type=number_arg(int, AT_LEAST_1), default=None,
                         help="save every N steps (so --train-missing resumes an interrupted "
                              "run; default: the end only, and the --budgets steps)")
@@ -235,23 +235,6 @@ def parse_args(argv):
     return args, run_overrides
 
 
-class Run(NamedTuple):
-    overrides: list[str]  # the trainer's arguments
-    steps: int
-    dump: str             # its folder under --out
-
-
-def budget_steps(steps: int, budgets: list[float]) -> list[int]:
-    """The optimizer steps at each budget fraction of a run of `steps` (at least 1)."""
-    return [max(1, round(f * steps)) for f in budgets]
-
-
-def checkpoint_interval(steps: int, args) -> int:
-    """Saves at every --checkpoint-interval steps and at each --budgets step: the gcd of
-    the interval and the budget steps (torchtitan saves at multiples of one interval)."""
-    return math.gcd(args.checkpoint_interval or steps, *budget_steps(steps, args.budgets))
-
-
 def equal_memory_flavor(config: Path, run_overrides: list[str], blocks: int) -> str:
     """The flavor of the end-to-end model with L/B layers: <name>_<L/B>l of an
     <name>_<L>l flavor (debugmodel_8l, B = 4: debugmodel_2l)."""
@@ -284,9 +267,8 @@ def planned_runs(args, run_overrides, train_path: Path) -> dict[str, Run]:
     blocks = args.num_blocks
 
     def run(dump: str, steps: int, warmup: int, *extra: str) -> Run:
-        overrides = common_overrides(config, train_path, out / dump, steps, warmup)
-        overrides += ["--checkpoint.interval", str(checkpoint_interval(steps, args)),
-                      "--checkpoint.keep_latest_k", "0"]
+        overrides = checkpointed(common_overrides(config, train_path, out / dump, steps, warmup),
+                                 steps, args.checkpoint_interval, args.budgets)
         return Run([*overrides, *extra, *run_overrides], steps, dump)
 
     dblocks = f"DiffusionBlocks B={blocks}"
@@ -329,35 +311,14 @@ def planned_runs(args, run_overrides, train_path: Path) -> dict[str, Run]:
     return runs
 
 
-def train_runs(args, runs: dict[str, Run], out: Path) -> None:
-    """Trains every run (each once: the equal-compute row shares the judge's), up to
-    --parallel-runs at a time; the run started from the end-to-end weights waits for
-    the end-to-end run. With --train-missing a run whose final checkpoint is there is
-    skipped and an interrupted one resumes from its last checkpoint."""
-    todo: dict[str, Run] = {}
+def train_planned_runs(args, runs: dict[str, Run], out: Path) -> None:
+    """budget.train_runs: every run once, --parallel-runs at a time, the run started
+    from the end-to-end weights after the end-to-end run."""
     # every run has the config's [checkpoint] folder; read from the end-to-end run's
     # arguments, since the run from its weights cannot be parsed before they exist
     folder = checkpoint_folder(runs["end-to-end"].overrides)
-    for name, run in runs.items():
-        final = out / run.dump / folder / f"step-{run.steps}"
-        if args.train_missing and (final / ".metadata").is_file():
-            print(f"{name}: {final} is there, not trained again", flush=True)
-        elif run.dump not in {r.dump for r in todo.values()}:
-            todo[name] = run
-    futures: dict[str, Future] = {}
-
-    def train_after(name: str, run: Run, first: Future | None) -> None:
-        if first is not None:
-            first.result()  # raises if the run it starts from failed
-        train(name, run.overrides, run.steps, out / f"log_{run.dump}.txt", position=len(futures))
-
-    # submitted in order: the end-to-end run starts before the one that waits for it
-    with ThreadPoolExecutor(args.parallel_runs) as pool:
-        for name, run in todo.items():
-            first = futures.get("end-to-end") if run.dump == "dblocks_from_e2e" else None
-            futures[name] = pool.submit(train_after, name, run, first)
-        for future in futures.values():
-            future.result()
+    waits_for = {name: "end-to-end" for name, run in runs.items() if run.dump == "dblocks_from_e2e"}
+    train_runs(runs, out, folder, args.parallel_runs, args.train_missing, waits_for)
 
 
 def checkpoint_folder(overrides: list[str]) -> str:
@@ -480,47 +441,6 @@ def print_budgets(budgets: dict) -> None:
             f"{row[n]['ce']:.3f} (step {row[n]['step']})" for n in names) + " |")
 
 
-def budget_svg(budgets: dict, width: int = 640, height: int = 400) -> str:
-    """A line per model of held-out CE against the budget fraction: a hand-written SVG
-    (no plotting dependency)."""
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-    fractions = [float(f) for f in budgets]
-    names = list(next(iter(budgets.values())))
-    ces = [row[n]["ce"] for row in budgets.values() for n in names if math.isfinite(row[n]["ce"])]
-    low, high = min(ces), max(ces)
-    high = high if high > low else low + 1
-    left, right, top, bottom = 60, width - 180, 20, height - 40
-
-    def x(f: float) -> float:
-        return left + (f - min(fractions)) / ((max(fractions) - min(fractions)) or 1) * (right - left)
-
-    def y(ce: float) -> float:
-        return bottom - (ce - low) / (high - low) * (bottom - top)
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'font-family="sans-serif" font-size="12">',
-             f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="black"/>',
-             f'<text x="{(left + right) / 2}" y="{height - 8}" text-anchor="middle">budget '
-             '(fraction of each run\'s steps)</text>',
-             f'<text x="14" y="{(top + bottom) / 2}" transform="rotate(-90 14 {(top + bottom) / 2})" '
-             'text-anchor="middle">held-out CE (nats/byte)</text>']
-    for f in fractions:
-        parts.append(f'<text x="{x(f):.1f}" y="{bottom + 15}" text-anchor="middle">{f:g}</text>')
-    for ce in (low, (low + high) / 2, high):
-        parts.append(f'<text x="{left - 5}" y="{y(ce) + 4:.1f}" text-anchor="end">{ce:.2f}</text>')
-    for i, name in enumerate(names):
-        colour = colours[i % len(colours)]
-        points = " ".join(f"{x(float(f)):.1f},{y(row[name]['ce']):.1f}"
-                          for f, row in budgets.items() if math.isfinite(row[name]["ce"]))
-        parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        label = name.replace("&", "&amp;").replace("<", "&lt;")
-        parts.append(f'<text x="{right + 10}" y="{top + 16 * (i + 1)}" fill="{colour}">{label}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"
-
-
 def print_tables(args, samples: dict, tf: dict) -> None:
     print(f"\nContinuations of {args.prompts} held-out {args.prompt_len}-byte prompts by "
           f"{args.new_tokens} bytes; judge: end to end, {2 * args.steps} steps, another seed.\n")
@@ -564,7 +484,7 @@ def main(argv):
     if args.prompt_len + args.new_tokens > seq_len:
         raise ConfigError(f"--prompt-len + --new-tokens must be <= [training] seq_len {seq_len}")
     if not args.skip_training:
-        train_runs(args, runs, out)
+        train_planned_runs(args, runs, out)
 
     models, tokenizer = {}, None
     for name, run in runs.items():
@@ -628,9 +548,9 @@ def main(argv):
     if budgets:
         print_budgets(budgets)
         result["budgets"] = budgets
-        svg = out / "budgets.svg"
-        svg.write_text(budget_svg(budgets))
-        print(f"wrote {svg}")
+        (out / "budgets.svg").write_text(budget_svg(budgets, Y_LABEL))
+        budget_png(budgets, out / "budgets.png", Y_LABEL)
+        print(f"wrote {out / 'budgets.png'} and {out / 'budgets.svg'}")
     report = Path(args.report or out / "report.json")
     report.write_text(json.dumps(result, indent=2))
     print(f"wrote {report}")
