@@ -427,8 +427,9 @@ def test_block_parallel_with_activation_checkpointing(tmp_path):
             assert s["ran_layers"] == s["grad_layers"] == list(range(4 * rank, 4 * rank + 4))
 
 
-def test_md4_report_trains_both_and_writes_the_bpc_of_each(tmp_path):
-    """tools/reports/md4.py end to end at a toy size."""
+def test_md4_report_trains_the_rows_and_writes_the_bpc_of_each_at_each_budget(tmp_path):
+    """tools/reports/md4.py end to end at a toy size: end to end, DiffusionBlocks B = 2
+    and the equal-memory model, two at a time, measured at half and all of their steps."""
     from diffusion_blocks.data.text import synthetic_sentences
 
     corpus = tmp_path / "corpus.txt"
@@ -437,14 +438,62 @@ def test_md4_report_trains_both_and_writes_the_bpc_of_each(tmp_path):
     proc = subprocess.run(
         [sys.executable, "tools/reports/md4.py", "--data", str(corpus), "--out", str(out),
          "--steps", "2", "--warmup", "1", "--eval-batches", "1", "--num-samples", "1",
+         "--num-blocks", "2", "--equal-memory-row", "--budgets", "0.5,1", "--parallel-runs", "2",
          "--training.seq_len", "32", "--training.local_batch_size", "2",
          "--validation.seq_len", "32", "--validation.local_batch_size", "2"],
         cwd=h.REPO, env=h.subprocess_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    results = json.loads((out / "report.json").read_text())["results"]
-    assert {name: r["steps"] for name, r in results.items()} == {
-        "end-to-end MD4": 2, "DiffusionBlocks B=4": 8}
+    report = json.loads((out / "report.json").read_text())
+    results = report["results"]
+    equal_memory = "end-to-end, chars_4l (equal memory, B=2)"
+    assert {name: (r["steps"], r["updates_per_block"]) for name, r in results.items()} == {
+        "end-to-end MD4": (2, 2), "DiffusionBlocks B=2": (4, 2), equal_memory: (2, 2)}
     for r in results.values():
         assert math.isfinite(r["bpc"]) and r["stderr"] >= 0 and len(r["samples"]) == 1
-    assert (out / "log_e2e.txt").is_file() and (out / "log_dblocks.txt").is_file()
+    assert {f: {n: r["step"] for n, r in row.items()} for f, row in report["budgets"].items()} == {
+        "0.5": {"end-to-end MD4": 1, "DiffusionBlocks B=2": 2, equal_memory: 1},
+        "1": {"end-to-end MD4": 2, "DiffusionBlocks B=2": 4, equal_memory: 2}}
+    assert report["budgets"]["1"]["DiffusionBlocks B=2"]["bpc"] == results["DiffusionBlocks B=2"]["bpc"]
+    for log in ("log_e2e.txt", "log_dblocks_b2.txt", "log_e2e_4l.txt"):
+        assert (out / log).is_file()
+    assert (out / "budgets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_md4_report_plans_b3_with_uneven_blocks_equal_memory_and_variants(tmp_path):
+    import importlib.util
+    reports = h.REPO / "tools" / "reports"
+    if str(reports) not in sys.path:
+        sys.path.insert(0, str(reports))
+    spec = importlib.util.spec_from_file_location("md4_report", reports / "md4.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be\n" * 20)
+    args, extra = tool.parse_args([
+        "--data", str(corpus), "--out", str(tmp_path), "--steps", "100", "--warmup", "10",
+        "--num-blocks", "4,3", "--equal-memory-row", "--budgets", "0.25,0.5,1",
+        "--checkpoint-interval", "10", "--variant", "no_time=--diffusion_blocks.time_conditioning none"])
+    runs = tool.planned_runs(args, extra, tmp_path / "train.txt", tmp_path / "heldout.txt")
+    assert {name: (run.dump, run.steps) for name, run in runs.items()} == {
+        "end-to-end MD4": ("e2e", 100),
+        "DiffusionBlocks B=4": ("dblocks_b4", 400), "DiffusionBlocks B=3": ("dblocks_b3", 300),
+        "end-to-end, chars_2l (equal memory, B=4)": ("e2e_2l", 100),
+        "end-to-end, chars_3l (equal memory, B=3)": ("e2e_3l", 100),
+        "end-to-end MD4, no_time": ("e2e_no_time", 100),
+        "DiffusionBlocks B=4, no_time": ("dblocks_b4_no_time", 400),
+        "DiffusionBlocks B=3, no_time": ("dblocks_b3_no_time", 300),
+    }
+    b3 = tool.parse_job_config(runs["DiffusionBlocks B=3"].overrides)
+    assert b3.diffusion_blocks.layers_per_block == [3, 3, 2] and b3.diffusion_blocks.num_blocks == 3
+    assert b3.lr_scheduler.warmup_steps == 30
+    assert tool.parse_job_config(runs["end-to-end, chars_3l (equal memory, B=3)"].overrides).model.flavor == "chars_3l"
+    for name in ("end-to-end MD4, no_time", "DiffusionBlocks B=4, no_time"):
+        assert tool.parse_job_config(runs[name].overrides).diffusion_blocks.time_conditioning == "none"
+    assert tool.parse_job_config(runs["DiffusionBlocks B=4"].overrides).diffusion_blocks.time_conditioning == "adaln_zero"
+    # every budget step is a checkpoint step
+    b4 = tool.parse_job_config(runs["DiffusionBlocks B=4"].overrides)
+    assert b4.checkpoint.interval == 10 and b4.checkpoint.keep_latest_k == 0
+    assert tool.block_layers(8, 3) == [3, 3, 2] and tool.block_layers(8, 4) == [2, 2, 2, 2]
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--data", str(corpus), "--num-blocks", "0"])

@@ -55,7 +55,8 @@ CHAR_VOCAB = 256 + 1  # the `char` tokenizer's bytes and [MASK]
 
 def md4_flavors() -> dict[str, MaskedDiffusionArgs]:
     """Character-level shapes (bytes + [MASK]): `chars` (CPU: 8 layers, width 128, the
-    debug configs) and `text8` (MD4's text8 network: 12 layers, width 768, 12 heads);
+    debug configs; `chars_<k>l` the same with k = 1 to 4 layers, the equal-memory
+    end-to-end models of its blocks) and `text8` (MD4's text8 network: 12 layers, width 768, 12 heads);
     torchtitan's sdpa llama3 shapes with one more vocabulary slot for [MASK]
     (`debugmodel`, `8B`, `70B`, `405B`; the Llama 3 tokenizer's 128256 ids + 1)."""
     flavors = {
@@ -66,6 +67,8 @@ def md4_flavors() -> dict[str, MaskedDiffusionArgs]:
             dim=768, n_layers=12, n_heads=12, vocab_size=CHAR_VOCAB, rope_theta=10000,
         ),
     }
+    for layers in range(1, 5):
+        flavors[f"chars_{layers}l"] = dataclasses.replace(flavors["chars"], n_layers=layers)
     for name in ("debugmodel", "8B", "70B", "405B"):
         flavors[name] = _with_mask_slot(llama3_args[name])
     return flavors
