@@ -156,7 +156,7 @@ def test_lm_report_writes_the_documented_keys(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tool, "sampler_heldout_ce", spy_sampler_ce)
     monkeypatch.setattr(tool, "judge_ce_on_bytes", spy_ngram)
-    tool.main([
+    argv = [
         "--data", str(corpus), "--out", str(out), "--steps", "2", "--warmup", "1",
         "--num-blocks", "2", "--samplers", "ancestral,euler", "--steps-per-block", "1,2",
         "--temperatures", "1.0", "--sigmas", "80,0.2", "--prompts", "4", "--prompt-len", "8",
@@ -164,9 +164,10 @@ def test_lm_report_writes_the_documented_keys(tmp_path, monkeypatch):
         "--split-draws", "1", "--ce-windows", "3", "--judge-chains", "2", "--equal-memory-row", "--budgets", "0.5,1",
         "--training.seq_len", "16", "--training.local_batch_size", "2",
         "--checkpoint.last_save_model_only",
-    ])
+    ]
+    tool.main(argv)
     report = json.loads((out / "report.json").read_text())
-    assert set(report) == {"args", "sampler_ce", "samples", "teacher_forced", "budgets"}
+    assert set(report) == {"args", "sampler_ce", "end_to_end_ce", "samples", "teacher_forced", "budgets"}
     dblocks = "DiffusionBlocks B=2"
     equal_memory = "end-to-end, debugmodel_4l (equal memory)"
     # the headline: every sampler x steps per block, every field, the twin on the same windows
@@ -230,7 +231,15 @@ def test_lm_report_writes_the_documented_keys(tmp_path, monkeypatch):
     assert report["budgets"]["0.5"]["end-to-end"]["step"] == 1
     assert report["budgets"]["1"]["end-to-end"]["ce"] == pytest.approx(
         text_metrics.next_token_ce(e2e, w[:, :-1], w[:, 1:]))
+    assert set(report["end_to_end_ce"]) == {"end-to-end", equal_memory}
+    assert report["end_to_end_ce"]["end-to-end"] == pytest.approx(report["budgets"]["1"]["end-to-end"]["ce"])
+    assert report["end_to_end_ce"][equal_memory] == pytest.approx(report["budgets"]["1"][equal_memory]["ce"])
     assert (out / "budgets.svg").read_text().startswith("<svg")
+    # --no-samples: the same held-out CEs, no sample sets
+    tool.main([*argv, "--skip-training", "--no-samples", "--budgets", "1", "--report", str(out / "ce_only.json")])
+    ce_only = json.loads((out / "ce_only.json").read_text())
+    assert ce_only["samples"] == {} and "budgets" not in ce_only
+    assert ce_only["sampler_ce"] == report["sampler_ce"]
     from PIL import Image
     with Image.open(out / "budgets.png") as plot:
         assert plot.format == "PNG" and plot.size == (900, 440)

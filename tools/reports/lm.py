@@ -6,7 +6,7 @@
         [--steps-per-block 1,2,4,8] [--temperatures 0.7,0.85,1.0] [--prompts 32]
         [--prompt-len 32] [--new-tokens 32] [--eval-windows 16] [--single-block-sigmas 80]
         [--chains 64] [--split-draws 4] [--chains-per-call 4] [--ce-windows 8] [--judge-chains 4]
-        [--no-dblocks-judge] [--equal-memory-row] [--equal-compute-row]
+        [--no-samples] [--no-dblocks-judge] [--equal-memory-row] [--equal-compute-row]
         [--budgets 0.25,0.5,1] [--checkpoint-interval N]
         [--out outputs/lm_report] [--skip-training | --train-missing] [--parallel-runs N]
         [--dblocks-args="--diffusion_blocks.key value ..."] [--lever NAME=FLAGS ...]
@@ -78,10 +78,13 @@ Prints the tables and writes <out>/report.json (or --report) with the keys:
                    and "block_loss" ({"<block>": ce}), "best_stop" ({"sigma", "block",
                    "ce", "gap_pct"})};
                    rows "<DiffusionBlocks model> <sampler> <s>/block";
+  end_to_end_ce[model]: every end-to-end model's next-token CE on the headline's windows
+                   (the equal-memory and equal-compute rows among them);
   samples[row]:    {"model", "decoding" (the sampler's settings, or null for real
                    text), "judge_ce", "distinct_1", "distinct_2", "distinct_3",
                    "unigram_entropy", "mauve", "example" (a prompt and its continuation),
                    "ngram_judge_ce" (NaN when no continuation byte is left),
+                   (empty with --no-samples)
                    "ngram_dropped_fraction" (the continuation ids >= 256 it dropped),
                    "dblocks_judge_ce" (absent with --no-dblocks-judge)};
                    rows: "held-out text", "held-out text, other prompts",
@@ -187,6 +190,9 @@ def parse_args(argv):
                              "end-to-end next-token CE beside it")
     parser.add_argument("--judge-chains", type=number_arg(int, AT_LEAST_1), default=4,
                         help="chains of the DiffusionBlocks judge's sampler CE of each sample set")
+    parser.add_argument("--no-samples", action="store_true",
+                        help="measure the held-out CEs only (headline, teacher-forced, budgets): "
+                             "no samples, judges or MAUVE; report key samples = {}")
     parser.add_argument("--no-dblocks-judge", action="store_true",
                         help="no DiffusionBlocks judge run (its column is left out)")
     parser.add_argument("--equal-memory-row", action="store_true",
@@ -385,9 +391,11 @@ def sampler_ce_rows(args, models: dict, windows) -> dict:
     return rows
 
 
-def print_sampler_ce(args, rows: dict) -> None:
+def print_sampler_ce(args, rows: dict, end_to_end_ce: dict) -> None:
     print(f"\nTHE HEADLINE: the sampler's held-out CE (nats/byte), {args.chains} chains, on "
           f"{args.ce_windows} held-out windows; end to end: next-token CE on the same positions.\n")
+    print("End-to-end models on these windows: " + "; ".join(
+        f"{name} {ce:.3f}" for name, ce in end_to_end_ce.items()) + "\n")
     print("| model | sampler | steps/block | sampler CE | +-stderr | CE at K/4, K/2, K | "
           "floor fraction | end-to-end CE | gap % |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -442,6 +450,12 @@ def print_budgets(budgets: dict) -> None:
 
 
 def print_tables(args, samples: dict, tf: dict) -> None:
+    if samples:
+        print_samples(args, samples)
+    print_teacher_forced(args, tf)
+
+
+def print_samples(args, samples: dict) -> None:
     print(f"\nContinuations of {args.prompts} held-out {args.prompt_len}-byte prompts by "
           f"{args.new_tokens} bytes; judge: end to end, {2 * args.steps} steps, another seed.\n")
     print("Secondary: the samples under three judges (nats/byte): end to end (another "
@@ -455,6 +469,11 @@ def print_tables(args, samples: dict, tf: dict) -> None:
         print(f"| {row} | {r['judge_ce']:.3f} | {r['ngram_judge_ce']:.3f} | {dblocks} | "
               f"{r['distinct_1']:.3f} | {r['distinct_2']:.3f} | "
               f"{r['distinct_3']:.3f} | {r['unigram_entropy']:.3f} | {r['mauve']:.3f} |")
+    for row, r in samples.items():
+        print(f"--- {row}:\n{r['example']}\n")
+
+
+def print_teacher_forced(args, tf: dict) -> None:
     sigmas = [f"{s:g}" for s in args.sigmas]
     print(f"\nTeacher-forced CE on {args.eval_windows} held-out windows (nats/byte): "
           "end to end, next token; DiffusionBlocks, the block owning sigma with an "
@@ -469,35 +488,16 @@ def print_tables(args, samples: dict, tf: dict) -> None:
                                for s in sigmas)
             print(f"| {name} | | {cells} |")
     print()
-    for row, r in samples.items():
-        print(f"--- {row}:\n{r['example']}\n")
 
 
-@exit_on_config_error
-def main(argv):
-    args, run_overrides = parse_args(argv)
-    out = Path(args.out)
-    check_text_file(args.data)
-    train_path, val_text = split_corpus(Path(args.data), out)
-    runs = planned_runs(args, run_overrides, train_path)
-    seq_len = parse_job_config(runs["end-to-end"].overrides).training.seq_len
-    if args.prompt_len + args.new_tokens > seq_len:
-        raise ConfigError(f"--prompt-len + --new-tokens must be <= [training] seq_len {seq_len}")
-    if not args.skip_training:
-        train_planned_runs(args, runs, out)
-
-    models, tokenizer = {}, None
-    for name, run in runs.items():
-        models[name], tokenizer, _ = load(run.overrides)
+def sample_sets(args, runs: dict, models: dict, tokenizer, ids: list[int], seq_len: int,
+                train_path: Path) -> dict:
+    """Steps 3 and 4: every set of continuations of the held-out prompts (real text,
+    every model's samples, the single-block rows), scored by the three judges, with
+    diversity and MAUVE."""
     judge = models["judge"]
     dblocks_judge = models.get(DBLOCKS_JUDGE)
     ngram = NgramLM.fit(train_path.read_bytes(), order=NGRAM_ORDER)
-    ids = tokenizer.encode(val_text)
-    eval_windows = evenly_spaced_windows(ids, seq_len + 1, args.eval_windows)
-    ce_windows = evenly_spaced_windows(ids, seq_len + 1, args.ce_windows)
-    sampler_ce = sampler_ce_rows(args, models, ce_windows)
-    print_sampler_ce(args, sampler_ce)
-
     span = args.prompt_len + args.new_tokens
     windows = evenly_spaced_windows(ids, span, 2 * args.prompts)
     prompts, truth = windows[0::2, :args.prompt_len], windows[0::2, args.prompt_len:]
@@ -541,10 +541,39 @@ def main(argv):
                 model, prompts, sigma, args.new_tokens, seq_len)
             samples[row] = judged(prompts, continuations, name)
 
+    return samples
+
+
+@exit_on_config_error
+def main(argv):
+    args, run_overrides = parse_args(argv)
+    out = Path(args.out)
+    check_text_file(args.data)
+    train_path, val_text = split_corpus(Path(args.data), out)
+    runs = planned_runs(args, run_overrides, train_path)
+    seq_len = parse_job_config(runs["end-to-end"].overrides).training.seq_len
+    if args.prompt_len + args.new_tokens > seq_len:
+        raise ConfigError(f"--prompt-len + --new-tokens must be <= [training] seq_len {seq_len}")
+    if not args.skip_training:
+        train_planned_runs(args, runs, out)
+
+    models, tokenizer = {}, None
+    for name, run in runs.items():
+        models[name], tokenizer, _ = load(run.overrides)
+    ids = tokenizer.encode(val_text)
+    eval_windows = evenly_spaced_windows(ids, seq_len + 1, args.eval_windows)
+    ce_windows = evenly_spaced_windows(ids, seq_len + 1, args.ce_windows)
+    sampler_ce = sampler_ce_rows(args, models, ce_windows)
+    end_to_end_ce = {name: next_token_ce(model, ce_windows[:, :-1], ce_windows[:, 1:])
+                     for name, model in scored_models(models).items() if not is_denoiser(model)}
+    print_sampler_ce(args, sampler_ce, end_to_end_ce)
+
+    samples = {} if args.no_samples else sample_sets(args, runs, models, tokenizer, ids, seq_len, train_path)
     tf = teacher_forced(models, eval_windows, args.sigmas)
     budgets = budget_rows(args, runs, models, ce_windows) if len(args.budgets) > 1 else {}
     print_tables(args, samples, tf)
-    result = {"args": vars(args), "sampler_ce": sampler_ce, "samples": samples, "teacher_forced": tf}
+    result = {"args": vars(args), "sampler_ce": sampler_ce, "end_to_end_ce": end_to_end_ce,
+              "samples": samples, "teacher_forced": tf}
     if budgets:
         print_budgets(budgets)
         result["budgets"] = budgets
