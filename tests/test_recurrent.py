@@ -487,6 +487,7 @@ def test_recurrent_report_writes_quality_per_r(tmp_path):
         [sys.executable, str(h.REPO / "tools" / "reports" / "recurrent.py"), "--data", str(corpus),
          "--out", str(out), "--steps", "2", "--warmup", "1", "--recurrences", "1,3",
          "--windows", "1", "--prompts", "2", "--prompt-len", "8", "--new-tokens", "4",
+         "--chains", "4", "--split-draws", "1", "--ce-windows", "2",
          "--training.seq_len", "16", "--training.local_batch_size", "2"],
         cwd=h.REPO, env=h.subprocess_env(), capture_output=True, text=True, timeout=600,
     )
@@ -499,3 +500,46 @@ def test_recurrent_report_writes_quality_per_r(tmp_path):
         assert set(per_r) == {"1", "3"}
         for row in per_r.values():
             assert 0 <= row["p_true_next"] <= 1 and math.isfinite(row["judge_ce"])
+            assert math.isfinite(row["sampler_ce"]) and row["sampler_ce"] > 0
+            # the denoiser's ancestral chains run in pairs (one split draw): K/2 and K
+            expected_k = {"2", "4"} if recipe == "dblocks" else {"1", "2", "4"}
+            assert set(row["sampler_ce_by_chains"]) == expected_k
+            assert row["sampler_ce_by_chains"]["4"] == row["sampler_ce"]
+
+
+# ---------------------------------------------------------------------------
+# The sampler's held-out CE of the recurrent denoiser (eval.sampler_ce)
+
+
+@pytest.mark.parametrize("sampler_name, r", [("euler", 3), ("heun", 2), ("ancestral", 3)])
+def test_sampler_ce_of_one_chain_is_the_ce_of_the_last_pass_of_sequence_logits(sampler_name, r):
+    """One chain: the estimator scores exactly the logits the recurrent sampler decodes
+    from at every position (`sequence_logits` with the same generator seed); its
+    profile reads the logits each of the r steps starts from (and Heun's last pass)."""
+    from diffusion_blocks.eval.sampler_ce import sampler_heldout_ce
+    from diffusion_blocks.models.llama3.sampler import DecodingConfig
+    from diffusion_blocks.models.recurrent.sampler import sequence_logits
+
+    model = build().eval()
+    windows_BT = tokens(batch=2, seq_len=SEQ_LEN + 1)
+    config = DecodingConfig(sampler=sampler_name, steps_per_block=r)
+    result = sampler_heldout_ce(model, windows_BT, config, chains=1, seed=3)
+    logits_BTV = sequence_logits(model, windows_BT[:, :-1], r, torch.Generator().manual_seed(3),
+                                 token_sampler=sampler_name)
+    log_probs_BT = torch.log_softmax(logits_BTV.double(), -1).gather(-1, windows_BT[:, 1:, None])
+    assert result.ce == pytest.approx(float(-log_probs_BT.mean()), abs=1e-5)
+    assert len(result.profile) == r + (sampler_name == "heun")
+    assert {p.block for p in result.profile} == {0}
+
+
+def test_split_draws_of_the_recurrent_chain_count_its_steps():
+    from diffusion_blocks.eval.sampler_ce import sampler_heldout_ce
+    from diffusion_blocks.models.llama3.sampler import DecodingConfig
+
+    model = build().eval()
+    windows_BT = tokens(batch=1, seq_len=SEQ_LEN + 1)
+    result = sampler_heldout_ce(model, windows_BT, DecodingConfig(sampler="ancestral", steps_per_block=2),
+                                chains=8, split_draws=3)
+    assert result.split_draws == 2 and result.chains == 8 and math.isfinite(result.ce)
+    with pytest.raises(ValueError, match="neither stop_sigma nor churn"):
+        sampler_heldout_ce(model, windows_BT, DecodingConfig(churn=1.0), chains=1)

@@ -3,7 +3,8 @@ LM quality against the inference iterations r, at equal training steps.
 
     python tools/reports/recurrent.py --data ../shared/data/tinyshakespeare.txt \
         [--job.config_file train_configs/recurrent_debug.toml] [--steps 600] \
-        [--recurrences 1,2,4,8,16,32] [--out outputs/recurrent_report] [--retrain]
+        [--recurrences 1,2,4,8,16,32] [--chains 32] [--split-draws 4] [--ce-windows 8]
+        [--out outputs/recurrent_report] [--retrain]
         [--section.key value ...]   (applied to both recurrent trainings)
 
 1. splits the file as tools/reports/lm.py does (the last 10%, at a line break, held out);
@@ -12,7 +13,12 @@ LM quality against the inference iterations r, at equal training steps.
    number of optimizer steps, timing both; and a judge: the plain end-to-end llama3
    debug model (`train_configs/llama3_text.toml`, 8 layers) for the same steps (a run
    whose final checkpoint is in --out already is not trained again unless --retrain);
-3. for every r, with the true held-out context (teacher forcing, every position of
+3. THE HEADLINE, for every r: the sampler's held-out CE on --ce-windows windows of
+   seq_len + 1 bytes, every position (eval.sampler_ce: the denoiser's chain, the
+   default ancestral sampler with its first --split-draws draws split on the true
+   token, --chains chains; the twin's last pass averaged over --chains draws of its
+   random start state), at K/4, K/2 and K chains;
+   and for every r, with the true held-out context (teacher forcing, every position of
    --windows windows of seq_len bytes): P(true next byte), the probability that the
    sampler at temperature 1 emits the true next byte (the mean over positions of the
    last pass's softmax at the true byte: one start-noise draw per position, so an
@@ -32,7 +38,9 @@ import torch
 import torch.nn.functional as F
 
 import diffusion_blocks  # noqa: F401
+from diffusion_blocks.config.bounds import AT_LEAST_1, NON_NEGATIVE, number_arg
 from diffusion_blocks.config.loader import parse_job_config
+from diffusion_blocks.eval.sampler_ce import chain_counts, mixture_log_probs, sampler_heldout_ce
 from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.eval.text import evenly_spaced_windows, judge_ce
 from diffusion_blocks.inference import load_for_inference
@@ -44,6 +52,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "train_configs" / "recurrent_debug.toml"
 JUDGE_CONFIG = REPO / "train_configs" / "llama3_text.toml"
 RECIPES = {"dblocks": [], "twin": ["--diffusion_blocks.no_enable"]}
+SAMPLER_CE_SEED = 0
 
 
 def parse_args(argv):
@@ -58,7 +67,17 @@ def parse_args(argv):
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", default=str(REPO / "outputs" / "recurrent_report"))
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--chains", type=number_arg(int, AT_LEAST_1), default=32,
+                        help="chains of the sampler's held-out CE at every r")
+    parser.add_argument("--chains-per-call", type=number_arg(int, AT_LEAST_1), default=16)
+    parser.add_argument("--split-draws", type=number_arg(int, NON_NEGATIVE), default=4,
+                        help="the denoiser's ancestral draws split on the true token "
+                             "(eval.sampler_ce; --chains a multiple of 2^D)")
+    parser.add_argument("--ce-windows", type=number_arg(int, AT_LEAST_1), default=8,
+                        help="held-out windows of seq_len + 1 for the sampler's CE")
     args, rest = parser.parse_known_args(argv)
+    if args.chains % 2 ** args.split_draws:
+        parser.error(f"--chains {args.chains}: give a multiple of 2^--split-draws = {2 ** args.split_draws}")
     if not any(a.startswith("--job.config_file") for a in rest):
         rest = ["--job.config_file", str(CONFIG), *rest]
     return args, rest
@@ -87,6 +106,33 @@ def teacher_forced(model, windows_BS: torch.Tensor, recurrence: int, batch: int 
         ce -= float(true_BT.sum())
         count += labels.numel()
     return p_true / count, ce / count
+
+
+@torch.no_grad()
+def twin_mixture_ce(model, windows_BS: torch.Tensor, recurrence: int, chains: int) -> dict:
+    """The twin's held-out CE as the sampler's: the last pass's softmax averaged over
+    `chains` draws of its random start state (the twin's only randomness), at K/4, K/2
+    and K draws, every position of the windows."""
+    generator = torch.Generator().manual_seed(SAMPLER_CE_SEED)
+    inputs, labels = windows_BS[:, :-1], windows_BS[:, 1:]
+    log_probs_KN = torch.stack([
+        F.log_softmax(sequence_logits(model, inputs, recurrence, generator).double(), -1)
+        .gather(-1, labels[..., None]).flatten()
+        for _ in range(chains)])
+    by_chains = {k: float(-mixture_log_probs(log_probs_KN, k).mean()) for k in chain_counts(chains)}
+    return {"ce": by_chains[chains], "ce_by_chains": {str(k): ce for k, ce in by_chains.items()}}
+
+
+def sampler_ce_at(model, recipe: str, windows_BS: torch.Tensor, recurrence: int, args) -> dict:
+    """The sampler's held-out CE at r: the denoiser's chain (eval.sampler_ce, the
+    default ancestral sampler, its first --split-draws draws split) or the twin's."""
+    if recipe == "twin":
+        return twin_mixture_ce(model, windows_BS, recurrence, args.chains)
+    result = sampler_heldout_ce(model, windows_BS, DecodingConfig(steps_per_block=recurrence),
+                                args.chains, seed=SAMPLER_CE_SEED, chains_per_call=args.chains_per_call,
+                                split_draws=args.split_draws)
+    return {"ce": result.ce, "ce_by_chains": {str(k): ce for k, ce in result.ce_by_chains.items()},
+            "split_draws": result.split_draws}
 
 
 @exit_on_config_error
@@ -122,13 +168,16 @@ def main(argv):
         model, _, step_folder = load_for_inference(job_config, out / recipe / "checkpoint")
         seq_len = job_config.training.seq_len
         windows = evenly_spaced_windows(held_out_ids, 1 + seq_len, args.windows)
+        ce_windows = evenly_spaced_windows(held_out_ids, 1 + seq_len, args.ce_windows)
         result = {"checkpoint": str(step_folder), "per_r": {}, "samples": {}}
         for r in recurrences:
             p_true, ce = teacher_forced(model, windows, r)
+            sampler_ce = sampler_ce_at(model, recipe, ce_windows, r, args)
             decoding = DecodingConfig(max_new_tokens=args.new_tokens, steps_per_block=r,
                                       temperature=1.0, seed=0)
             tokens = generate(model, prompts, decoding, seq_len)
             result["per_r"][str(r)] = {
+                "sampler_ce": sampler_ce["ce"], "sampler_ce_by_chains": sampler_ce["ce_by_chains"],
                 "p_true_next": p_true, "last_pass_ce": ce,
                 "judge_ce": judge_ce(judge, prompts, tokens[:, args.prompt_len:]),
             }
@@ -139,7 +188,9 @@ def main(argv):
 
     header = "| r (core iterations per token) | " + " | ".join(map(str, recurrences)) + " |"
     rule = "|---|" + "---|" * len(recurrences)
-    for key, what in (("p_true_next", "P(true next byte), teacher forcing"),
+    for key, what in (("sampler_ce", f"THE HEADLINE: the sampler's held-out CE (nats/byte), "
+                                     f"{args.chains} chains, {args.ce_windows} windows"),
+                      ("p_true_next", "P(true next byte), teacher forcing"),
                       ("judge_ce", "CE of samples under the judge (nats/byte)"),
                       ("last_pass_ce", "CE of the last pass's logits (nats/byte)")):
         print(f"\n{what}\n{header}\n{rule}")

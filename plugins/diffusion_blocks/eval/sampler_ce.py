@@ -40,8 +40,10 @@ import torch
 
 from ..models.llama3.sampler import (
     DecodingConfig, LogitsHook, TokenStep, ancestral_token_step, decoding_plan,
-    denoise_next_token_logits, is_denoiser, renoised_tokens, sample_from,
+    denoise_next_token_logits, is_denoiser, renoised_tokens, sample_from, sigma_start,
 )
+from ..models.recurrent import sampler as recurrent_sampler
+from ..models.recurrent.model import RecurrentDenoiser
 from .text import next_token_ce
 
 # p(true) below this is reported as `floor_fraction` (not clamped: the CE keeps it)
@@ -132,6 +134,31 @@ def all_positions_next_token_logits(
     return logits_NV.reshape(batch, seq_len, -1)
 
 
+def chain_logits(
+    model, context_BT: torch.Tensor, config: DecodingConfig, generator: torch.Generator,
+    table_VD: torch.Tensor | None = None, on_logits: LogitsHook | None = None,
+    token_step: TokenStep | None = None,
+) -> torch.Tensor:
+    """Every position's chain, final logits (B, T, V): the block-partitioned LM's
+    (`all_positions_next_token_logits`), or the recurrent-depth LM's r passes of its
+    one core (`models.recurrent.sampler.denoiser_logits`, r = config.steps_per_block;
+    its token is drawn from the last pass's logits)."""
+    if isinstance(model, RecurrentDenoiser):
+        return recurrent_sampler.denoiser_logits(
+            model, context_BT, config.steps_per_block, generator, config.sampler,
+            config.start_sigma, on_logits=on_logits, token_step=token_step,
+        )
+    return all_positions_next_token_logits(
+        model, context_BT, config, generator, table_VD, on_logits=on_logits, token_step=token_step)
+
+
+def chain_steps(model, config: DecodingConfig) -> int:
+    """The steps (so the ancestral draws) of one chain."""
+    if isinstance(model, RecurrentDenoiser):
+        return len(model.partition.sampling_plan(config.steps_per_block, sigma_start(model.partition, config)))
+    return len(decoding_plan(model.partition, config))
+
+
 def context_and_labels(windows_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every position's clean context and its true next token: (B, T-1) each."""
     return windows_BT[:, :-1], windows_BT[:, 1:]
@@ -209,10 +236,8 @@ def chain_log_probs(
 
     token_step = (split_draws_step(labels_N1[:, 0], labels_N1.shape[0] // copies, split_draws)
                   if split_draws else None)
-    all_positions_next_token_logits(
-        model, context_BT.repeat(copies, 1), config, generator, table_VD, on_logits=record,
-        token_step=token_step,
-    )
+    chain_logits(model, context_BT.repeat(copies, 1), config, generator, table_VD,
+                 on_logits=record, token_step=token_step)
     log_probs_CPBT = torch.stack(readings, dim=1)
     return points, pattern_log_probs(log_probs_CPBT, split_draws) if split_draws else log_probs_CPBT
 
@@ -245,6 +270,8 @@ def check_inputs(
         )
     if not is_denoiser(model):
         raise ValueError("the sampler's CE needs a block-partitioned denoiser (a model with a partition)")
+    if isinstance(model, RecurrentDenoiser) and (config.stop_sigma is not None or config.churn):
+        raise ValueError("the recurrent-depth LM's chain takes neither stop_sigma nor churn")
     if windows_BT.dim() != 2 or windows_BT.shape[0] < 1 or windows_BT.shape[1] < 2:
         raise ValueError(
             f"windows must be (B, T) with B >= 1 and T >= 2 (a context and its next "
@@ -301,7 +328,7 @@ def chains_log_probs(
     B, T - 1), the states' (sigma, block) and d; the chains run `chains_per_call` at a
     time (rounded up to whole groups) from one generator seeded `seed`."""
     check_inputs(model, windows_BT, chains, chains_per_call, config, split_draws)
-    split_draws = min(split_draws, len(decoding_plan(model.partition, config)))
+    split_draws = min(split_draws, chain_steps(model, config))
     group = 2 ** split_draws
     per_call = -(-chains_per_call // group) * group
     windows_BT = windows_BT.to(model.tok_embeddings.weight.device)

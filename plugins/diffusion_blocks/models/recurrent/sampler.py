@@ -18,7 +18,9 @@ import torch
 
 from ... import diffusion
 from ...errors import ConfigError
-from ..llama3.sampler import DecodingConfig, pick_tokens, sigma_start, TOKEN_STEPS
+from ..llama3.sampler import (
+    DecodingConfig, LogitsHook, pick_tokens, sigma_start, TokenStep, TOKEN_STEPS,
+)
 from .model import RecurrentDenoiser, RecurrentTwin
 
 
@@ -26,35 +28,46 @@ from .model import RecurrentDenoiser, RecurrentTwin
 def denoiser_logits(
     model: RecurrentDenoiser, tokens_BT: torch.Tensor, recurrence: int,
     generator: torch.Generator, token_sampler: str = "euler",
-    start_sigma: float | None = None,
+    start_sigma: float | None = None, on_logits: LogitsHook | None = None,
+    token_step: TokenStep | None = None,
 ) -> torch.Tensor:
     """r steps of the shared core for every position at once (state row j stands for
     the token after tokens_BT[:, j]), each step taken by the LM's token sampler
     (`TOKEN_STEPS`: Euler with the expected clean embedding, ancestral, or Heun); the
-    last pass's logits (B, T, V): for Heun its second pass, at sigma_min."""
+    last pass's logits (B, T, V): for Heun its second pass, at sigma_min.
+    `on_logits(sigma, 0, logits_NV)` sees the logits every step starts from and, where
+    it is another pass (Heun), the last one: as `llama3.sampler`'s hook, for the
+    sampler's held-out CE; `token_step` replaces the sampler's step there."""
     batch, seq_len = tokens_BT.shape
     table_VD = model.clean_embedding_table()
-    token_step = TOKEN_STEPS[token_sampler]
+    token_step = token_step or TOKEN_STEPS[token_sampler]
     e_BTD = model.context(tokens_BT)
     start = sigma_start(model.partition, DecodingConfig(start_sigma=start_sigma))
     z_ND = model.initial_noise_std(start) * torch.randn(
         (batch * seq_len, table_VD.shape[-1]), generator=generator
     ).to(tokens_BT.device, table_VD.dtype)
-    logits_BTV = None
+    logits_BTV, passes, reported = None, 0, 0
 
     def pass_logits(z_ND: torch.Tensor, sigma: float) -> torch.Tensor:
         """One denoiser pass at sigma; its logits (B * T, V), kept as the last pass's."""
-        nonlocal logits_BTV
+        nonlocal logits_BTV, passes
         sigma_B = torch.full((batch,), sigma, device=tokens_BT.device)
         logits_BTV = model.denoise(e_BTD, z_ND.view(batch, seq_len, -1), sigma_B).logits_BTV
+        passes += 1
         return logits_BTV.flatten(0, 1)
 
     def take_step(z_ND, logits_NV, sigma, sigma_next, next_logits):
+        nonlocal reported
+        if on_logits is not None:
+            on_logits(sigma, 0, logits_NV)
+            reported = passes
         return token_step(z_ND, logits_NV, table_VD, sigma, sigma_next, generator, next_logits)
 
     plan = model.partition.sampling_plan(recurrence, start)
     # one shared core: every entry of the plan is its pass, whichever block owns sigma
     diffusion.walk_plan(lambda z_ND, sigma, _block: pass_logits(z_ND, sigma), z_ND, plan, take_step)
+    if on_logits is not None and reported != passes:  # Heun: its last pass, at sigma_next
+        on_logits(plan[-1].sigma_next, 0, logits_BTV.flatten(0, 1))
     return logits_BTV
 
 
