@@ -107,17 +107,24 @@ def two_token_fake(monkeypatch, model, q_a, token_a, token_b, P_a_V, P_b_V):
     monkeypatch.setattr(model, "denoise", denoise)
 
 
+def two_token_mixture(monkeypatch, model, data_BT, q_a=0.3):
+    """two_token_fake with random P_a, P_b; (P_a, P_b, q_a, the CE of the averaged
+    final distribution q_a P_a + (1 - q_a) P_b on data_BT's labels)."""
+    gen = torch.Generator().manual_seed(2)
+    P_a_V = torch.softmax(4 * torch.randn(VOCAB, generator=gen), -1)
+    P_b_V = torch.softmax(4 * torch.randn(VOCAB, generator=gen), -1)
+    two_token_fake(monkeypatch, model, q_a, 5, 9, P_a_V, P_b_V)
+    labels = data_BT[:, 1:]
+    truth = float(-(q_a * P_a_V[labels] + (1 - q_a) * P_b_V[labels]).log().mean())
+    return P_a_V, P_b_V, q_a, truth
+
+
 def test_stochastic_chain_converges_to_the_ce_of_the_averaged_distribution(monkeypatch):
     """Rao-Blackwellised: the mean of the chains' softmax, not of their log-probs
     (that would converge to the mean CE of P_a and P_b, a Jensen gap above)."""
     model, data_BT = make_model(), windows()
-    gen = torch.Generator().manual_seed(2)
-    P_a_V = torch.softmax(4 * torch.randn(VOCAB, generator=gen), -1)
-    P_b_V = torch.softmax(4 * torch.randn(VOCAB, generator=gen), -1)
-    q_a = 0.3
-    two_token_fake(monkeypatch, model, q_a, 5, 9, P_a_V, P_b_V)
+    P_a_V, P_b_V, q_a, truth = two_token_mixture(monkeypatch, model, data_BT)
     labels = data_BT[:, 1:]
-    truth = float(-(q_a * P_a_V[labels] + (1 - q_a) * P_b_V[labels]).log().mean())
     mean_of_logs = float(-(q_a * P_a_V[labels].log() + (1 - q_a) * P_b_V[labels].log()).mean())
     assert mean_of_logs - truth > 1.0  # the test can tell the two apart
 
@@ -379,13 +386,7 @@ def test_split_draws_converge_to_the_sampler_distribution(monkeypatch, split_dra
     put in z; four draws, the last never split, so z at sigma_min holds a or b): the
     same limit as the plain estimator."""
     model, data_BT = make_model(num_blocks=4), windows()
-    gen = torch.Generator().manual_seed(2)
-    P_a_V = torch.softmax(4 * torch.randn(VOCAB, generator=gen), -1)
-    P_b_V = torch.softmax(4 * torch.randn(VOCAB, generator=gen), -1)
-    q_a = 0.3
-    two_token_fake(monkeypatch, model, q_a, 5, 9, P_a_V, P_b_V)
-    labels = data_BT[:, 1:]
-    truth = float(-(q_a * P_a_V[labels] + (1 - q_a) * P_b_V[labels]).log().mean())
+    truth = two_token_mixture(monkeypatch, model, data_BT)[-1]
     result = sampler_heldout_ce(model, data_BT, DecodingConfig(sampler="ancestral"), chains=512,
                                 seed=3, chains_per_call=63, split_draws=split_draws)
     assert result.ce == pytest.approx(truth, abs=0.05)

@@ -2,7 +2,10 @@
 at fractions of their steps, trained up to N at a time and resumed where they stopped,
 and the plot of a held-out figure against the budget (PNG, Pillow; SVG beside it)."""
 
+import argparse
 import math
+import re
+import shlex
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -16,6 +19,17 @@ class Run(NamedTuple):
     overrides: list[str]  # the trainer's arguments
     steps: int
     dump: str             # its folder under the report's --out
+
+
+def named_flags(text: str) -> tuple[str, list[str]]:
+    """NAME=FLAGS (a --lever or --variant): NAME names a row and its run's folder, FLAGS
+    are the trainer's --section.key value flags."""
+    name, sep, flags = text.partition("=")
+    if not sep or not re.fullmatch(r"[a-z0-9_]+", name) or not flags.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME=FLAGS, NAME of lowercase letters, digits and _ (it "
+            "names the row and its run's folder), FLAGS the trainer's --section.key value flags")
+    return name, shlex.split(flags)
 
 
 def budget_steps(steps: int, budgets: list[float]) -> list[int]:

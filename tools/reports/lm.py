@@ -125,7 +125,9 @@ from diffusion_blocks.models.llama3.args import dblocks_llama3_flavors
 from diffusion_blocks.models.llama3.sampler import (
     DecodingConfig, forwards_per_token, generate, is_denoiser, owner_of, TOKEN_STEPS,
 )
-from budget import budget_png, budget_steps, budget_svg, checkpointed, Run, train_runs
+from budget import (
+    budget_png, budget_steps, budget_svg, checkpointed, named_flags, Run, train_runs,
+)
 from common import common_overrides, split_corpus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -140,15 +142,6 @@ Y_LABEL = "held-out CE (nats/byte)"
 
 def comma_list(kind):
     return lambda text: [kind(item) for item in text.split(",") if item]
-
-
-def lever_arg(text: str) -> tuple[str, list[str]]:
-    name, sep, flags = text.partition("=")
-    if not sep or not re.fullmatch(r"[a-z0-9_]+", name) or not flags.strip():
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected NAME=FLAGS, NAME of lowercase letters, digits and _ (its "
-            "run's folder is dblocks_NAME), FLAGS the trainer's --section.key value flags")
-    return name, shlex.split(flags)
 
 
 def parse_args(argv):
@@ -215,7 +208,7 @@ def parse_args(argv):
     parser.add_argument("--train-missing", action="store_true",
                         help="train only the runs whose final checkpoint is not in --out "
                              "(e.g. the end-to-end and judge folders linked from a baseline)")
-    parser.add_argument("--lever", type=lever_arg, action="append", default=[], metavar="NAME=FLAGS",
+    parser.add_argument("--lever", type=named_flags, action="append", default=[], metavar="NAME=FLAGS",
                         help="one more DiffusionBlocks row, trained like the main one plus FLAGS "
                              "(e.g. 'balanced=--diffusion_blocks.partition explicit ...'); repeatable")
     parser.add_argument("--dblocks-args", type=shlex.split, default=[],

@@ -37,8 +37,6 @@ and, with more than one --budgets fraction, the plot <out>/budgets.png (and .svg
 
 import argparse
 import json
-import re
-import shlex
 import sys
 from pathlib import Path
 
@@ -54,7 +52,9 @@ from diffusion_blocks.models.md4.evaluation import heldout_batches, heldout_bpc
 from diffusion_blocks.models.md4.sampler import sample_text
 from diffusion_blocks.models.md4.task import build_md4_tokenizer
 from diffusion_blocks.protocols.family import TextRequest
-from budget import budget_png, budget_steps, budget_svg, checkpointed, Run, train_runs
+from budget import (
+    budget_png, budget_steps, budget_svg, checkpointed, named_flags, Run, train_runs,
+)
 from common import split_text
 from torchtitan.hf_datasets.text_datasets import build_text_validation_dataloader
 
@@ -81,15 +81,6 @@ def comma_fractions(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers") from None
 
 
-def variant_arg(text: str) -> tuple[str, list[str]]:
-    name, sep, flags = text.partition("=")
-    if not sep or not re.fullmatch(r"[a-z0-9_]+", name) or not flags.strip():
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected NAME=FLAGS, NAME of lowercase letters, digits and _, FLAGS "
-            "the trainer's --section.key value flags")
-    return name, shlex.split(flags)
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -104,7 +95,7 @@ def parse_args(argv):
                         help="B of each DiffusionBlocks row, e.g. 4,3")
     parser.add_argument("--equal-memory-row", action="store_true",
                         help="an end-to-end run with the largest block's layers per B")
-    parser.add_argument("--variant", type=variant_arg, action="append", default=[],
+    parser.add_argument("--variant", type=named_flags, action="append", default=[],
                         metavar="NAME=FLAGS",
                         help="one more end-to-end and DiffusionBlocks run per B with FLAGS; repeatable")
     parser.add_argument("--budgets", type=comma_fractions, default=[1.0],
