@@ -487,7 +487,11 @@ def test_md4_report_plans_b3_with_uneven_blocks_equal_memory_and_variants(tmp_pa
     b3 = tool.parse_job_config(runs["DiffusionBlocks B=3"].overrides)
     assert b3.diffusion_blocks.layers_per_block == [3, 3, 2] and b3.diffusion_blocks.num_blocks == 3
     assert b3.lr_scheduler.warmup_steps == 30
-    assert tool.parse_job_config(runs["end-to-end, chars_3l (equal memory, B=3)"].overrides).model.flavor == "chars_3l"
+    for name, flavor in (("end-to-end, chars_3l (equal memory, B=3)", "chars_3l"),
+                         ("end-to-end, chars_2l (equal memory, B=4)", "chars_2l")):
+        job_config = tool.parse_job_config(runs[name].overrides)
+        assert job_config.model.flavor == flavor and job_config.diffusion_blocks.num_blocks == 1
+        assert not job_config.diffusion_blocks.enable
     for name in ("end-to-end MD4, no_time", "DiffusionBlocks B=4, no_time"):
         assert tool.parse_job_config(runs[name].overrides).diffusion_blocks.time_conditioning == "none"
     assert tool.parse_job_config(runs["DiffusionBlocks B=4"].overrides).diffusion_blocks.time_conditioning == "adaln_zero"

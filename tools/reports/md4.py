@@ -165,8 +165,10 @@ def planned_runs(args, extra: list[str], train_path: Path, heldout_path: Path) -
         for blocks in args.num_blocks:
             layers = max(block_layers(n_layers, blocks))
             flavor = equal_memory_flavor(job_config.model.flavor, layers)
+            # one block: the few layers need not split into the config's B blocks
             runs[f"end-to-end, {flavor} (equal memory, B={blocks})"] = run(
-                f"e2e_{layers}l", args.steps, args.warmup, e2e, "--model.flavor", flavor)
+                f"e2e_{layers}l", args.steps, args.warmup, e2e, "--model.flavor", flavor,
+                "--diffusion_blocks.num_blocks", "1")
     for name, flags in args.variant:
         runs[f"{END_TO_END}, {name}"] = run(f"e2e_{name}", args.steps, args.warmup, e2e, *flags)
         for blocks in args.num_blocks:
