@@ -501,3 +501,17 @@ def test_md4_report_plans_b3_with_uneven_blocks_equal_memory_and_variants(tmp_pa
     assert tool.block_layers(8, 3) == [3, 3, 2] and tool.block_layers(8, 4) == [2, 2, 2, 2]
     with pytest.raises(SystemExit):
         tool.parse_args(["--data", str(corpus), "--num-blocks", "0"])
+
+
+def test_eval_bpc_refuses_held_out_sequences_longer_than_the_model_in_one_line():
+    """[validation] seq_len beyond [training] seq_len (the position table) used to end
+    in an assertion deep in torchtitan's rotary embedding."""
+    proc = subprocess.run(
+        [sys.executable, "tools/eval_bpc.py", "--job.config_file", "train_configs/md4_chars.toml",
+         "--checkpoint", "missing", "--training.seq_len", "64", "--validation.seq_len", "128"],
+        cwd=h.REPO, env=h.subprocess_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "[validation] seq_len = 128 is longer than [training] seq_len = 64, the longest "
+        "sequence the model's position table covers; set it <= 64")

@@ -23,6 +23,7 @@ import sys
 import torch
 
 import diffusion_blocks  # noqa: F401  (registers the train specs)
+from diffusion_blocks.config.checks import check_validation_seq_len
 from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.errors import ConfigError, exit_on_config_error
 from diffusion_blocks.inference import expect_model, load_model
@@ -51,6 +52,7 @@ def main(argv=None) -> None:
     args, config_args = parse_args(sys.argv[1:] if argv is None else argv)
     job_config = parse_job_config(config_args)
     expect_model(job_config, "dblocks_md4", "tools/eval_bpc.py")
+    check_validation_seq_len(job_config)
     device = torch.device(args.device)
     model, _ = load_model(job_config, args.checkpoint, device)
     loader = build_text_validation_dataloader(1, 0, build_md4_tokenizer(job_config), job_config)

@@ -47,6 +47,7 @@ from .components.checkpoint import BlockwiseCheckpointManager
 from .components.dump_lock import DumpFolderLock
 from .components.run_identity import run_identity
 from .config.loader import parse_job_config
+from .config.checks import check_validation_seq_len
 from .errors import ConfigError, exit_on_config_error, origin_of
 from .parallel.fsdp import check_supported_parallelism
 from .registry import resolve_run_spec
@@ -91,14 +92,8 @@ def select_device_type(job_config) -> str:
 
 def check_settings(job_config, device_type: str) -> None:
     """torchtitan keys that cannot act in this run are refused rather than ignored."""
-    validation, training = job_config.validation, job_config.training
-    if validation.enable and validation.seq_len > training.seq_len:
-        raise ConfigError(
-            f"{origin_of(job_config, 'validation', 'seq_len')}: [validation] seq_len = "
-            f"{validation.seq_len} is longer than [training] seq_len = {training.seq_len}, "
-            "the longest sequence the model's position table covers; set it <= "
-            f"{training.seq_len}"
-        )
+    if job_config.validation.enable:
+        check_validation_seq_len(job_config)
     if device_type == "cpu" and job_config.profiling.enable_memory_snapshot:
         raise ConfigError(
             f"{origin_of(job_config, 'profiling', 'enable_memory_snapshot')}: "

@@ -15,6 +15,7 @@ from ..diffusion.lognormal import lognormal_cdf, SIGMA_LAWS
 from ..diffusion.masking import check_masking_schedule
 from ..diffusion.partition import EXPLICIT, PARTITION_NAMES
 from ..diffusion.sampling import ODE_SAMPLERS
+from ..errors import ConfigError, origin_of
 from ..diffusion.schedules import BLOCK_SCHEDULES
 from .bounds import (
     ANY_FINITE, AT_LEAST_1, Bounds, bounds_problems, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL,
@@ -463,3 +464,17 @@ def check_dataset_registered(job_config) -> list[tuple[str, str, str]]:
 
 # checks that read several sections: (section, key, problem) triples
 JOB_CHECKS = [check_memory_budget_needs_compile, check_dataset_registered]
+
+
+def check_validation_seq_len(job_config) -> None:
+    """[validation] seq_len longer than the model's position table (its [training]
+    seq_len) is refused in one line: the trainer's validation and the tools that read
+    the [validation] data (tools/eval_bpc.py) would fail deep in the attention."""
+    validation, training = job_config.validation, job_config.training
+    if validation.seq_len > training.seq_len:
+        raise ConfigError(
+            f"{origin_of(job_config, 'validation', 'seq_len')}: [validation] seq_len = "
+            f"{validation.seq_len} is longer than [training] seq_len = {training.seq_len}, "
+            "the longest sequence the model's position table covers; set it <= "
+            f"{training.seq_len}"
+        )
