@@ -515,3 +515,15 @@ def test_eval_bpc_refuses_held_out_sequences_longer_than_the_model_in_one_line()
     assert proc.stderr.strip().splitlines()[-1].endswith(
         "[validation] seq_len = 128 is longer than [training] seq_len = 64, the longest "
         "sequence the model's position table covers; set it <= 64")
+
+
+def test_the_trainer_refuses_a_validation_longer_than_training_only_when_validation_runs():
+    from diffusion_blocks.config.loader import parse_job_config
+    from diffusion_blocks.errors import ConfigError
+    from diffusion_blocks.train import check_settings
+
+    longer = ["--job.config_file", "train_configs/md4_chars.toml", "--training.seq_len", "64",
+              "--validation.seq_len", "128"]
+    with pytest.raises(ConfigError, match=r"\[validation\] seq_len = 128 is longer than \[training\] seq_len = 64"):
+        check_settings(parse_job_config(longer), "cpu")
+    check_settings(parse_job_config([*longer, "--validation.no_enable"]), "cpu")  # not read: fine
