@@ -51,7 +51,7 @@ class DecodingConfig:
     sampler: str = DEFAULT_SAMPLER  # the denoiser's token sampler: a key of TOKEN_STEPS
     churn: float = 0.0            # EDM S_churn (0 = none)
     start_sigma: float | None = None  # None = the partition's sampling_start_sigma
-    stop_sigma: float | None = None   # None = sigma_min: the whole chain (see sampling_stop)
+    stop_sigma: float | None = None   # None = sigma_min: the whole chain (see decoding_plan)
     kv_cache: bool = True         # reuse the context's keys and values (kv_cache.py)
 
     def __post_init__(self):
@@ -219,14 +219,17 @@ def whole_plan(partition, config: DecodingConfig) -> list:
     return partition.sampling_plan(partition.num_blocks * config.steps_per_block, start)
 
 
-def decoding_plan(partition, config: DecodingConfig) -> list:
-    """The steps a token's chain takes: the whole plan, cut after the last step landing
-    at or above config.stop_sigma (whole when stop_sigma is None)."""
-    plan = whole_plan(partition, config)
-    if config.stop_sigma is None:
+def stopped(plan: list, stop_sigma: float | None) -> list:
+    """`plan` cut after the last step landing at or above stop_sigma (all of it when None)."""
+    if stop_sigma is None:
         return plan
     # relative slack: a stop_sigma typed from a printed grid point keeps that point
-    return [step for step in plan if step.sigma_next >= config.stop_sigma * (1 - 1e-9)]
+    return [step for step in plan if step.sigma_next >= stop_sigma * (1 - 1e-9)]
+
+
+def decoding_plan(partition, config: DecodingConfig) -> list:
+    """The steps a token's chain takes: the whole plan, stopped at config.stop_sigma."""
+    return stopped(whole_plan(partition, config), config.stop_sigma)
 
 
 def final_sigma(partition, plan: list, config: DecodingConfig) -> float:
@@ -259,9 +262,10 @@ def denoise_next_token_logits(
     partition = model.partition
     schedule = partition.schedule
     start = sigma_start(partition, config)
-    plan = decoding_plan(partition, config)
+    whole = whole_plan(partition, config)
+    plan = stopped(whole, config.stop_sigma)
     # the whole chain's churn: a stopped chain is the whole chain's first steps
-    gamma = diffusion.churn_gamma(config.churn, len(whole_plan(partition, config)))
+    gamma = diffusion.churn_gamma(config.churn, len(whole))
     token_step = token_step or TOKEN_STEPS[config.sampler]
     if table_VD is None:
         table_VD = model.clean_embedding_table()
