@@ -102,6 +102,12 @@ def recurrent_flavors() -> dict[str, RecurrentArgs]:
             dim=256, n_heads=8, vocab_size=2048, rope_theta=500000,
             n_prelude_layers=1, n_core_layers=2, n_coda_layers=1,
         ),
+        # dim 128, 4 heads: the budget where the LM learns (recurrent_shakespeare.toml),
+        # the width of the llama3 `small_8l` budget model
+        "small": RecurrentArgs(
+            dim=128, n_heads=4, multiple_of=128, vocab_size=2048, rope_theta=500000,
+            n_prelude_layers=1, n_core_layers=2, n_coda_layers=1,
+        ),
         # Huginn's 2-4-2 layout at debug width
         "debugmodel_2_4_2": RecurrentArgs(
             dim=256, n_heads=8, vocab_size=2048, rope_theta=500000,
