@@ -494,17 +494,58 @@ def test_recurrent_report_writes_quality_per_r(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["recurrences"] == [1, 3] and math.isfinite(report["real_text_judge_ce"])
-    assert set(report["train_seconds"]) == {"dblocks", "twin", "judge"}
+    assert set(report["rows"]) == {"dblocks", "twin"}
+    # the twin's step runs extra core passes: more FLOPs a step than the single pass
+    assert report["train_flops_per_step"]["twin"] > report["train_flops_per_step"]["dblocks"] > 0
+    assert (out / "judge" / "checkpoint" / "step-2").is_dir()
     for recipe in ("dblocks", "twin"):
-        per_r = report["recipes"][recipe]["per_r"]
+        row = report["rows"][recipe]
+        assert row["recipe"] == recipe and row["steps"] == 2
+        assert row["train_flops"] == 2 * report["train_flops_per_step"][recipe]
+        per_r = row["per_r"]
         assert set(per_r) == {"1", "3"}
-        for row in per_r.values():
-            assert 0 <= row["p_true_next"] <= 1 and math.isfinite(row["judge_ce"])
-            assert math.isfinite(row["sampler_ce"]) and row["sampler_ce"] > 0
+        for figures in per_r.values():
+            assert 0 <= figures["p_true_next"] <= 1 and math.isfinite(figures["judge_ce"])
+            assert math.isfinite(figures["sampler_ce"]) and figures["sampler_ce"] > 0
             # the denoiser's ancestral chains run in pairs (one split draw): K/2 and K
             expected_k = {"2", "4"} if recipe == "dblocks" else {"1", "2", "4"}
-            assert set(row["sampler_ce_by_chains"]) == expected_k
-            assert row["sampler_ce_by_chains"]["4"] == row["sampler_ce"]
+            assert set(figures["sampler_ce_by_chains"]) == expected_k
+            assert figures["sampler_ce_by_chains"]["4"] == figures["sampler_ce"]
+
+
+def recurrent_report_tool():
+    sys.path.insert(0, str(h.REPO / "tools" / "reports"))
+    import recurrent as tool
+    return tool
+
+
+@pytest.mark.parametrize("factor, expected", [
+    (3, ("dblocks_3x", None)),            # the twin's FLOPs fall inside the longer run
+    (1, ("dblocks_equal_compute", None)),  # no longer run: a run of its own
+])
+def test_recurrent_report_plans_the_equal_compute_and_longer_rows(tmp_path, factor, expected):
+    """--equal-compute-row reads the DiffusionBlocks run at the twin's training FLOPs:
+    the --longer-factor run's nearest checkpoint when the step lies inside it, else a
+    run of that many steps; --longer-factor F trains F x the steps and warmup."""
+    tool = recurrent_report_tool()
+    args, config_args = tool.parse_args([
+        "--steps", "40", "--warmup", "4", "--checkpoint-interval", "10", "--equal-compute-row",
+        "--longer-factor", str(factor), "--training.seq_len", "16", "--training.local_batch_size", "2"])
+    rows, flops = tool.planned_rows(args, config_args, tmp_path / "train.txt", tmp_path)
+    ratio = flops["twin"] / flops["dblocks"]
+    assert 1 < ratio < 3
+    equal = rows["dblocks, equal compute"]
+    assert equal.run.dump == expected[0] and equal.recipe == "dblocks"
+    if factor == 3:
+        longer = rows["dblocks, 3x steps"]
+        assert longer.run.steps == longer.step == 120
+        assert longer.run.overrides[longer.run.overrides.index("--lr_scheduler.warmup_steps") + 1] == "12"
+        assert equal.run is longer.run and equal.step % 10 == 0
+        assert abs(equal.step - 40 * ratio) <= 5
+    else:
+        assert equal.step == equal.run.steps == round(40 * ratio)
+    assert set(rows) >= {"dblocks", "twin"}
+    assert rows["twin"].run.overrides.count("--diffusion_blocks.no_enable") == 1
 
 
 # ---------------------------------------------------------------------------

@@ -4,16 +4,23 @@ LM quality against the inference iterations r, at equal training steps.
     python tools/reports/recurrent.py --data ../shared/data/tinyshakespeare.txt \
         [--job.config_file train_configs/recurrent_debug.toml] [--steps 600] \
         [--recurrences 1,2,4,8,16,32] [--chains 32] [--split-draws 4] [--ce-windows 8]
-        [--out outputs/recurrent_report] [--retrain]
+        [--longer-factor 3] [--equal-compute-row] [--checkpoint-interval 50]
+        [--parallel-runs 2] [--no-samples] [--out outputs/recurrent_report] [--retrain]
         [--section.key value ...]   (applied to both recurrent trainings)
 
 1. splits the file as tools/reports/lm.py does (the last 10%, at a line break, held out);
 2. trains the config with DiffusionBlocks (one core pass per step) and its end-to-end
    twin (`--diffusion_blocks.no_enable`: r drawn per step, truncated BPTT) for the same
-   number of optimizer steps, timing both; and a judge: the plain end-to-end llama3
-   debug model (`train_configs/llama3_text.toml`, 8 layers) for the same steps (a run
-   whose final checkpoint is in --out already is not trained again unless --retrain);
-3. THE HEADLINE, for every r: the sampler's held-out CE on --ce-windows windows of
+   number of optimizer steps; with --longer-factor F also DiffusionBlocks for F x the
+   steps (the paper trained its single-pass recipe 3x the epochs); with
+   --equal-compute-row the DiffusionBlocks row at the twin's training FLOPs (the
+   trainer's own count: the twin's extra core passes included), read from the longer
+   run's checkpoint at that step when it has one, else trained on its own; and, unless
+   --no-samples, a judge: the plain end-to-end llama3 debug model
+   (`train_configs/llama3_text.toml`, 8 layers) for the same steps. Runs save every
+   --checkpoint-interval steps; --train-missing trains only the runs whose final
+   checkpoint is not in --out and resumes an interrupted one;
+3. THE HEADLINE, for every row and r: the sampler's held-out CE on --ce-windows windows of
    seq_len + 1 bytes, every position (eval.sampler_ce: the denoiser's chain, the
    default ancestral sampler with its first --split-draws draws split on the true
    token, --chains chains; the twin's last pass averaged over --chains draws of its
@@ -24,8 +31,9 @@ LM quality against the inference iterations r, at equal training steps.
    last pass's softmax at the true byte: one start-noise draw per position, so an
    unbiased estimate of the probability over the start noise too), and the
    cross-entropy of the last pass's logits themselves;
-4. for every r, continuations (temperature 1) of --prompts held-out prompts, scored by
-   the judge (nats/byte; reports/lm.py's generative yardstick), beside the real text's.
+4. unless --no-samples, for every r, continuations (temperature 1) of --prompts held-out
+   prompts, scored by the judge (nats/byte; reports/lm.py's generative yardstick),
+   beside the real text's.
 Prints markdown tables and writes <out>/report.json.
 """
 
@@ -33,6 +41,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +52,12 @@ from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.eval.sampler_ce import chain_counts, mixture_log_probs, sampler_heldout_ce
 from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.eval.text import evenly_spaced_windows, judge_ce
-from diffusion_blocks.inference import load_for_inference
+from diffusion_blocks.inference import build_model, load_for_inference, single_process_parallel_dims
 from diffusion_blocks.models.llama3.sampler import DecodingConfig
 from diffusion_blocks.models.recurrent.sampler import generate, sequence_logits
-from common import common_overrides, split_corpus, train
+from diffusion_blocks.training_modes import blockwise_flops_per_token
+from budget import Run, checkpoint_interval, checkpointed, train_runs
+from common import common_overrides, split_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "train_configs" / "recurrent_debug.toml"
@@ -66,7 +77,20 @@ def parse_args(argv):
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", default=str(REPO / "outputs" / "recurrent_report"))
-    parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train every run again (default: train only what is missing, "
+                             "resuming an interrupted run from its last checkpoint)")
+    parser.add_argument("--skip-training", action="store_true",
+                        help="evaluate the checkpoints in --out as they are")
+    parser.add_argument("--longer-factor", type=number_arg(int, AT_LEAST_1), default=1,
+                        help="F > 1: a DiffusionBlocks row trained F x --steps (warmup F x)")
+    parser.add_argument("--equal-compute-row", action="store_true",
+                        help="a DiffusionBlocks row at the twin's training FLOPs")
+    parser.add_argument("--checkpoint-interval", type=number_arg(int, AT_LEAST_1), default=None,
+                        help="save every N steps as well as at the end (all kept)")
+    parser.add_argument("--parallel-runs", type=number_arg(int, AT_LEAST_1), default=1)
+    parser.add_argument("--no-samples", action="store_true",
+                        help="no judge, no continuations: the sampler's CE and teacher forcing only")
     parser.add_argument("--chains", type=number_arg(int, AT_LEAST_1), default=32,
                         help="chains of the sampler's held-out CE at every r")
     parser.add_argument("--chains-per-call", type=number_arg(int, AT_LEAST_1), default=16)
@@ -83,14 +107,62 @@ def parse_args(argv):
     return args, rest
 
 
-def recipe_overrides(config_args, train_path: Path, dump: Path, steps: int, warmup: int, recipe):
-    return [
+class Row(NamedTuple):
+    recipe: str  # "dblocks" or "twin": how its checkpoint is scored
+    run: Run
+    step: int    # the checkpoint the row reads
+
+
+def recipe_run(config_args, train_path: Path, out: Path, dump: str, recipe: str, steps: int,
+               warmup: int, interval: int | None) -> Run:
+    overrides = [
         *config_args, *RECIPES[recipe],
         "--training.dataset", "text_file", "--training.dataset_path", str(train_path),
-        "--job.dump_folder", str(dump), "--training.steps", str(steps),
-        "--lr_scheduler.warmup_steps", str(warmup), "--checkpoint.interval", str(steps),
-        "--metrics.log_freq", "50", "--metrics.no_enable_tensorboard",
+        "--job.dump_folder", str(out / dump), "--training.steps", str(steps),
+        "--lr_scheduler.warmup_steps", str(warmup),
+        "--metrics.log_freq", str(min(50, steps)), "--metrics.no_enable_tensorboard",
     ]
+    return Run(checkpointed(overrides, steps, interval, [1.0]), steps, dump)
+
+
+def training_flops_per_step(overrides: list[str]) -> int:
+    """The trainer's own FLOPs count of one optimizer step (torchtitan's per-token count,
+    the twin's extra core passes and the single pass's 2T sequence included)."""
+    job_config = parse_job_config(overrides)
+    model, model_args, _ = build_model(job_config, torch.device("cpu"), single_process_parallel_dims())
+    seq_len = job_config.training.seq_len
+    flops = model_args.get_nparams_and_flops(model, seq_len)[1]
+    if job_config.diffusion_blocks.enable:
+        flops = blockwise_flops_per_token(model, seq_len, flops)
+    return flops * seq_len * job_config.training.local_batch_size
+
+
+def planned_rows(args, config_args, train_path: Path, out: Path) -> tuple[dict[str, Row], dict[str, int]]:
+    """The rows (each a run's checkpoint) and the training FLOPs per step of each recipe."""
+    def run(dump: str, recipe: str, steps: int, warmup: int) -> Run:
+        return recipe_run(config_args, train_path, out, dump, recipe, steps, warmup,
+                          args.checkpoint_interval)
+
+    rows = {recipe: Row(recipe, run(recipe, recipe, args.steps, args.warmup), args.steps)
+            for recipe in RECIPES}
+    flops = {recipe: training_flops_per_step(row.run.overrides) for recipe, row in rows.items()}
+    longer = None
+    if args.longer_factor > 1:
+        factor = args.longer_factor
+        longer = run(f"dblocks_{factor}x", "dblocks", factor * args.steps, factor * args.warmup)
+        rows[f"dblocks, {factor}x steps"] = Row("dblocks", longer, longer.steps)
+    if args.equal_compute_row:
+        target = args.steps * flops["twin"] / flops["dblocks"]
+        if longer is not None and target <= longer.steps:
+            # the longer run's nearest checkpoint (its learning rate not yet decayed)
+            interval = checkpoint_interval(longer.steps, args.checkpoint_interval, [1.0])
+            step = max(interval, interval * round(target / interval))
+            rows["dblocks, equal compute"] = Row("dblocks", longer, step)
+        else:
+            steps = max(1, round(target))
+            own = run("dblocks_equal_compute", "dblocks", steps, round(args.warmup * steps / args.steps))
+            rows["dblocks, equal compute"] = Row("dblocks", own, steps)
+    return rows, flops
 
 
 @torch.no_grad()
@@ -135,57 +207,74 @@ def sampler_ce_at(model, recipe: str, windows_BS: torch.Tensor, recurrence: int,
             "split_draws": result.split_draws}
 
 
+def row_results(model, recipe: str, held_out_ids, judged, args, seq_len: int, tokenizer) -> dict:
+    """Every r's figures of one checkpoint; `judged` = (judge, prompts, truth) or None."""
+    windows = evenly_spaced_windows(held_out_ids, 1 + seq_len, args.windows)
+    ce_windows = evenly_spaced_windows(held_out_ids, 1 + seq_len, args.ce_windows)
+    per_r, samples = {}, {}
+    for r in args.recurrence_list:
+        p_true, ce = teacher_forced(model, windows, r)
+        sampler_ce = sampler_ce_at(model, recipe, ce_windows, r, args)
+        row = {"sampler_ce": sampler_ce["ce"], "sampler_ce_by_chains": sampler_ce["ce_by_chains"],
+               "p_true_next": p_true, "last_pass_ce": ce}
+        if judged is not None:
+            judge, prompts, _ = judged
+            decoding = DecodingConfig(max_new_tokens=args.new_tokens, steps_per_block=r,
+                                      temperature=1.0, seed=0)
+            tokens = generate(model, prompts, decoding, seq_len)
+            row["judge_ce"] = judge_ce(judge, prompts, tokens[:, args.prompt_len:])
+            samples[str(r)] = tokenizer.decode(tokens[0, args.prompt_len:].tolist())
+        per_r[str(r)] = row
+        print(recipe, r, row, repr(samples.get(str(r), "")), flush=True)
+    return {"per_r": per_r, "samples": samples}
+
+
 @exit_on_config_error
 def main(argv):
     args, config_args = parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
     train_path, val_text = split_corpus(Path(args.data), out)
-    recurrences = [int(r) for r in args.recurrences.split(",")]
-    runs = {recipe: recipe_overrides(config_args, train_path, out / recipe, args.steps,
-                                     args.warmup, recipe) for recipe in RECIPES}
-    runs["judge"] = common_overrides(JUDGE_CONFIG, train_path, out / "judge", args.steps,
-                                     args.warmup) + ["--diffusion_blocks.no_enable"]
+    args.recurrence_list = [int(r) for r in args.recurrences.split(",")]
+    rows, flops = planned_rows(args, config_args, train_path, out)
+    runs = {name: row.run for name, row in rows.items()}
+    if not args.no_samples:
+        judge_run = Run(common_overrides(JUDGE_CONFIG, train_path, out / "judge", args.steps,
+                                         args.warmup) + ["--diffusion_blocks.no_enable"],
+                        args.steps, "judge")
+        runs["judge"] = judge_run
+    if not args.skip_training:
+        train_runs(runs, out, "checkpoint", args.parallel_runs, train_missing=not args.retrain)
+
     report_path = out / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    report.update(steps=args.steps, recurrences=recurrences)
-    seconds = report.setdefault("train_seconds", {})
-    for name, overrides in runs.items():
-        if args.retrain or not (out / name / "checkpoint" / f"step-{args.steps}" / ".metadata").is_file():
-            seconds[name] = train(name, overrides, args.steps, out / f"log_{name}.txt")
-
-    judge, tokenizer = load_for_inference(
-        parse_job_config(runs["judge"]), out / "judge" / "checkpoint")[:2]
+    report = {"steps": args.steps, "recurrences": args.recurrence_list,
+              "train_flops_per_step": flops, "rows": {}}
+    tokenizer = load_for_inference(parse_job_config(rows["twin"].run.overrides),
+                                   out / "twin" / "checkpoint" / f"step-{args.steps}")[1]
     held_out_ids = tokenizer.encode(val_text)
-    windows = evenly_spaced_windows(
-        held_out_ids, args.prompt_len + args.new_tokens, args.prompts
-    )
-    prompts, truth = windows[:, :args.prompt_len], windows[:, args.prompt_len:]
-    report["real_text_judge_ce"] = judge_ce(judge, prompts, truth)
-    results = report.setdefault("recipes", {})
-    for recipe in RECIPES:
-        job_config = parse_job_config(runs[recipe])
-        model, _, step_folder = load_for_inference(job_config, out / recipe / "checkpoint")
-        seq_len = job_config.training.seq_len
-        windows = evenly_spaced_windows(held_out_ids, 1 + seq_len, args.windows)
-        ce_windows = evenly_spaced_windows(held_out_ids, 1 + seq_len, args.ce_windows)
-        result = {"checkpoint": str(step_folder), "per_r": {}, "samples": {}}
-        for r in recurrences:
-            p_true, ce = teacher_forced(model, windows, r)
-            sampler_ce = sampler_ce_at(model, recipe, ce_windows, r, args)
-            decoding = DecodingConfig(max_new_tokens=args.new_tokens, steps_per_block=r,
-                                      temperature=1.0, seed=0)
-            tokens = generate(model, prompts, decoding, seq_len)
-            result["per_r"][str(r)] = {
-                "sampler_ce": sampler_ce["ce"], "sampler_ce_by_chains": sampler_ce["ce_by_chains"],
-                "p_true_next": p_true, "last_pass_ce": ce,
-                "judge_ce": judge_ce(judge, prompts, tokens[:, args.prompt_len:]),
-            }
-            result["samples"][str(r)] = tokenizer.decode(tokens[0, args.prompt_len:].tolist())
-            print(recipe, r, result["per_r"][str(r)], repr(result["samples"][str(r)]), flush=True)
-        results[recipe] = result
+    judged = None
+    if not args.no_samples:
+        judge = load_for_inference(parse_job_config(judge_run.overrides), out / "judge" / "checkpoint")[0]
+        windows = evenly_spaced_windows(held_out_ids, args.prompt_len + args.new_tokens, args.prompts)
+        judged = judge, windows[:, :args.prompt_len], windows[:, args.prompt_len:]
+        report["real_text_judge_ce"] = judge_ce(judge, judged[1], judged[2])
+    for name, row in rows.items():
+        job_config = parse_job_config(row.run.overrides)
+        folder = out / row.run.dump / job_config.checkpoint.folder / f"step-{row.step}"
+        model = load_for_inference(job_config, folder)[0]
+        report["rows"][name] = {
+            "recipe": row.recipe, "checkpoint": str(folder), "steps": row.step,
+            "train_flops": flops[row.recipe] * row.step,
+            **row_results(model, row.recipe, held_out_ids, judged, args,
+                          job_config.training.seq_len, tokenizer),
+        }
         report_path.write_text(json.dumps(report, indent=2))
+    print_tables(report, args)
+    print(f"wrote {report_path}")
 
+
+def print_tables(report: dict, args) -> None:
+    recurrences = report["recurrences"]
     header = "| r (core iterations per token) | " + " | ".join(map(str, recurrences)) + " |"
     rule = "|---|" + "---|" * len(recurrences)
     for key, what in (("sampler_ce", f"THE HEADLINE: the sampler's held-out CE (nats/byte), "
@@ -193,12 +282,13 @@ def main(argv):
                       ("p_true_next", "P(true next byte), teacher forcing"),
                       ("judge_ce", "CE of samples under the judge (nats/byte)"),
                       ("last_pass_ce", "CE of the last pass's logits (nats/byte)")):
-        print(f"\n{what}\n{header}\n{rule}")
-        for recipe, result in results.items():
-            print(f"| {recipe} | " + " | ".join(
-                f"{result['per_r'][str(r)][key]:.3f}" for r in recurrences) + " |")
-    print(f"\nthe real held-out text under the judge: {report['real_text_judge_ce']:.3f} nats/byte;"
-          f" training seconds: {seconds}")
+        lines = [f"| {name} (step {result['steps']}, {result['train_flops']:.3g} training FLOPs) | "
+                 + " | ".join(f"{result['per_r'][str(r)][key]:.3f}" for r in recurrences) + " |"
+                 for name, result in report["rows"].items() if key in result["per_r"][str(recurrences[0])]]
+        if lines:
+            print(f"\n{what}\n{header}\n{rule}\n" + "\n".join(lines))
+    if "real_text_judge_ce" in report:
+        print(f"\nthe real held-out text under the judge: {report['real_text_judge_ce']:.3f} nats/byte")
 
 
 if __name__ == "__main__":
