@@ -37,8 +37,9 @@ class DiffusionBlocks:
     (at `sigma_boundaries`)."""
 
     sigma_boundaries: list[float] = field(default_factory=list)
-    """partition = 'explicit': the num_blocks - 1 inner boundaries, ascending (e.g. the
-    information-balanced cut `tools/balance_partition.py` measures). Set only then."""
+    """partition = 'explicit': the num_blocks - 1 inner boundaries, ascending: sigmas,
+    or times t in (0, 1) for MD4's masking process (e.g. the information-balanced or
+    equal-ELBO-share cut `tools/balance_partition.py` measures). Set only then."""
 
     overlap: float = 0.1
     """gamma: each block's interval is widened by gamma times its log-width per side."""

@@ -129,18 +129,28 @@ class MaskingSchedule:
 
     # -- the noise-level law a BlockPartition cuts (protocols.noise.NoiseLevels) ----------
 
-    def equal_alpha_times(self, num_intervals: int) -> list[float]:
-        """num_intervals + 1 ascending times cutting [0, 1] into equal decreases of alpha."""
-        m = torch.arange(num_intervals + 1, dtype=torch.float64) / num_intervals
+    def equal_alpha_times(self, num_intervals: int, lo: float = 0.0, hi: float = 1.0) -> list[float]:
+        """num_intervals + 1 ascending times cutting [lo, hi] into equal decreases of alpha."""
+        m_lo, m_hi = self.raw_masked(torch.tensor([lo, hi], dtype=torch.float64)).tolist()
+        m = m_lo + (m_hi - m_lo) * torch.arange(num_intervals + 1, dtype=torch.float64) / num_intervals
         times = self.time_of_raw_masked(m).tolist()
-        times[0], times[-1] = 0.0, 1.0  # exact ends, whatever the rounding
+        times[0], times[-1] = lo, hi  # exact ends, whatever the rounding
+        return times
+
+    def block_grid(self, boundaries: list[float], per_block: int) -> list[float]:
+        """Ascending times from 0 to 1: every block's interval cut into `per_block` equal
+        decreases of alpha (for the equiprobable partition, equal_alpha_times(B x per_block))."""
+        times = [boundaries[0]]
+        for lo, hi in zip(boundaries, boundaries[1:]):
+            times += self.equal_alpha_times(per_block, lo, hi)[1:]
         return times
 
     def boundaries(self, num_blocks: int, partition: str) -> list[float]:
         if partition != "equiprobable":
             raise ValueError(
-                f"partition {partition!r} is not defined for the masking process; its one "
-                "partition is 'equiprobable' (equal decrease of alpha_t per block)"
+                f"partition {partition!r} is not defined for the masking process: "
+                "'equiprobable' (equal decrease of alpha_t per block) or 'explicit' "
+                "(sigma_boundaries: the inner t boundaries, e.g. from tools/balance_partition.py)"
             )
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
@@ -177,12 +187,17 @@ class MaskingSchedule:
     def sampling_plan(
         self, num_steps: int, boundaries: list[float], start: float | None = None
     ) -> list[AncestralStep]:
-        """Ancestral steps from t = 1 to 0 on a grid of equal decreases of alpha (each
-        step unmasks the same expected share of the tokens), each with the block that
-        owns its t; with num_steps a multiple of B every block takes the same number.
+        """Ancestral steps from t = 1 to 0, each with the block that owns its t: with
+        num_steps a multiple of B every block takes num_steps / B steps of equal decrease
+        of alpha over its own interval (equiprobable partition: each step unmasks the
+        same expected share of the tokens), else one grid of equal decreases of alpha.
         Sampling always starts from t = 1 (all masked): `start` must be None or 1."""
         assert start is None or start == 1.0, f"masked diffusion samples from t = 1, not {start}"
-        grid = self.equal_alpha_times(num_steps)[::-1]
+        blocks = len(boundaries) - 1
+        if num_steps % blocks == 0:
+            grid = self.block_grid(list(boundaries), num_steps // blocks)[::-1]
+        else:
+            grid = self.equal_alpha_times(num_steps)[::-1]
         for i, t in enumerate(grid):  # snap onto block boundaries: no rounding hand-off
             for boundary in boundaries:
                 if abs(t - boundary) <= 1e-12:
@@ -200,3 +215,41 @@ def mask_tokens(
         tokens_BT.shape, generator=generator, device=tokens_BT.device
     ) < alpha_B.to(tokens_BT.device, torch.float32)[:, None]
     return torch.where(keep_BT, tokens_BT, torch.full_like(tokens_BT, mask_token_id))
+
+
+def elbo_share_boundaries(times: list[float], nats: list[float], num_blocks: int) -> list[float]:
+    """The B - 1 inner t boundaries that give each block an equal share of the ELBO,
+    integral over t of the integrand `nats[i]` measured at `times[i]` (nats per token:
+    w(t) times the masked tokens' CE; trapezoids between the points, the end points
+    extended flat to t = 0 and 1). The paper's partition gives each block an equal
+    share of the unmasking events instead."""
+    if len(times) != len(nats) or len(times) < 2:
+        raise ValueError("need at least two (t, ELBO integrand) points of equal count")
+    points = sorted(zip(times, nats))
+    if not all(0.0 < t < 1.0 for t, _ in points) or any(not v >= 0.0 for _, v in points):
+        raise ValueError("times must lie inside (0, 1) and the integrand be >= 0 and finite")
+    knots = [(0.0, points[0][1]), *points, (1.0, points[-1][1])]
+    areas = [0.0]
+    for (t0, v0), (t1, v1) in zip(knots, knots[1:]):
+        areas.append(areas[-1] + (t1 - t0) * (v0 + v1) / 2)
+    total = areas[-1]
+    if not (total > 0.0 and math.isfinite(total)):
+        raise ValueError("the ELBO integrand is zero everywhere: nothing to share")
+    inner = []
+    for b in range(1, num_blocks):
+        target = b / num_blocks * total
+        i = next(i for i in range(1, len(areas)) if areas[i] >= target)
+        (t0, v0), (t1, v1) = knots[i - 1], knots[i]
+        inner.append(t0 + (t1 - t0) * _trapezoid_fraction(v0, v1, (target - areas[i - 1]) / (areas[i] - areas[i - 1])))
+    return inner
+
+
+def _trapezoid_fraction(v0: float, v1: float, share: float) -> float:
+    """x in [0, 1] where the area under the line from v0 (x = 0) to v1 (x = 1) reaches
+    `share` of the whole trapezoid's."""
+    slope = v1 - v0
+    area = share * (v0 + v1) / 2
+    if abs(slope) < 1e-12 * max(v0, v1, 1e-300):
+        return share
+    # v0 x + slope x^2 / 2 = area
+    return (-v0 + math.sqrt(max(v0 * v0 + 2 * slope * area, 0.0))) / slope

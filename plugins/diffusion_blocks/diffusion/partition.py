@@ -66,7 +66,9 @@ EXPLICIT = "explicit"
 PARTITION_NAMES = sorted([*PARTITIONS, EXPLICIT])
 
 
-def explicit_boundaries(inner: list[float], num_blocks: int, lo: float, hi: float) -> list[float]:
+def explicit_boundaries(
+    inner: list[float], num_blocks: int, lo: float, hi: float, level_name: str = "sigma"
+) -> list[float]:
     """[lo, *inner, hi]: B - 1 given inner boundaries, strictly ascending inside (lo, hi)."""
     if len(inner) != num_blocks - 1:
         raise ValueError(
@@ -77,7 +79,8 @@ def explicit_boundaries(inner: list[float], num_blocks: int, lo: float, hi: floa
     if any(not (a < b) for a, b in zip(levels, levels[1:])):
         raise ValueError(
             f"sigma_boundaries {list(inner)} must be strictly ascending inside "
-            f"(sigma_min, sigma_max) = ({lo:g}, {hi:g})"
+            + (f"(sigma_min, sigma_max) = ({lo:g}, {hi:g})" if level_name == "sigma"
+               else f"({lo:g}, {hi:g}), the model's noise level being {level_name}")
         )
     return levels
 
@@ -218,10 +221,10 @@ class BlockPartition:
         counts = layers_per_block(section, n_layers)
         schedule = schedule or section.noise_schedule()
         if section.partition == EXPLICIT:
-            if schedule.level_name != "sigma":
-                raise ValueError(f"partition = 'explicit' cuts sigma; this model's noise level is {schedule.level_name}")
-            boundaries = explicit_boundaries(
-                list(section.sigma_boundaries), len(counts), section.sigma_min, section.sigma_max)
+            # sigma_boundaries hold the inner levels of the model's process (sigma, or t)
+            lo, hi = (section.sigma_min, section.sigma_max) if schedule.level_name == "sigma" else (0.0, 1.0)
+            boundaries = explicit_boundaries(list(section.sigma_boundaries), len(counts), lo, hi,
+                                             schedule.level_name)
         else:
             boundaries = schedule.boundaries(len(counts), section.partition)
         return cls(

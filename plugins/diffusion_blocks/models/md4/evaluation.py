@@ -70,7 +70,8 @@ class BpcEstimate:
 
 
 def stratum_edges(partition, draws_per_sequence: int | None) -> list[float]:
-    """Ascending t edges of S strata of equal alpha decrease, S a multiple of B."""
+    """Ascending t edges of S strata, S / B per block of equal alpha decrease over its
+    interval (the paper's partition: S strata of equal alpha decrease), S a multiple of B."""
     blocks = partition.num_blocks
     strata = draws_per_sequence or blocks * math.ceil(DEFAULT_DRAWS_PER_SEQUENCE / blocks)
     if strata % blocks:
@@ -78,7 +79,7 @@ def stratum_edges(partition, draws_per_sequence: int | None) -> list[float]:
             f"{strata} draws per sequence is not a multiple of the model's {blocks} blocks "
             "(each stratum of t must lie inside one block)"
         )
-    return partition.schedule.equal_alpha_times(strata)
+    return partition.schedule.block_grid(list(partition.boundaries), strata // blocks)
 
 
 @torch.no_grad()
@@ -124,3 +125,18 @@ def heldout_bpc(
         sequences=int(draws[0]),
         draws_per_sequence=strata,
     )
+
+
+@torch.no_grad()
+def elbo_integrand_profile(model, tokens_BT: torch.Tensor, times: list[float], seed: int = EVAL_SEED) -> list[float]:
+    """The ELBO integrand at each t of `times` (nats per token: w(t) times the masked
+    tokens' CE, averaged over the rows of `tokens_BT`), each t by the block owning it:
+    where along t the model spends its bits (tools/balance_partition.py)."""
+    generator = torch.Generator(tokens_BT.device).manual_seed(seed)
+    profile = []
+    for t in times:
+        t_B = torch.full((tokens_BT.shape[0],), t, dtype=torch.float64)
+        block = int(model.partition.block_of_level(t_B)[0])
+        nats_B = elbo_draw(model, tokens_BT, t_B.to(tokens_BT.device, torch.float32), block, generator).nats_B
+        profile.append(float(nats_B.double().mean()) / tokens_BT.shape[1])
+    return profile
