@@ -527,3 +527,27 @@ def test_the_trainer_refuses_a_validation_longer_than_training_only_when_validat
     with pytest.raises(ConfigError, match=r"\[validation\] seq_len = 128 is longer than \[training\] seq_len = 64"):
         check_settings(parse_job_config(longer), "cpu")
     check_settings(parse_job_config([*longer, "--validation.no_enable"]), "cpu")  # not read: fine
+
+
+def test_md4_report_redraws_the_budget_plot_from_a_report_alone(tmp_path, capsys):
+    """--plot-from: budgets.png from a report.json's budgets, no checkpoints; a file
+    without budgets is refused in one line."""
+    import importlib.util
+    reports = h.REPO / "tools" / "reports"
+    if str(reports) not in sys.path:
+        sys.path.insert(0, str(reports))
+    spec = importlib.util.spec_from_file_location("md4_report", reports / "md4.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"budgets": {
+        f: {"end-to-end MD4": {"bpc": 3.0 + float(f)}, "DiffusionBlocks B=4": {"bpc": 3.1 + float(f)}}
+        for f in ("0.25", "0.5", "1")}}))
+    tool.main(["--plot-from", str(report), "--out", str(tmp_path / "plot")])
+    assert (tmp_path / "plot" / "budgets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "DiffusionBlocks B=4" in (tmp_path / "plot" / "budgets.svg").read_text()
+    report.write_text(json.dumps({"results": {}}))
+    with pytest.raises(SystemExit) as stopped:
+        tool.main(["--plot-from", str(report), "--out", str(tmp_path / "plot")])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: --plot-from {report}: no 'budgets'")

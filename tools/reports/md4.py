@@ -32,7 +32,8 @@ the samples; writes <out>/report.json with the keys
   results[row]: {"bpc", "stderr", "sequences", "draws_per_sequence", "steps",
                  "updates_per_block", "samples"};
   budgets: {"<fraction>": {row: {"step", "bpc", "stderr"}}};
-and, with more than one --budgets fraction, the plot <out>/budgets.png (and .svg).
+and, with more than one --budgets fraction, the plot <out>/budgets.png (and .svg);
+`--plot-from REPORT_JSON` redraws that plot from a report alone (no checkpoints needed).
 """
 
 import argparse
@@ -107,6 +108,9 @@ def parse_args(argv):
     parser.add_argument("--num-samples", type=number_arg(int, NON_NEGATIVE), default=2)
     parser.add_argument("--out", default=str(REPO / "outputs" / "md4_report"))
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--plot-from", type=existing_file_arg, default=None, metavar="REPORT_JSON",
+                        help="only draw <out>/budgets.png (and .svg) from this report's budgets: "
+                             "no training, no evaluation")
     parser.add_argument("--train-missing", action="store_true",
                         help="train only the runs whose final checkpoint is not in --out")
     args, extra = parser.parse_known_args(argv)
@@ -231,6 +235,13 @@ def print_tables(results: dict, budgets: dict) -> None:
 def main(argv):
     args, extra = parse_args(argv)
     out = Path(args.out)
+    if args.plot_from:
+        report = json.loads(Path(args.plot_from).read_text())
+        if not isinstance(report.get("budgets"), dict) or len(report["budgets"]) < 2:
+            raise ConfigError(f"--plot-from {args.plot_from}: no 'budgets' of two or more fractions "
+                              "(a report.json of tools/reports/md4.py --budgets)")
+        plot_budgets(report["budgets"], out)
+        return
     train_path, heldout_path = split_text(Path(args.data), out)
     runs = planned_runs(args, extra, train_path, heldout_path)
     if not args.skip_training:
@@ -255,11 +266,17 @@ def main(argv):
     report = {"args": vars(args), "extra": extra, "results": results, "budgets": budgets}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     if len(args.budgets) > 1:
-        plotted = {f: {n: {"ce": r["bpc"]} for n, r in row.items()} for f, row in budgets.items()}
-        (out / "budgets.svg").write_text(budget_svg(plotted, Y_LABEL))
-        budget_png(plotted, out / "budgets.png", Y_LABEL)
-        print(f"wrote {out / 'budgets.png'}")
+        plot_budgets(budgets, out)
     print(f"wrote {out / 'report.json'}")
+
+
+def plot_budgets(budgets: dict, out: Path) -> None:
+    """budgets.png and budgets.svg in `out` from a report's {fraction: {row: {"bpc"}}}."""
+    plotted = {f: {n: {"ce": r["bpc"]} for n, r in row.items()} for f, row in budgets.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "budgets.svg").write_text(budget_svg(plotted, Y_LABEL))
+    budget_png(plotted, out / "budgets.png", Y_LABEL)
+    print(f"wrote {out / 'budgets.png'}")
 
 
 if __name__ == "__main__":
