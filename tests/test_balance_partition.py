@@ -203,3 +203,7 @@ def test_the_tool_prints_an_elbo_share_cut_for_md4_that_trains(tmp_path, monkeyp
                "--points", "8", "--windows", "2", "--num-blocks", "2"])
     flags = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("train with: ").split()
     assert flags == ["--diffusion_blocks.partition", "explicit", "--diffusion_blocks.sigma_boundaries", "0.5"]
+    # the flags train: the MD4 family reads them (the registry refuses a key it does not)
+    cut, _, _ = build_for_inference(
+        parse_job_config([*MD4_TINY, "--diffusion_blocks.num_blocks", "2", *flags]), torch.device("cpu"))
+    assert list(cut.partition.boundaries) == [0.0, 0.5, 1.0]

@@ -52,7 +52,8 @@ FAMILY = ModelFamily(
     "dblocks_md4", get_train_spec, EndToEndMaskedDiffusionLM, MaskedDiffusionTask(),
     added_by_conversion=is_added_by_conversion,
     noise_levels=masking_noise_levels, sample_text=sample_text,
-    reads=TRAINER_KEYS + PARTITION_KEYS + MASKING_KEYS + ("adaln_cond_dim", "sampling_steps"),
+    # sigma_boundaries: partition = 'explicit' in t (the masking process's level)
+    reads=TRAINER_KEYS + PARTITION_KEYS + ("sigma_boundaries",) + MASKING_KEYS + ("adaln_cond_dim", "sampling_steps"),
     twin_reads=END_TO_END_TRAINER_KEYS + MASKING_KEYS + ("adaln_cond_dim", "sampling_steps"),
-    identity_keys=PARTITION_KEYS + MASKING_KEYS + ("adaln_cond_dim",),
+    identity_keys=PARTITION_KEYS + ("sigma_boundaries",) + MASKING_KEYS + ("adaln_cond_dim",),
 )
