@@ -511,6 +511,16 @@ def test_recurrent_report_writes_quality_per_r(tmp_path):
             expected_k = {"2", "4"} if recipe == "dblocks" else {"1", "2", "4"}
             assert set(figures["sampler_ce_by_chains"]) == expected_k
             assert figures["sampler_ce_by_chains"]["4"] == figures["sampler_ce"]
+    # --skip-training evaluates what is there: the longer run, never trained, is left out
+    again = subprocess.run(
+        [*proc.args, "--skip-training", "--longer-factor", "2", "--no-samples", "--recurrences", "1"],
+        cwd=h.REPO, env=h.subprocess_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "dblocks, 2x steps: no checkpoint" in again.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["rows"]) == {"dblocks", "twin"} and "real_text_judge_ce" not in report
+    assert not (out / "dblocks_2x").exists()
 
 
 def recurrent_report_tool():

@@ -81,7 +81,8 @@ def parse_args(argv):
                         help="train every run again (default: train only what is missing, "
                              "resuming an interrupted run from its last checkpoint)")
     parser.add_argument("--skip-training", action="store_true",
-                        help="evaluate the checkpoints in --out as they are")
+                        help="evaluate the checkpoints in --out as they are (a row whose "
+                             "checkpoint is not there yet is left out)")
     parser.add_argument("--longer-factor", type=number_arg(int, AT_LEAST_1), default=1,
                         help="F > 1: a DiffusionBlocks row trained F x --steps (warmup F x)")
     parser.add_argument("--equal-compute-row", action="store_true",
@@ -261,6 +262,9 @@ def main(argv):
     for name, row in rows.items():
         job_config = parse_job_config(row.run.overrides)
         folder = out / row.run.dump / job_config.checkpoint.folder / f"step-{row.step}"
+        if args.skip_training and not (folder / ".metadata").is_file():
+            print(f"{name}: no checkpoint {folder} yet, left out", flush=True)
+            continue
         model = load_for_inference(job_config, folder)[0]
         report["rows"][name] = {
             "recipe": row.recipe, "checkpoint": str(folder), "steps": row.step,
