@@ -521,6 +521,12 @@ def test_recurrent_report_writes_quality_per_r(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report["rows"]) == {"dblocks", "twin"} and "real_text_judge_ce" not in report
     assert not (out / "dblocks_2x").exists()
+    # the same settings again: both rows kept from report.json, not evaluated again
+    third = subprocess.run(again.args, cwd=h.REPO, env=h.subprocess_env(), capture_output=True,
+                           text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert third.stdout.count("evaluated already with these settings, kept") == 2
+    assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
 
 
 def recurrent_report_tool():

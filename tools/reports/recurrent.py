@@ -18,8 +18,8 @@ LM quality against the inference iterations r, at equal training steps.
    run's checkpoint at that step when it has one, else trained on its own; and, unless
    --no-samples, a judge: the plain end-to-end llama3 debug model
    (`train_configs/llama3_text.toml`, 8 layers) for the same steps. Runs save every
-   --checkpoint-interval steps; --train-missing trains only the runs whose final
-   checkpoint is not in --out and resumes an interrupted one;
+   --checkpoint-interval steps; a run whose final checkpoint is in --out is not trained
+   again (unless --retrain) and an interrupted one resumes from its last checkpoint;
 3. THE HEADLINE, for every row and r: the sampler's held-out CE on --ce-windows windows of
    seq_len + 1 bytes, every position (eval.sampler_ce: the denoiser's chain, the
    default ancestral sampler with its first --split-draws draws split on the true
@@ -34,7 +34,9 @@ LM quality against the inference iterations r, at equal training steps.
 4. unless --no-samples, for every r, continuations (temperature 1) of --prompts held-out
    prompts, scored by the judge (nats/byte; reports/lm.py's generative yardstick),
    beside the real text's.
-Prints markdown tables and writes <out>/report.json.
+Prints markdown tables and writes <out>/report.json after every row; a row it already
+holds for the same checkpoint files and evaluation settings is kept, not evaluated again
+(--fresh-eval: evaluate every row).
 """
 
 import argparse
@@ -83,6 +85,9 @@ def parse_args(argv):
     parser.add_argument("--skip-training", action="store_true",
                         help="evaluate the checkpoints in --out as they are (a row whose "
                              "checkpoint is not there yet is left out)")
+    parser.add_argument("--fresh-eval", action="store_true",
+                        help="evaluate every row again (default: a row report.json holds for the "
+                             "same checkpoint files and evaluation settings is kept)")
     parser.add_argument("--longer-factor", type=number_arg(int, AT_LEAST_1), default=1,
                         help="F > 1: a DiffusionBlocks row trained F x --steps (warmup F x)")
     parser.add_argument("--equal-compute-row", action="store_true",
@@ -208,6 +213,13 @@ def sampler_ce_at(model, recipe: str, windows_BS: torch.Tensor, recurrence: int,
             "split_draws": result.split_draws}
 
 
+def evaluation_settings(args) -> dict:
+    """What a row's figures depend on besides its checkpoint (report.json "evaluation")."""
+    keys = ("chains", "split_draws", "ce_windows", "windows", "no_samples", "prompts",
+            "prompt_len", "new_tokens")
+    return {"recurrences": args.recurrence_list, **{k: getattr(args, k) for k in keys}}
+
+
 def row_results(model, recipe: str, held_out_ids, judged, args, seq_len: int, tokenizer) -> dict:
     """Every r's figures of one checkpoint; `judged` = (judge, prompts, truth) or None."""
     windows = evenly_spaced_windows(held_out_ids, 1 + seq_len, args.windows)
@@ -248,7 +260,11 @@ def main(argv):
         train_runs(runs, out, "checkpoint", args.parallel_runs, train_missing=not args.retrain)
 
     report_path = out / "report.json"
-    report = {"steps": args.steps, "recurrences": args.recurrence_list,
+    settings = evaluation_settings(args)
+    previous = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    # rows evaluated already, with these settings, on the same checkpoint files
+    reusable = previous.get("rows", {}) if previous.get("evaluation") == settings and not args.fresh_eval else {}
+    report = {"steps": args.steps, "recurrences": args.recurrence_list, "evaluation": settings,
               "train_flops_per_step": flops, "rows": {}}
     tokenizer = load_for_inference(parse_job_config(rows["twin"].run.overrides),
                                    out / "twin" / "checkpoint" / f"step-{args.steps}")[1]
@@ -265,10 +281,16 @@ def main(argv):
         if args.skip_training and not (folder / ".metadata").is_file():
             print(f"{name}: no checkpoint {folder} yet, left out", flush=True)
             continue
+        written = (folder / ".metadata").stat().st_mtime
+        kept = reusable.get(name, {})
+        if kept.get("checkpoint") == str(folder) and kept.get("checkpoint_mtime") == written:
+            print(f"{name}: {folder} evaluated already with these settings, kept", flush=True)
+            report["rows"][name] = kept
+            continue
         model = load_for_inference(job_config, folder)[0]
         report["rows"][name] = {
-            "recipe": row.recipe, "checkpoint": str(folder), "steps": row.step,
-            "train_flops": flops[row.recipe] * row.step,
+            "recipe": row.recipe, "checkpoint": str(folder), "checkpoint_mtime": written,
+            "steps": row.step, "train_flops": flops[row.recipe] * row.step,
             **row_results(model, row.recipe, held_out_ids, judged, args,
                           job_config.training.seq_len, tokenizer),
         }
