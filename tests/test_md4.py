@@ -460,7 +460,8 @@ def test_md4_report_trains_the_rows_and_writes_the_bpc_of_each_at_each_budget(tm
     assert (out / "budgets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_md4_report_plans_b3_with_uneven_blocks_equal_memory_and_variants(tmp_path):
+def md4_report_tool():
+    """tools/reports/md4.py as a module (its sibling modules importable)."""
     import importlib.util
     reports = h.REPO / "tools" / "reports"
     if str(reports) not in sys.path:
@@ -468,6 +469,11 @@ def test_md4_report_plans_b3_with_uneven_blocks_equal_memory_and_variants(tmp_pa
     spec = importlib.util.spec_from_file_location("md4_report", reports / "md4.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_md4_report_plans_b3_with_uneven_blocks_equal_memory_and_variants(tmp_path):
+    tool = md4_report_tool()
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("to be or not to be\n" * 20)
     args, extra = tool.parse_args([
@@ -532,13 +538,7 @@ def test_the_trainer_refuses_a_validation_longer_than_training_only_when_validat
 def test_md4_report_redraws_the_budget_plot_from_a_report_alone(tmp_path, capsys):
     """--plot-from: budgets.png from a report.json's budgets, no checkpoints; a file
     without budgets is refused in one line."""
-    import importlib.util
-    reports = h.REPO / "tools" / "reports"
-    if str(reports) not in sys.path:
-        sys.path.insert(0, str(reports))
-    spec = importlib.util.spec_from_file_location("md4_report", reports / "md4.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = md4_report_tool()
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"budgets": {
         f: {"end-to-end MD4": {"bpc": 3.0 + float(f)}, "DiffusionBlocks B=4": {"bpc": 3.1 + float(f)}}
