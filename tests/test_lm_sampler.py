@@ -39,8 +39,8 @@ def record_denoise(monkeypatch, model, logits=None) -> list[Call]:
     calls, real_denoise = [], model.denoise
     monkeypatch.setattr(kv_cache, "caches_denoiser", lambda model: False)
 
-    def denoise(tokens_BT, z_BTD, sigma_B, block):
-        out = real_denoise(tokens_BT, z_BTD, sigma_B, block)
+    def denoise(tokens_BT, z_BTD, sigma_B, block, self_cond_BTD=None):
+        out = real_denoise(tokens_BT, z_BTD, sigma_B, block, self_cond_BTD)
         if logits is not None:
             logits_BTV = out.logits_BTV.clone()
             logits_BTV[:, -1] = logits(float(sigma_B[0]), block, z_BTD.shape[0])

@@ -36,10 +36,10 @@ def fake_final_logits(monkeypatch, model, final_logits):
     `final_logits(tokens_BT, z_BTD) -> (B, T, V)`."""
     real_denoise = model.denoise
 
-    def denoise(tokens_BT, z_BTD, sigma_B, block):
+    def denoise(tokens_BT, z_BTD, sigma_B, block, self_cond_BTD=None):
         if is_sigma_min(model, sigma_B):
             return Denoised(z_BTD, final_logits(tokens_BT, z_BTD))
-        return real_denoise(tokens_BT, z_BTD, sigma_B, block)
+        return real_denoise(tokens_BT, z_BTD, sigma_B, block, self_cond_BTD)
 
     monkeypatch.setattr(model, "denoise", denoise)
 
@@ -91,7 +91,7 @@ def two_token_fake(monkeypatch, model, q_a, token_a, token_b, P_a_V, P_b_V):
     averaged over chains is q_a P_a + (1 - q_a) P_b."""
     table_VD = model.clean_embedding_table().detach()
 
-    def denoise(tokens_BT, z_BTD, sigma_B, block):
+    def denoise(tokens_BT, z_BTD, sigma_B, block, self_cond_BTD=None):
         batch, seq_len, _ = z_BTD.shape
         if is_sigma_min(model, sigma_B):
             distances_BTV = torch.cdist(z_BTD, table_VD[None].expand(batch, -1, -1))
@@ -220,9 +220,9 @@ def record_steps(monkeypatch, model) -> list[tuple[float, int]]:
     """Wrap model.denoise: every call's (sigma, block)."""
     calls, real_denoise = [], model.denoise
 
-    def denoise(tokens_BT, z_BTD, sigma_B, block):
+    def denoise(tokens_BT, z_BTD, sigma_B, block, self_cond_BTD=None):
         calls.append((round(float(sigma_B[0]), 6), block))
-        return real_denoise(tokens_BT, z_BTD, sigma_B, block)
+        return real_denoise(tokens_BT, z_BTD, sigma_B, block, self_cond_BTD)
 
     monkeypatch.setattr(model, "denoise", denoise)
     return calls
@@ -270,7 +270,7 @@ def test_the_profile_reads_every_state_of_the_chain_and_ends_at_the_final_ce():
 def test_a_chain_whose_every_state_gives_the_same_distribution_is_exact_at_every_point(monkeypatch):
     model, data_BT, W_VTV = make_model(num_blocks=4), windows(), position_logits()
 
-    def denoise(tokens_BT, z_BTD, sigma_B, block):
+    def denoise(tokens_BT, z_BTD, sigma_B, block, self_cond_BTD=None):
         return Denoised(z_BTD, by_context(W_VTV, tokens_BT))
 
     monkeypatch.setattr(model, "denoise", denoise)
@@ -346,7 +346,7 @@ def keeps_block_0s_draw(monkeypatch, model, W_VTV):
     table_VD = model.clean_embedding_table().detach()
     monkeypatch.setattr(sampler, "standard_normal_like", lambda x, generator: torch.zeros_like(x))
 
-    def denoise(tokens_BT, z_BTD, sigma_B, block):
+    def denoise(tokens_BT, z_BTD, sigma_B, block, self_cond_BTD=None):
         if block == 0:
             return Denoised(z_BTD, by_context(W_VTV, tokens_BT))
         holds_BT = (z_BTD @ table_VD.T).argmax(-1)

@@ -41,6 +41,7 @@ DIFFUSION_BLOCKS_BOUNDS = {
     "sampling_steps": AT_LEAST_1,
     "cfg_scale": NON_NEGATIVE,  # 1 = no guidance
     "label_dropout": Bounds(low=0, high=1, high_open=True),
+    "self_conditioning": Bounds(low=0, high=1, high_open=True),
     "max_nonfinite_skips": NON_NEGATIVE,
     "head_loss_chunk_rows": AT_LEAST_1,
 }

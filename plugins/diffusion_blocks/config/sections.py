@@ -88,6 +88,15 @@ class DiffusionBlocks:
     std 1/sqrt(D); sigma_data * sqrt(D) (8 for sigma_data = 0.5, D = 256) makes it
     sigma_data, the scale EDM's preconditioning assumes."""
 
+    self_conditioning: float = 0.0
+    """LM (dblocks_llama3): self-conditioning (Chen et al., Analog Bits; as CDCD and
+    Plaid). > 0: every noisy row also takes a previous estimate of its clean embedding,
+    softmax(logits) @ table, through a Linear that starts at zero. Training: for this
+    share of the sequences the block first runs without it (no gradient) and its
+    estimate is fed in; the rest get none. Sampling: each step hands its estimate to
+    the next (the next block at a block boundary). 0 = off (the paper's model); in
+    [0, 1). Costs one more forward of the block (no backward) per training step."""
+
     token_embedding_init_std: float = 0.02
     """LM (block-wise and the recurrent family): std of the token-embedding
     initialisation. Scales torchtitan's N(0, 1) draw, so 1.0 is exactly torchtitan's

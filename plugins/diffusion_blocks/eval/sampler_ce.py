@@ -102,16 +102,21 @@ def block_losses(profile) -> dict[int, float]:
 
 
 def all_positions_denoiser(model, context_BT: torch.Tensor):
-    """logits(z_ND, sigma, block) -> (N, V) with N = B * T: block `block`'s logits for
-    the token after every prefix context_BT[b, :t + 1], row b * T + t of z holding that
-    token's noisy row. One `model.denoise` call: a noisy row sees its clean prefix and
-    itself only, so the T rows of a window are T independent chains."""
+    """logits(z_ND, sigma, block, self_cond_ND=None) -> (N, V) with N = B * T: block
+    `block`'s logits for the token after every prefix context_BT[b, :t + 1], row
+    b * T + t of z (and of the self-conditioning estimates) holding that token's noisy
+    row. One `model.denoise` call: a noisy row sees its clean prefix and itself only,
+    so the T rows of a window are T independent chains."""
     batch, seq_len = context_BT.shape
 
-    def logits(z_ND: torch.Tensor, sigma: float, block: int) -> torch.Tensor:
-        z_BTD = z_ND.reshape(batch, seq_len, z_ND.shape[-1])
+    def logits(z_ND: torch.Tensor, sigma: float, block: int, self_cond_ND=None) -> torch.Tensor:
+        def per_window(x_ND):
+            return None if x_ND is None else x_ND.reshape(batch, seq_len, x_ND.shape[-1])
+
         sigma_B = torch.full((batch,), sigma, device=z_ND.device)
-        logits_BTV = model.denoise(context_BT, z_BTD, sigma_B, block).logits_BTV
+        logits_BTV = model.denoise(
+            context_BT, per_window(z_ND), sigma_B, block, per_window(self_cond_ND)
+        ).logits_BTV
         return logits_BTV.reshape(batch * seq_len, -1)
 
     return logits

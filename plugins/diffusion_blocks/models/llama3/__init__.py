@@ -48,11 +48,11 @@ FAMILY = ModelFamily(
     sample_text=partial(continue_prompt, generate, "dblocks_llama3"),
     reads=(
         TRAINER_KEYS + PARTITION_KEYS + EDM_KEYS + BLOCK0_KEYS + LM_DENOISER_KEYS
-        + ("sigma_per_token",) + HEAD_LOSS_KEYS
+        + ("sigma_per_token", "self_conditioning") + HEAD_LOSS_KEYS
     ),
     twin_reads=END_TO_END_TRAINER_KEYS + HEAD_LOSS_KEYS,
     identity_keys=(
         PARTITION_KEYS + EDM_KEYS
-        + ("sigma_per_token", "target_embedding_scale", "adaln_cond_dim")
+        + ("sigma_per_token", "target_embedding_scale", "adaln_cond_dim", "self_conditioning")
     ),
 )

@@ -17,6 +17,7 @@ class DenoiserOptions:
     target_embedding_scale: float = 1.0
     sigma_per_token: bool = False
     token_embedding_init_std: float = 0.02
+    self_conditioning: float = 0.0
 
     @classmethod
     def from_config(cls, section) -> "DenoiserOptions":

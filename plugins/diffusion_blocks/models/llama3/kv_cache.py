@@ -188,17 +188,20 @@ def layer_modulations(model: DiffusionBlocksLlama, point: Point, layers, rows) -
 
 class DenoiserKVCache(KVCache):
     def last_row_denoiser(self, model: DiffusionBlocksLlama, context_BT: torch.Tensor):
-        """sampler.last_row_denoiser through the cache: logits(z_BD, sigma, block) ->
-        (B, V), block `block`'s logits for the token after `context_BT`."""
+        """sampler.last_row_denoiser through the cache: logits(z_BD, sigma, block,
+        self_cond_BD=None) -> (B, V), block `block`'s logits for the token after
+        `context_BT`. The clean rows never see a noisy row, so the cached keys and
+        values hold for any z and self-conditioning estimate."""
         self.follow(context_BT)
 
-        def logits(z_BD: torch.Tensor, sigma: float, block: int) -> torch.Tensor:
+        def logits(z_BD: torch.Tensor, sigma: float, block: int, self_cond_BD=None) -> torch.Tensor:
             layers = [model.layers[str(i)] for i in model.partition.layer_ranges[block]]
             point = self.point(point_key(model, sigma, block), len(layers))
             new_BN = context_BT[:, point.length:]
             sigma_B = torch.full((z_BD.shape[0],), sigma, device=z_BD.device)
             z_B1D = z_BD[:, None]
-            rows = model.block_rows(new_BN, z_B1D, sigma_B, point.cond_noisy)
+            self_cond_B1D = None if self_cond_BD is None else self_cond_BD[:, None]
+            rows = model.block_rows(new_BN, z_B1D, sigma_B, point.cond_noisy, self_cond_B1D)
             modulations = layer_modulations(model, point, layers, rows)
             x_BSD = rows.x_BSD
             for layer, modulation, kv in zip(layers, modulations, point.kv):

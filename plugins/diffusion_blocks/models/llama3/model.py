@@ -15,6 +15,11 @@ noisy row of x_i share RoPE position i, so noisy row j sits at position j + 1.
 A token's clean point, target_embedding_scale * normalize(E[x]), has one definition
 (`scaled_unit_rows`, behind `clean_embedding` and `clean_embedding_table`): the clean
 rows, the training target y, and the table samplers decode against.
+
+Self-conditioning (`[diffusion_blocks] self_conditioning > 0`, docs/method.md section 9):
+a noisy row also gets W_sc s, s a previous estimate of its clean embedding
+(softmax(logits) @ table; zero when there is none) and W_sc a bias-free Linear that
+starts at zero, so the model starts as the one without it.
 """
 
 import math
@@ -23,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from torchtitan.models.attention import FlexAttentionWrapper
@@ -160,6 +166,7 @@ class DiffusionBlocksLlama(Transformer):
     options: DenoiserOptions
     sigma_embedder: SigmaEmbedder
     final_adaln: FinalAdaLN
+    self_cond_proj: nn.Linear | None  # W_sc, with self_conditioning > 0
     TOKENS_PER_LABEL = 2  # a block runs on [clean ; noisy]: 2T rows for T labels
 
     def __init__(self, model_args: DiffusionBlocksLlamaArgs):
@@ -183,6 +190,17 @@ class DiffusionBlocksLlama(Transformer):
         # N(0, std^2) and leaves every other random draw (and std = 1) as it was
         self.tok_embeddings.weight.mul_(self.options.token_embedding_init_std)
         init_denoiser_modules(self)
+
+    @property
+    def self_conditions(self) -> bool:
+        """True: noisy rows take a previous clean estimate (`self_conditioning > 0`)."""
+        return self.self_cond_proj is not None
+
+    def expected_clean(self, logits: torch.Tensor) -> torch.Tensor:
+        """softmax(logits) @ clean table: the estimate self-conditioning feeds back. The
+        table through a call of the embedding (FSDP2 gathers its weight only there)."""
+        vocab = torch.arange(self.tok_embeddings.num_embeddings, device=logits.device)
+        return diffusion.expected_clean_embedding(logits, self.clean_embedding(vocab))
 
     @property
     def sigma_per_token(self) -> bool:
@@ -226,13 +244,14 @@ class DiffusionBlocksLlama(Transformer):
 
     def denoise(
         self, tokens_BT: torch.Tensor, z_BTD: torch.Tensor, sigma: torch.Tensor,
-        block: int,
+        block: int, self_cond_BTD: torch.Tensor | None = None,
     ) -> Denoised:
         """Run block `block` on (clean tokens, noisy z) at noise levels sigma: one per
         sequence (B,), or with sigma_per_token one per noisy row (B, T) (a (B,) sigma
-        then applies to every row)."""
+        then applies to every row); `self_cond_BTD`: the noisy rows' previous clean
+        estimates (self-conditioning; None = none yet)."""
         seq_len = tokens_BT.shape[1]
-        rows = self.block_rows(tokens_BT, z_BTD, sigma)
+        rows = self.block_rows(tokens_BT, z_BTD, sigma, self_cond_BTD=self_cond_BTD)
         x_BSD = rows.x_BSD
         mask = self.attention_mask(seq_len, x_BSD.device)
         positions = denoiser_positions(seq_len, x_BSD.device)
@@ -244,12 +263,13 @@ class DiffusionBlocksLlama(Transformer):
 
     def block_rows(
         self, tokens_BT: torch.Tensor, z_BTD: torch.Tensor, sigma: torch.Tensor,
-        cond_noisy: torch.Tensor | None = None,
+        cond_noisy: torch.Tensor | None = None, self_cond_BTD: torch.Tensor | None = None,
     ) -> BlockRows:
         """A block's input rows: the clean rows of tokens_BT, then the noisy rows
-        c_in(sigma) z (T and T in `denoise`; the KV-cached decoder passes only the clean
-        rows not yet cached and one noisy row), with their condition vectors;
-        `cond_noisy`: sigma's condition where the caller keeps it (the KV cache)."""
+        c_in(sigma) z (+ W_sc self_cond with self-conditioning) (T and T in `denoise`;
+        the KV-cached decoder passes only the clean rows not yet cached and one noisy
+        row), with their condition vectors; `cond_noisy`: sigma's condition where the
+        caller keeps it (the KV cache)."""
         sigma_data = self.partition.schedule.sigma_data
         sigma = sigma.to(z_BTD.dtype)
         if self.sigma_per_token and sigma.dim() == 1:
@@ -260,10 +280,15 @@ class DiffusionBlocksLlama(Transformer):
                 "[diffusion_blocks] sigma_per_token = true"
             )
         sigma_z = diffusion.broadcast_sigma(sigma, z_BTD)
-        x_BSD = torch.cat(
-            [self.clean_embedding(tokens_BT), diffusion.c_in(sigma_z, sigma_data) * z_BTD],
-            dim=1,
-        )
+        noisy_BTD = diffusion.c_in(sigma_z, sigma_data) * z_BTD
+        if self_cond_BTD is not None:
+            if not self.self_conditions:
+                raise ValueError(
+                    "a self-conditioning estimate was given to a model without it: "
+                    "set [diffusion_blocks] self_conditioning > 0"
+                )
+            noisy_BTD = noisy_BTD + self.self_cond_proj(self_cond_BTD.to(noisy_BTD.dtype))
+        x_BSD = torch.cat([self.clean_embedding(tokens_BT), noisy_BTD], dim=1)
         # (B, C) per sequence; per token (B, T, C) for the noisy rows
         if cond_noisy is None:
             cond_noisy = self.sigma_embedder(diffusion.c_noise(sigma))
@@ -286,17 +311,18 @@ class DiffusionBlocksLlama(Transformer):
     def forward(
         self, tokens_BT: torch.Tensor, labels_BT: torch.Tensor, *, block: int,
         noise_BTD: torch.Tensor, sigma_B: torch.Tensor | None = None,
-        sigma_BT: torch.Tensor | None = None,
+        sigma_BT: torch.Tensor | None = None, self_cond_BTD: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Training forward: noise the labels' clean embeddings at sigma_B (one per
         sequence) or sigma_BT (one per token, with sigma_per_token), denoise with one
-        block, return the logits at the noisy rows (B, T, vocab)."""
+        block (given the self-conditioning estimate, if any), return the logits at the
+        noisy rows (B, T, vocab)."""
         if (sigma_B is None) == (sigma_BT is None):
             raise TypeError("give exactly one of sigma_B (per sequence) and sigma_BT (per token)")
         sigma = sigma_B if sigma_BT is None else sigma_BT
         y_BTD = self.clean_embedding(labels_BT)
         z_BTD = y_BTD + diffusion.broadcast_sigma(sigma, y_BTD) * noise_BTD
-        return self.denoise(tokens_BT, z_BTD, sigma, block).logits_BTV
+        return self.denoise(tokens_BT, z_BTD, sigma, block, self_cond_BTD).logits_BTV
 
 
 # ---------------------------------------------------------------------------
@@ -305,7 +331,9 @@ class DiffusionBlocksLlama(Transformer):
 # The state-dict keys of the modules convert_to_denoiser adds (and only those): a stock
 # llama3 checkpoint lacks exactly these, and the checkpoint loader
 # (diffusion_blocks.checkpoint) leaves them freshly initialised.
-ADDED_BY_CONVERSION = re.compile(r"(sigma_embedder|final_adaln|layers\.\d+\.adaln)\.")
+ADDED_BY_CONVERSION = re.compile(
+    r"(sigma_embedder|final_adaln|self_cond_proj|layers\.\d+\.adaln)\."
+)
 
 
 def is_added_by_conversion(key: str) -> bool:
@@ -334,6 +362,10 @@ def convert_to_denoiser(
     with torch.device(reference.device):
         model.sigma_embedder = SigmaEmbedder(cond_dim).to(reference.dtype)
         model.final_adaln = FinalAdaLN(dim, cond_dim=cond_dim).to(reference.dtype)
+        model.self_cond_proj = (
+            nn.Linear(dim, dim, bias=False).to(reference.dtype)
+            if options.self_conditioning > 0 else None
+        )
         for layer in model.layers.values():
             layer.adaln = AdaLNModulation(cond_dim, dim, num_chunks=6).to(reference.dtype)
             layer.__class__ = DenoiserLayer
@@ -351,5 +383,7 @@ def init_denoiser_modules(model: DiffusionBlocksLlama) -> None:
     """Initialise only the modules the conversion added (AdaLN-Zero starts at zero)."""
     model.sigma_embedder.init_weights()
     model.final_adaln.init_weights()
+    if model.self_cond_proj is not None:  # zero: the model starts as the one without it
+        nn.init.zeros_(model.self_cond_proj.weight)
     for layer in model.layers.values():
         layer.adaln.init_weights()

@@ -173,17 +173,44 @@ def owner_of(partition, sigma: float) -> int:
     return int(partition.block_of_level(torch.tensor([sigma], dtype=torch.float64)))
 
 
+def in_last_row(x_BD: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """(B, T, D) zeros but for the last row, x_BD (None stays None)."""
+    if x_BD is None:
+        return None
+    x_BTD = x_BD.new_zeros(x_BD.shape[0], seq_len, x_BD.shape[-1])
+    x_BTD[:, -1] = x_BD
+    return x_BTD
+
+
 def last_row_denoiser(model, context_BT: torch.Tensor):
-    """logits(z_BD, sigma, block) -> (B, V): block `block`'s logits for the token after
-    `context_BT`, its noisy row holding z_BD. A noisy row sees the clean prefix and
-    itself only, so the other noisy rows do not matter: they are zeros."""
+    """logits(z_BD, sigma, block, self_cond_BD=None) -> (B, V): block `block`'s logits
+    for the token after `context_BT`, its noisy row holding z_BD (and the previous clean
+    estimate self_cond_BD, with self-conditioning). A noisy row sees the clean prefix
+    and itself only, so the other noisy rows do not matter: they are zeros."""
     batch, seq_len = context_BT.shape
 
-    def logits(z_BD: torch.Tensor, sigma: float, block: int) -> torch.Tensor:
-        z_BTD = z_BD.new_zeros(batch, seq_len, z_BD.shape[-1])
-        z_BTD[:, -1] = z_BD
+    def logits(z_BD: torch.Tensor, sigma: float, block: int, self_cond_BD=None) -> torch.Tensor:
         sigma_B = torch.full((batch,), sigma, device=z_BD.device)
-        return model.denoise(context_BT, z_BTD, sigma_B, block).logits_BTV[:, -1]
+        denoised = model.denoise(
+            context_BT, in_last_row(z_BD, seq_len), sigma_B, block,
+            in_last_row(self_cond_BD, seq_len),
+        )
+        return denoised.logits_BTV[:, -1]
+
+    return logits
+
+
+def self_conditioned(block_logits, table_VD: torch.Tensor):
+    """block_logits(z, sigma, block) of a self-conditioning model: each call gets the
+    previous call's clean estimate softmax(logits) @ table (the previous step's, the
+    previous block's at a block boundary); the chain's first call gets none."""
+    estimate = None
+
+    def logits(z_BD: torch.Tensor, sigma: float, block: int) -> torch.Tensor:
+        nonlocal estimate
+        logits_BV = block_logits(z_BD, sigma, block, estimate)
+        estimate = diffusion.expected_clean_embedding(logits_BV, table_VD).to(z_BD.dtype)
+        return logits_BV
 
     return logits
 
@@ -255,7 +282,8 @@ def denoise_next_token_logits(
     each step starts from, then the final ones): what a chain stopped there would draw.
     `token_step` replaces config.sampler's step (an estimator's variant of it).
     `last_row(model, context_BT)` gives the block calls' function (`last_row_denoiser`,
-    or a KV cache's); `table_VD` the model's clean_embedding_table() where the caller
+    or a KV cache's; a self-conditioning model's calls pass on their estimates,
+    `self_conditioned`); `table_VD` the model's clean_embedding_table() where the caller
     has it (generate makes it once, not per token). `rows`: the noisy rows the chain
     runs, one per context row unless the block calls' function takes more (B * T for
     sampler_ce.all_positions_denoiser, every position's next token); (rows, V) back."""
@@ -270,6 +298,8 @@ def denoise_next_token_logits(
     if table_VD is None:
         table_VD = model.clean_embedding_table()
     block_logits = last_row(model, context_BT)
+    if getattr(model, "self_conditions", False):
+        block_logits = self_conditioned(block_logits, table_VD)
     rows = context_BT.shape[0] if rows is None else rows
     z_BD = uninformative_state((rows, table_VD.shape[1]), start, generator, table_VD)
 

@@ -3,6 +3,8 @@ embeddings, or plain next-token CE for the end-to-end twin. With `[diffusion_blo
 head_loss = "chunked"` the model's head computes each label's CE itself (no
 full-vocabulary logits kept for backward) and the task sums them, weighted the same."""
 
+from functools import partial
+
 import torch
 
 from ...diffusion.objectives import (
@@ -12,6 +14,19 @@ from ...diffusion.objectives import (
     weighted_cross_entropy_sums,
 )
 from ..cross_entropy_head import scores_labels_in_head, scoring_labels
+
+
+@torch.no_grad()
+def self_conditioning_input(model, run, generator) -> torch.Tensor:
+    """The self-conditioning estimates of a training step (B, T, D): for a share
+    `self_conditioning` of the sequences (drawn per sequence) the block's own clean
+    estimate from a first pass without one (no gradient), zero for the rest (they
+    train the sampler's first step, which has none)."""
+    estimate_BTD = model.expected_clean(run())
+    batch = estimate_BTD.shape[0]
+    draws_B = torch.rand(batch, generator=generator, device=generator.device)
+    keep_B = (draws_B < model.options.self_conditioning).to(estimate_BTD.device)
+    return estimate_BTD * keep_B[:, None, None].to(estimate_BTD.dtype)
 
 
 class LanguageModelTask:
@@ -30,8 +45,14 @@ class LanguageModelTask:
         sigma_kwarg = {"sigma_BT": sigma} if sigma.dim() == 2 else {"sigma_B": sigma}
         sigma_data = model.partition.schedule.sigma_data
 
-        def run():
-            return model(tokens_BT, labels, block=block, noise_BTD=noise_BTD, **sigma_kwarg)
+        def run(self_cond_BTD=None):
+            return model(
+                tokens_BT, labels, block=block, noise_BTD=noise_BTD,
+                self_cond_BTD=self_cond_BTD, **sigma_kwarg,
+            )
+
+        if model.self_conditions:
+            run = partial(run, self_conditioning_input(model, run, generator))
 
         if scores_labels_in_head(model):
             with scoring_labels(model, labels):
