@@ -135,7 +135,7 @@ SAMPLER_CE_KEYS = {"model", "sampler", "steps_per_block", "chains", "windows", "
                    "split_draws", "profile", "block_end_ce", "block_loss", "best_stop"}
 
 
-def test_lm_report_writes_the_documented_keys(tmp_path, monkeypatch):
+def test_lm_report_writes_the_documented_keys(tmp_path, monkeypatch, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(synthetic_sentences(300)) + "\n")
     out = tmp_path / "report"
@@ -240,6 +240,22 @@ def test_lm_report_writes_the_documented_keys(tmp_path, monkeypatch):
     ce_only = json.loads((out / "ce_only.json").read_text())
     assert ce_only["samples"] == {} and "budgets" not in ce_only
     assert ce_only["sampler_ce"] == report["sampler_ce"]
+    # --skip-training leaves out a row whose final checkpoint is missing, and needs the
+    # end-to-end run's and (for samples) the judge's
+    (out / "e2e_equal_memory").rename(tmp_path / "moved_away")
+    tool.main([*argv, "--skip-training", "--no-samples", "--budgets", "1", "--report", str(out / "left_out.json")])
+    left_out = json.loads((out / "left_out.json").read_text())
+    assert set(left_out["end_to_end_ce"]) == {"end-to-end"}
+    assert left_out["sampler_ce"] == report["sampler_ce"]
+    (out / "judge").rename(tmp_path / "judge_away")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([*argv, "--skip-training", "--budgets", "1"])
+    assert exit_info.value.code == 2 and "the samples need the judge's checkpoint" in capsys.readouterr().err
+    (out / "e2e").rename(tmp_path / "e2e_away")
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([*argv, "--skip-training", "--no-samples", "--budgets", "1"])
+    assert exit_info.value.code == 2 and "end-to-end run" in capsys.readouterr().err
     from PIL import Image
     with Image.open(out / "budgets.png") as plot:
         assert plot.format == "PNG" and plot.size == (900, 440)

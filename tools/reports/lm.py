@@ -29,7 +29,9 @@
    them). --parallel-runs N trains N runs at once (one core each). Every run saves a
    checkpoint every --checkpoint-interval steps and at each --budgets step, all kept,
    and --train-missing trains again every run whose final checkpoint is missing:
-   torchtitan resumes it from its last checkpoint. Further `--section.key value`
+   torchtitan resumes it from its last checkpoint; --skip-training trains nothing and
+   leaves out every row whose final checkpoint is missing (a lever's row measured
+   beside figures recorded earlier, say). Further `--section.key value`
    arguments go to every run (and to loading the models);
 3. continues held-out prompts: the end-to-end model at each of --temperatures, each
    DiffusionBlocks model with each token sampler at each --steps-per-block (greedy final
@@ -320,6 +322,29 @@ def train_planned_runs(args, runs: dict[str, Run], out: Path) -> None:
     train_runs(runs, out, folder, args.parallel_runs, args.train_missing, waits_for)
 
 
+def trained_runs(args, runs: dict[str, Run], out: Path) -> dict[str, Run]:
+    """--skip-training: the runs whose final checkpoint is there; the others are left
+    out with a line each (every row needs the end-to-end run's, the samples the
+    judge's)."""
+    folder = checkpoint_folder(runs["end-to-end"].overrides)
+    kept = {}
+    for name, run in runs.items():
+        final = out / run.dump / folder / f"step-{run.steps}"
+        if (final / ".metadata").is_file():
+            kept[name] = run
+        else:
+            print(f"{name}: no checkpoint {final}, left out", flush=True)
+    if "end-to-end" not in kept:
+        raise ConfigError(
+            f"--skip-training: every row is compared with the end-to-end run, which has "
+            f"no checkpoint in {out / runs['end-to-end'].dump}; train it first")
+    if "judge" not in kept and not args.no_samples:
+        raise ConfigError(
+            f"--skip-training: the samples need the judge's checkpoint "
+            f"({out / runs['judge'].dump}); train it, or add --no-samples")
+    return kept
+
+
 def checkpoint_folder(overrides: list[str]) -> str:
     return parse_job_config(overrides).checkpoint.folder
 
@@ -547,7 +572,9 @@ def main(argv):
     seq_len = parse_job_config(runs["end-to-end"].overrides).training.seq_len
     if args.prompt_len + args.new_tokens > seq_len:
         raise ConfigError(f"--prompt-len + --new-tokens must be <= [training] seq_len {seq_len}")
-    if not args.skip_training:
+    if args.skip_training:
+        runs = trained_runs(args, runs, out)
+    else:
         train_planned_runs(args, runs, out)
 
     models, tokenizer = {}, None
