@@ -70,7 +70,7 @@ def test_teacher_forced_ce_is_the_owning_blocks_ce_on_an_uninformative_input(mon
     tokens, labels = windows[:, :-1], windows[:, 1:]
     seen = []
 
-    def denoise(tokens_BT, z_BTD, sigma_B, block):
+    def denoise(tokens_BT, z_BTD, sigma_B, block, self_cond_BTD=None):
         seen.append((z_BTD, sigma_B, block))
         return Denoised(z_BTD, favour(labels, vocab, margin))
 
@@ -92,7 +92,7 @@ def test_single_block_continuations_draw_from_the_owning_block_alone(monkeypatch
     prompts = torch.randint(0, vocab, (3, 5), generator=torch.Generator().manual_seed(1))
     seen = []
 
-    def denoise(tokens_BT, z_BTD, sigma_B, block):
+    def denoise(tokens_BT, z_BTD, sigma_B, block, self_cond_BTD=None):
         seen.append((tokens_BT.clone(), z_BTD[:, -1], sigma_B, block))
         # the token favoured: (last context token + 1) mod vocab, by a wide margin
         favoured = (tokens_BT[:, -1:] + 1).expand(-1, tokens_BT.shape[1]) % vocab
