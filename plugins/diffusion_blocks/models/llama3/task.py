@@ -45,14 +45,14 @@ class LanguageModelTask:
         sigma_kwarg = {"sigma_BT": sigma} if sigma.dim() == 2 else {"sigma_B": sigma}
         sigma_data = model.partition.schedule.sigma_data
 
-        def run(self_cond_BTD=None):
+        def run(**self_conditioning):  # self_cond_BTD= only for a model that takes it
             return model(
-                tokens_BT, labels, block=block, noise_BTD=noise_BTD,
-                self_cond_BTD=self_cond_BTD, **sigma_kwarg,
+                tokens_BT, labels, block=block, noise_BTD=noise_BTD, **sigma_kwarg,
+                **self_conditioning,
             )
 
-        if model.self_conditions:
-            run = partial(run, self_conditioning_input(model, run, generator))
+        if getattr(model, "self_conditions", False):  # the recurrent LM shares this task
+            run = partial(run, self_cond_BTD=self_conditioning_input(model, run, generator))
 
         if scores_labels_in_head(model):
             with scoring_labels(model, labels):
