@@ -51,7 +51,7 @@ class LanguageModelTask:
                 **self_conditioning,
             )
 
-        if getattr(model, "self_conditions", False):  # the recurrent LM shares this task
+        if model.self_conditions:
             run = partial(run, self_cond_BTD=self_conditioning_input(model, run, generator))
 
         if scores_labels_in_head(model):

@@ -150,6 +150,8 @@ class RecurrentDenoiser(RecurrentDepthLM):
     """DiffusionBlocks: core + coda are one denoiser for every sigma; a training step
     runs the core once (the single block of `partition` owns all of [sigma_min, sigma_max])."""
 
+    self_conditions = False  # the LM task it shares asks (only the Llama denoiser has it)
+
     def __init__(self, model_args: RecurrentArgs):
         super().__init__(model_args)
         self.partition = model_args.partition
