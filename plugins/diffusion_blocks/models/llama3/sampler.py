@@ -298,7 +298,7 @@ def denoise_next_token_logits(
     if table_VD is None:
         table_VD = model.clean_embedding_table()
     block_logits = last_row(model, context_BT)
-    if getattr(model, "self_conditions", False):
+    if model.self_conditions:
         block_logits = self_conditioned(block_logits, table_VD)
     rows = context_BT.shape[0] if rows is None else rows
     z_BD = uninformative_state((rows, table_VD.shape[1]), start, generator, table_VD)
