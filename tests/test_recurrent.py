@@ -542,11 +542,13 @@ def recurrent_report_tool():
 def test_recurrent_report_plans_the_equal_compute_and_longer_rows(tmp_path, factor, expected):
     """--equal-compute-row reads the DiffusionBlocks run at the twin's training FLOPs:
     the --longer-factor run's nearest checkpoint when the step lies inside it, else a
-    run of that many steps; --longer-factor F trains F x the steps and warmup."""
+    run of that many steps; --longer-factor F trains F x the steps and warmup, and
+    --twin-longer-factor F the twin likewise."""
     tool = recurrent_report_tool()
     args, config_args = tool.parse_args([
         "--steps", "40", "--warmup", "4", "--checkpoint-interval", "10", "--equal-compute-row",
-        "--longer-factor", str(factor), "--training.seq_len", "16", "--training.local_batch_size", "2"])
+        "--longer-factor", str(factor), "--twin-longer-factor", str(factor),
+        "--training.seq_len", "16", "--training.local_batch_size", "2"])
     rows, flops = tool.planned_rows(args, config_args, tmp_path / "train.txt", tmp_path)
     ratio = flops["twin"] / flops["dblocks"]
     assert 1 < ratio < 3
@@ -558,8 +560,15 @@ def test_recurrent_report_plans_the_equal_compute_and_longer_rows(tmp_path, fact
         assert longer.run.overrides[longer.run.overrides.index("--lr_scheduler.warmup_steps") + 1] == "12"
         assert equal.run is longer.run and equal.step % 10 == 0
         assert abs(equal.step - 40 * ratio) <= 5
+        twin_longer = rows["twin, 3x steps"]
+        assert twin_longer.recipe == "twin" and twin_longer.run.dump == "twin_3x"
+        assert twin_longer.run.steps == twin_longer.step == 120
+        overrides = twin_longer.run.overrides
+        assert overrides[overrides.index("--lr_scheduler.warmup_steps") + 1] == "12"
+        assert overrides.count("--diffusion_blocks.no_enable") == 1
     else:
         assert equal.step == equal.run.steps == round(40 * ratio)
+        assert not any(name.startswith("twin, ") for name in rows)
     assert set(rows) >= {"dblocks", "twin"}
     assert rows["twin"].run.overrides.count("--diffusion_blocks.no_enable") == 1
 

@@ -4,7 +4,7 @@ LM quality against the inference iterations r, at equal training steps.
     python tools/reports/recurrent.py --data ../shared/data/tinyshakespeare.txt \
         [--job.config_file train_configs/recurrent_debug.toml] [--steps 600] \
         [--recurrences 1,2,4,8,16,32] [--chains 32] [--split-draws 4] [--ce-windows 8]
-        [--longer-factor 3] [--equal-compute-row] [--checkpoint-interval 50]
+        [--longer-factor 3] [--twin-longer-factor 3] [--equal-compute-row] [--checkpoint-interval 50]
         [--parallel-runs 2] [--no-samples] [--out outputs/recurrent_report] [--retrain]
         [--section.key value ...]   (applied to both recurrent trainings)
 
@@ -13,6 +13,8 @@ LM quality against the inference iterations r, at equal training steps.
    twin (`--diffusion_blocks.no_enable`: r drawn per step, truncated BPTT) for the same
    number of optimizer steps; with --longer-factor F also DiffusionBlocks for F x the
    steps (the paper trained its single-pass recipe 3x the epochs); with
+   --twin-longer-factor F also the twin for F x the steps (row "twin, Fx steps": the
+   twin at a budget where it learns, beside the single pass at equal steps); with
    --equal-compute-row the DiffusionBlocks row at the twin's training FLOPs (the
    trainer's own count: the twin's extra core passes included), read from the longer
    run's checkpoint at that step when it has one, else trained on its own; and, unless
@@ -90,6 +92,8 @@ def parse_args(argv):
                              "same checkpoint files and evaluation settings is kept)")
     parser.add_argument("--longer-factor", type=number_arg(int, AT_LEAST_1), default=1,
                         help="F > 1: a DiffusionBlocks row trained F x --steps (warmup F x)")
+    parser.add_argument("--twin-longer-factor", type=number_arg(int, AT_LEAST_1), default=1,
+                        help="F > 1: a twin row trained F x --steps (warmup F x)")
     parser.add_argument("--equal-compute-row", action="store_true",
                         help="a DiffusionBlocks row at the twin's training FLOPs")
     parser.add_argument("--checkpoint-interval", type=number_arg(int, AT_LEAST_1), default=None,
@@ -157,6 +161,10 @@ def planned_rows(args, config_args, train_path: Path, out: Path) -> tuple[dict[s
         factor = args.longer_factor
         longer = run(f"dblocks_{factor}x", "dblocks", factor * args.steps, factor * args.warmup)
         rows[f"dblocks, {factor}x steps"] = Row("dblocks", longer, longer.steps)
+    if args.twin_longer_factor > 1:
+        factor = args.twin_longer_factor
+        twin_longer = run(f"twin_{factor}x", "twin", factor * args.steps, factor * args.warmup)
+        rows[f"twin, {factor}x steps"] = Row("twin", twin_longer, twin_longer.steps)
     if args.equal_compute_row:
         target = args.steps * flops["twin"] / flops["dblocks"]
         if longer is not None and target <= longer.steps:
