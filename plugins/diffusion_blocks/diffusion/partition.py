@@ -16,24 +16,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, TYPE_CHECKING
+from typing import Callable
 
 import torch
 
 from ..errors import ConfigError, origin_of
 from ..protocols.noise import NoiseLevels
-from .lognormal import lognormal_cdf, lognormal_icdf, SIGMA_LAWS
-
-if TYPE_CHECKING:
-    from .edm import NoiseSchedule
-    from .masking import MaskingSchedule
+from .lognormal import LogNormalLaw, lognormal_cdf, lognormal_icdf, SIGMA_LAWS
 
 
 # ---------------------------------------------------------------------------
 # Partitions of [sigma_min, sigma_max] into B intervals (ascending boundaries)
 
 
-def equiprobable_boundaries(num_blocks: int, schedule: NoiseSchedule) -> list[float]:
+def equiprobable_boundaries(num_blocks: int, schedule: LogNormalLaw) -> list[float]:
     """B+1 ascending boundaries, each interval holding 1/B of the truncated log-normal."""
     q_min = lognormal_cdf(schedule.sigma_min, schedule)
     q_max = lognormal_cdf(schedule.sigma_max, schedule)
@@ -44,7 +40,7 @@ def equiprobable_boundaries(num_blocks: int, schedule: NoiseSchedule) -> list[fl
     return [schedule.sigma_min, *inner, schedule.sigma_max]
 
 
-def uniform_log_boundaries(num_blocks: int, schedule: NoiseSchedule) -> list[float]:
+def uniform_log_boundaries(num_blocks: int, schedule: LogNormalLaw) -> list[float]:
     """B+1 ascending boundaries with equal widths in ln(sigma) (the paper's ablation)."""
     log_lo, log_hi = math.log(schedule.sigma_min), math.log(schedule.sigma_max)
     inner = [
@@ -54,7 +50,7 @@ def uniform_log_boundaries(num_blocks: int, schedule: NoiseSchedule) -> list[flo
     return [schedule.sigma_min, *inner, schedule.sigma_max]
 
 
-PARTITIONS: dict[str, Callable[[int, NoiseSchedule], list[float]]] = {
+PARTITIONS: dict[str, Callable[[int, LogNormalLaw], list[float]]] = {
     "equiprobable": equiprobable_boundaries,
     "uniform_log": uniform_log_boundaries,
 }
@@ -116,7 +112,7 @@ def information_balanced_boundaries(
 
 
 def block_sigma_boundaries(
-    num_blocks: int, schedule: NoiseSchedule, partition: str = "equiprobable"
+    num_blocks: int, schedule: LogNormalLaw, partition: str = "equiprobable"
 ) -> list[float]:
     if partition not in PARTITIONS:
         raise ValueError(
@@ -145,7 +141,7 @@ def block_of_sigma(sigma: torch.Tensor, boundaries: list[float]) -> torch.Tensor
 
 
 def widen_interval(
-    lo: float, hi: float, overlap: float, schedule: NoiseSchedule
+    lo: float, hi: float, overlap: float, schedule: LogNormalLaw
 ) -> tuple[float, float]:
     """Widen [lo, hi] by `overlap` times its log-width on each side, clipped to the range."""
     # multiplicative form: exactly (lo, hi) at overlap 0, no exp(log(x)) round-off
@@ -156,7 +152,7 @@ def widen_interval(
 
 
 def block_training_interval(
-    block: int, boundaries: list[float], overlap: float, schedule: NoiseSchedule
+    block: int, boundaries: list[float], overlap: float, schedule: LogNormalLaw
 ) -> tuple[float, float]:
     """The (widened) interval block `block` draws its training sigmas from."""
     lo, hi = block_interval(block, boundaries)
@@ -205,7 +201,7 @@ class BlockPartition:
     layer_counts: tuple[int, ...]  # layers per block, block 0 first
     boundaries: tuple[float, ...]  # noise levels, ascending, B+1 values
     overlap: float
-    schedule: NoiseSchedule | MaskingSchedule  # the noise process (NoiseLevels)
+    schedule: NoiseLevels  # the noise process: edm.NoiseSchedule or masking.MaskingSchedule
     block0_sigma_sampling: str = "lognormal"
     """How block 0 (the highest interval) draws its training sigmas: a key of
     lognormal.SIGMA_LAWS, 'lognormal' being the noise process's own law (the only one

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, TYPE_CHECKING
+from typing import Any, Callable
 
 import torch
 
-from .lognormal import lognormal_cdf, lognormal_icdf
+from .lognormal import LogNormalLaw, lognormal_cdf, lognormal_icdf
 from .partition import block_of_sigma
-
-if TYPE_CHECKING:
-    from .edm import NoiseSchedule
 
 
 def sampling_sigmas(
-    num_steps: int, schedule: NoiseSchedule, start_sigma: float | None = None
+    num_steps: int, schedule: LogNormalLaw, start_sigma: float | None = None
 ) -> list[float]:
     """num_steps + 1 equi-probability points of the log-normal truncated to
     [sigma_min, start_sigma], descending, both ends included. start_sigma defaults to
@@ -60,7 +57,7 @@ class EulerStep:
 
 
 def sampling_plan(
-    num_steps: int, boundaries: list[float], schedule: NoiseSchedule,
+    num_steps: int, boundaries: list[float], schedule: LogNormalLaw,
     start_sigma: float | None = None,
 ) -> list[EulerStep]:
     """The steps from start_sigma (default sigma_max) to sigma_min, each with the blocks
