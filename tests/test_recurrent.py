@@ -566,6 +566,13 @@ def test_recurrent_report_plans_the_equal_compute_and_longer_rows(tmp_path, fact
         overrides = twin_longer.run.overrides
         assert overrides[overrides.index("--lr_scheduler.warmup_steps") + 1] == "12"
         assert overrides.count("--diffusion_blocks.no_enable") == 1
+        # the longer twin's FLOPs lie past the longer run: a run of its own
+        equal_longer = rows["dblocks, equal compute to the 3x steps twin"]
+        assert equal_longer.recipe == "dblocks" and equal_longer.run.dump == "dblocks_equal_compute_3x"
+        assert equal_longer.step == equal_longer.run.steps == round(120 * ratio)
+        overrides = equal_longer.run.overrides
+        assert overrides[overrides.index("--lr_scheduler.warmup_steps") + 1] == str(round(4 * round(120 * ratio) / 40))
+        assert "--diffusion_blocks.no_enable" not in overrides
     else:
         assert equal.step == equal.run.steps == round(40 * ratio)
         assert not any(name.startswith("twin, ") for name in rows)

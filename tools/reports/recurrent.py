@@ -15,9 +15,11 @@ LM quality against the inference iterations r, at equal training steps.
    steps (the paper trained its single-pass recipe 3x the epochs); with
    --twin-longer-factor F also the twin for F x the steps (row "twin, Fx steps": the
    twin at a budget where it learns, beside the single pass at equal steps); with
-   --equal-compute-row the DiffusionBlocks row at the twin's training FLOPs (the
-   trainer's own count: the twin's extra core passes included), read from the longer
-   run's checkpoint at that step when it has one, else trained on its own; and, unless
+   --equal-compute-row a DiffusionBlocks row at each twin row's training FLOPs (the
+   trainer's own count: the twin's extra core passes included; "dblocks, equal compute",
+   and "dblocks, equal compute to the Fx steps twin" for the longer twin), read from the
+   longer run's checkpoint at that step when it has one, else trained on its own
+   (dblocks_equal_compute, dblocks_equal_compute_Fx); and, unless
    --no-samples, a judge: the plain end-to-end llama3 debug model
    (`train_configs/llama3_text.toml`, 8 layers) for the same steps. Runs save every
    --checkpoint-interval steps; a run whose final checkpoint is in --out is not trained
@@ -166,16 +168,21 @@ def planned_rows(args, config_args, train_path: Path, out: Path) -> tuple[dict[s
         twin_longer = run(f"twin_{factor}x", "twin", factor * args.steps, factor * args.warmup)
         rows[f"twin, {factor}x steps"] = Row("twin", twin_longer, twin_longer.steps)
     if args.equal_compute_row:
-        target = args.steps * flops["twin"] / flops["dblocks"]
-        if longer is not None and target <= longer.steps:
-            # the longer run's nearest checkpoint (its learning rate not yet decayed)
-            interval = checkpoint_interval(longer.steps, args.checkpoint_interval, [1.0])
-            step = max(interval, interval * round(target / interval))
-            rows["dblocks, equal compute"] = Row("dblocks", longer, step)
-        else:
-            steps = max(1, round(target))
-            own = run("dblocks_equal_compute", "dblocks", steps, round(args.warmup * steps / args.steps))
-            rows["dblocks, equal compute"] = Row("dblocks", own, steps)
+        # one DiffusionBlocks row at each twin row's training FLOPs
+        for twin_name, twin in [(name, row) for name, row in rows.items() if row.recipe == "twin"]:
+            suffix = "" if twin_name == "twin" else f" to the {twin_name.removeprefix('twin, ')} twin"
+            name = f"dblocks, equal compute{suffix}"
+            target = twin.step * flops["twin"] / flops["dblocks"]
+            if longer is not None and target <= longer.steps:
+                # the longer run's nearest checkpoint (its learning rate not yet decayed)
+                interval = checkpoint_interval(longer.steps, args.checkpoint_interval, [1.0])
+                step = max(interval, interval * round(target / interval))
+                rows[name] = Row("dblocks", longer, step)
+            else:
+                steps = max(1, round(target))
+                dump = "dblocks_equal_compute" + ("" if twin_name == "twin" else f"_{twin.step // args.steps}x")
+                own = run(dump, "dblocks", steps, round(args.warmup * steps / args.steps))
+                rows[name] = Row("dblocks", own, steps)
     return rows, flops
 
 
