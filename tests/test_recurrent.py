@@ -580,6 +580,34 @@ def test_recurrent_report_plans_the_equal_compute_and_longer_rows(tmp_path, fact
     assert rows["twin"].run.overrides.count("--diffusion_blocks.no_enable") == 1
 
 
+def test_recurrent_report_scores_the_denoiser_with_the_chosen_sampler():
+    """--sampler: the denoiser's teacher-forced figures and its sampler CE run the chain
+    that sampler takes (Euler and ancestral chains differ at r = 3), draws are split
+    only for ancestral, and the sampler is part of the evaluation settings."""
+    from diffusion_blocks.models.recurrent.sampler import sequence_logits
+
+    tool = recurrent_report_tool()
+    with pytest.raises(SystemExit):  # 4 chains, 2^4 split draws: refused for ancestral
+        tool.parse_args(["--chains", "4"])
+    model = build().eval()
+    windows_BS = torch.randint(0, model.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    figures = {}
+    for sampler in ("euler", "ancestral"):
+        args, _ = tool.parse_args(["--sampler", sampler, "--chains", "4" if sampler == "euler" else "16"])
+        args.recurrence_list = [3]  # main() sets it from --recurrences
+        assert tool.evaluation_settings(args)["sampler"] == sampler
+        p_true, ce = tool.teacher_forced(model, windows_BS, 3, sampler)
+        logits = sequence_logits(model, windows_BS[:, :-1], 3, torch.Generator().manual_seed(0),
+                                 token_sampler=sampler)
+        true_BT = torch.log_softmax(logits.float(), -1).gather(-1, windows_BS[:, 1:, None]).squeeze(-1)
+        assert p_true == pytest.approx(float(true_BT.exp().mean()), rel=1e-5)
+        assert ce == pytest.approx(float(-true_BT.mean()), rel=1e-5)
+        result = tool.sampler_ce_at(model, "dblocks", windows_BS, 3, args)
+        assert (result["split_draws"] > 0) == (sampler == "ancestral")
+        figures[sampler] = (p_true, ce)
+    assert figures["euler"] != figures["ancestral"]
+
+
 # ---------------------------------------------------------------------------
 # The sampler's held-out CE of the recurrent denoiser (eval.sampler_ce)
 

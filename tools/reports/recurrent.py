@@ -5,7 +5,8 @@ LM quality against the inference iterations r, at equal training steps.
         [--job.config_file train_configs/recurrent_debug.toml] [--steps 600] \
         [--recurrences 1,2,4,8,16,32] [--chains 32] [--split-draws 4] [--ce-windows 8]
         [--longer-factor 3] [--twin-longer-factor 3] [--equal-compute-row] [--checkpoint-interval 50]
-        [--parallel-runs 2] [--no-samples] [--out outputs/recurrent_report] [--retrain]
+        [--parallel-runs 2] [--no-samples] [--sampler ancestral|euler|heun]
+        [--out outputs/recurrent_report] [--report PATH] [--retrain]
         [--section.key value ...]   (applied to both recurrent trainings)
 
 1. splits the file as tools/reports/lm.py does (the last 10%, at a line break, held out);
@@ -25,20 +26,21 @@ LM quality against the inference iterations r, at equal training steps.
    --checkpoint-interval steps; a run whose final checkpoint is in --out is not trained
    again (unless --retrain) and an interrupted one resumes from its last checkpoint;
 3. THE HEADLINE, for every row and r: the sampler's held-out CE on --ce-windows windows of
-   seq_len + 1 bytes, every position (eval.sampler_ce: the denoiser's chain, the
-   default ancestral sampler with its first --split-draws draws split on the true
-   token, --chains chains; the twin's last pass averaged over --chains draws of its
+   seq_len + 1 bytes, every position (eval.sampler_ce: the denoiser's chain taken by
+   --sampler, the default ancestral one with its first --split-draws draws split on the
+   true token, --chains chains; the twin's last pass averaged over --chains draws of its
    random start state), at K/4, K/2 and K chains;
    and for every r, with the true held-out context (teacher forcing, every position of
    --windows windows of seq_len bytes): P(true next byte), the probability that the
    sampler at temperature 1 emits the true next byte (the mean over positions of the
-   last pass's softmax at the true byte: one start-noise draw per position, so an
+   last pass's softmax at the true byte, the denoiser's chain again taken by --sampler:
+   one start-noise draw per position, so an
    unbiased estimate of the probability over the start noise too), and the
    cross-entropy of the last pass's logits themselves;
 4. unless --no-samples, for every r, continuations (temperature 1) of --prompts held-out
    prompts, scored by the judge (nats/byte; reports/lm.py's generative yardstick),
    beside the real text's.
-Prints markdown tables and writes <out>/report.json after every row; a row it already
+Prints markdown tables and writes --report (<out>/report.json) after every row; a row it already
 holds for the same checkpoint files and evaluation settings is kept, not evaluated again
 (--fresh-eval: evaluate every row).
 """
@@ -59,7 +61,7 @@ from diffusion_blocks.eval.sampler_ce import chain_counts, mixture_log_probs, sa
 from diffusion_blocks.errors import exit_on_config_error
 from diffusion_blocks.eval.text import evenly_spaced_windows, judge_ce
 from diffusion_blocks.inference import build_model, load_for_inference, single_process_parallel_dims
-from diffusion_blocks.models.llama3.sampler import DecodingConfig
+from diffusion_blocks.models.llama3.sampler import DEFAULT_SAMPLER, DecodingConfig, TOKEN_STEPS
 from diffusion_blocks.models.recurrent.sampler import generate, sequence_logits
 from diffusion_blocks.training_modes import blockwise_flops_per_token
 from budget import Run, checkpoint_interval, checkpointed, train_runs
@@ -111,8 +113,12 @@ def parse_args(argv):
                              "(eval.sampler_ce; --chains a multiple of 2^D)")
     parser.add_argument("--ce-windows", type=number_arg(int, AT_LEAST_1), default=8,
                         help="held-out windows of seq_len + 1 for the sampler's CE")
+    parser.add_argument("--sampler", choices=sorted(TOKEN_STEPS), default=DEFAULT_SAMPLER,
+                        help="the denoiser's token sampler for every figure of its rows "
+                             "(draws are split only for ancestral)")
+    parser.add_argument("--report", default=None, help="default: <out>/report.json")
     args, rest = parser.parse_known_args(argv)
-    if args.chains % 2 ** args.split_draws:
+    if args.sampler == "ancestral" and args.chains % 2 ** args.split_draws:
         parser.error(f"--chains {args.chains}: give a multiple of 2^--split-draws = {2 ** args.split_draws}")
     if not any(a.startswith("--job.config_file") for a in rest):
         rest = ["--job.config_file", str(CONFIG), *rest]
@@ -187,13 +193,15 @@ def planned_rows(args, config_args, train_path: Path, out: Path) -> tuple[dict[s
 
 
 @torch.no_grad()
-def teacher_forced(model, windows_BS: torch.Tensor, recurrence: int, batch: int = 8):
-    """(P(true next byte), CE of the last pass's logits) over every position."""
+def teacher_forced(model, windows_BS: torch.Tensor, recurrence: int, sampler: str, batch: int = 8):
+    """(P(true next byte), CE of the last pass's logits) over every position, the
+    denoiser's chain taken by `sampler` (the twin has none)."""
     generator = torch.Generator().manual_seed(0)
     p_true, ce, count = 0.0, 0.0, 0
     for chunk in windows_BS.split(batch):
         inputs, labels = chunk[:, :-1], chunk[:, 1:]
-        log_probs = F.log_softmax(sequence_logits(model, inputs, recurrence, generator).float(), -1)
+        logits = sequence_logits(model, inputs, recurrence, generator, token_sampler=sampler)
+        log_probs = F.log_softmax(logits.float(), -1)
         true_BT = log_probs.gather(-1, labels[..., None]).squeeze(-1)
         p_true += float(true_BT.exp().sum())
         ce -= float(true_BT.sum())
@@ -217,20 +225,21 @@ def twin_mixture_ce(model, windows_BS: torch.Tensor, recurrence: int, chains: in
 
 
 def sampler_ce_at(model, recipe: str, windows_BS: torch.Tensor, recurrence: int, args) -> dict:
-    """The sampler's held-out CE at r: the denoiser's chain (eval.sampler_ce, the
-    default ancestral sampler, its first --split-draws draws split) or the twin's."""
+    """The sampler's held-out CE at r: the denoiser's chain (eval.sampler_ce, --sampler,
+    the ancestral sampler's first --split-draws draws split) or the twin's."""
     if recipe == "twin":
         return twin_mixture_ce(model, windows_BS, recurrence, args.chains)
-    result = sampler_heldout_ce(model, windows_BS, DecodingConfig(steps_per_block=recurrence),
-                                args.chains, seed=SAMPLER_CE_SEED, chains_per_call=args.chains_per_call,
-                                split_draws=args.split_draws)
+    split_draws = args.split_draws if args.sampler == "ancestral" else 0
+    config = DecodingConfig(sampler=args.sampler, steps_per_block=recurrence)
+    result = sampler_heldout_ce(model, windows_BS, config, args.chains, seed=SAMPLER_CE_SEED,
+                                chains_per_call=args.chains_per_call, split_draws=split_draws)
     return {"ce": result.ce, "ce_by_chains": {str(k): ce for k, ce in result.ce_by_chains.items()},
             "split_draws": result.split_draws}
 
 
 def evaluation_settings(args) -> dict:
     """What a row's figures depend on besides its checkpoint (report.json "evaluation")."""
-    keys = ("chains", "split_draws", "ce_windows", "windows", "no_samples", "prompts",
+    keys = ("sampler", "chains", "split_draws", "ce_windows", "windows", "no_samples", "prompts",
             "prompt_len", "new_tokens")
     return {"recurrences": args.recurrence_list, **{k: getattr(args, k) for k in keys}}
 
@@ -241,14 +250,14 @@ def row_results(model, recipe: str, held_out_ids, judged, args, seq_len: int, to
     ce_windows = evenly_spaced_windows(held_out_ids, 1 + seq_len, args.ce_windows)
     per_r, samples = {}, {}
     for r in args.recurrence_list:
-        p_true, ce = teacher_forced(model, windows, r)
+        p_true, ce = teacher_forced(model, windows, r, args.sampler)
         sampler_ce = sampler_ce_at(model, recipe, ce_windows, r, args)
         row = {"sampler_ce": sampler_ce["ce"], "sampler_ce_by_chains": sampler_ce["ce_by_chains"],
                "p_true_next": p_true, "last_pass_ce": ce}
         if judged is not None:
             judge, prompts, _ = judged
             decoding = DecodingConfig(max_new_tokens=args.new_tokens, steps_per_block=r,
-                                      temperature=1.0, seed=0)
+                                      sampler=args.sampler, temperature=1.0, seed=0)
             tokens = generate(model, prompts, decoding, seq_len)
             row["judge_ce"] = judge_ce(judge, prompts, tokens[:, args.prompt_len:])
             samples[str(r)] = tokenizer.decode(tokens[0, args.prompt_len:].tolist())
@@ -274,7 +283,7 @@ def main(argv):
     if not args.skip_training:
         train_runs(runs, out, "checkpoint", args.parallel_runs, train_missing=not args.retrain)
 
-    report_path = out / "report.json"
+    report_path = Path(args.report) if args.report else out / "report.json"
     settings = evaluation_settings(args)
     previous = json.loads(report_path.read_text()) if report_path.is_file() else {}
     # rows evaluated already, with these settings, on the same checkpoint files
