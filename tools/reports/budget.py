@@ -83,7 +83,8 @@ def train_runs(
 # ---------------------------------------------------------------------------
 # The plot: one line per model of a held-out figure against the budget fraction
 
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f",
+           "#e377c2", "#bcbd22"]  # ten lines before a colour repeats
 
 
 class Frame(NamedTuple):
