@@ -169,26 +169,26 @@ def planned_rows(args, config_args, train_path: Path, out: Path) -> tuple[dict[s
         factor = args.longer_factor
         longer = run(f"dblocks_{factor}x", "dblocks", factor * args.steps, factor * args.warmup)
         rows[f"dblocks, {factor}x steps"] = Row("dblocks", longer, longer.steps)
+    # each twin row: (the suffix of its equal-compute row's name, of that row's dump)
+    twins = {"": ("", rows["twin"])}
     if args.twin_longer_factor > 1:
         factor = args.twin_longer_factor
         twin_longer = run(f"twin_{factor}x", "twin", factor * args.steps, factor * args.warmup)
         rows[f"twin, {factor}x steps"] = Row("twin", twin_longer, twin_longer.steps)
+        twins[f" to the {factor}x steps twin"] = (f"_{factor}x", rows[f"twin, {factor}x steps"])
     if args.equal_compute_row:
-        # one DiffusionBlocks row at each twin row's training FLOPs
-        for twin_name, twin in [(name, row) for name, row in rows.items() if row.recipe == "twin"]:
-            suffix = "" if twin_name == "twin" else f" to the {twin_name.removeprefix('twin, ')} twin"
-            name = f"dblocks, equal compute{suffix}"
+        for suffix, (dump_suffix, twin) in twins.items():
             target = twin.step * flops["twin"] / flops["dblocks"]
             if longer is not None and target <= longer.steps:
                 # the longer run's nearest checkpoint (its learning rate not yet decayed)
                 interval = checkpoint_interval(longer.steps, args.checkpoint_interval, [1.0])
                 step = max(interval, interval * round(target / interval))
-                rows[name] = Row("dblocks", longer, step)
+                rows[f"dblocks, equal compute{suffix}"] = Row("dblocks", longer, step)
             else:
                 steps = max(1, round(target))
-                dump = "dblocks_equal_compute" + ("" if twin_name == "twin" else f"_{twin.step // args.steps}x")
-                own = run(dump, "dblocks", steps, round(args.warmup * steps / args.steps))
-                rows[name] = Row("dblocks", own, steps)
+                own = run(f"dblocks_equal_compute{dump_suffix}", "dblocks", steps,
+                          round(args.warmup * steps / args.steps))
+                rows[f"dblocks, equal compute{suffix}"] = Row("dblocks", own, steps)
     return rows, flops
 
 
