@@ -527,6 +527,22 @@ def test_recurrent_report_writes_quality_per_r(tmp_path):
     assert third.returncode == 0, third.stderr[-3000:]
     assert third.stdout.count("evaluated already with these settings, kept") == 2
     assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
+    # --row: only the named row evaluated (new settings: r = 3); the other one, not held
+    # for these settings, left out ...
+    fourth = subprocess.run([*again.args, "--recurrences", "3", "--row", "twin"], cwd=h.REPO,
+                            env=h.subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert "dblocks: not a --row, left out" in fourth.stdout
+    twin_only = json.loads((out / "report.json").read_text())["rows"]
+    assert set(twin_only) == {"twin"} and set(twin_only["twin"]["per_r"]) == {"3"}
+    # ... and carried over, not evaluated again, once the report holds it
+    fifth = subprocess.run([*again.args, "--recurrences", "3", "--row", "dblocks"], cwd=h.REPO,
+                           env=h.subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert fifth.returncode == 0, fifth.stderr[-3000:]
+    assert "twin: not a --row, carried over from the report" in fifth.stdout
+    both = json.loads((out / "report.json").read_text())["rows"]
+    assert set(both) == {"twin", "dblocks"} and both["twin"] == twin_only["twin"]
+    assert set(both["dblocks"]["per_r"]) == {"3"}
 
 
 def recurrent_report_tool():
@@ -578,6 +594,22 @@ def test_recurrent_report_plans_the_equal_compute_and_longer_rows(tmp_path, fact
         assert not any(name.startswith("twin, ") for name in rows)
     assert set(rows) >= {"dblocks", "twin"}
     assert rows["twin"].run.overrides.count("--diffusion_blocks.no_enable") == 1
+
+
+def test_recurrent_report_row_names_a_planned_row_or_is_refused(tmp_path):
+    """--row keeps the named rows in plan order; a name that is not a row is one
+    ConfigError naming the rows there are."""
+    from diffusion_blocks.errors import ConfigError
+
+    tool = recurrent_report_tool()
+    args, config_args = tool.parse_args([
+        "--steps", "40", "--warmup", "4", "--twin-longer-factor", "3", "--row", "twin, 3x steps",
+        "--row", "twin", "--training.seq_len", "16", "--training.local_batch_size", "2"])
+    rows, _ = tool.planned_rows(args, config_args, tmp_path / "train.txt", tmp_path)
+    assert list(tool.selected(rows, args.row)) == ["twin", "twin, 3x steps"]
+    assert tool.selected(rows, None) == rows
+    with pytest.raises(ConfigError, match=r"--row 'twin 3x'.*the rows are 'dblocks', 'twin', 'twin, 3x steps'"):
+        tool.selected(rows, ["twin 3x"])
 
 
 def test_recurrent_report_scores_the_denoiser_with_the_chosen_sampler():

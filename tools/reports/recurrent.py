@@ -6,7 +6,7 @@ LM quality against the inference iterations r, at equal training steps.
         [--recurrences 1,2,4,8,16,32] [--chains 32] [--split-draws 4] [--ce-windows 8]
         [--longer-factor 3] [--twin-longer-factor 3] [--equal-compute-row] [--checkpoint-interval 50]
         [--parallel-runs 2] [--no-samples] [--sampler ancestral|euler|heun]
-        [--out outputs/recurrent_report] [--report PATH] [--retrain]
+        [--out outputs/recurrent_report] [--report PATH] [--retrain] [--row NAME ...]
         [--section.key value ...]   (applied to both recurrent trainings)
 
 1. splits the file as tools/reports/lm.py does (the last 10%, at a line break, held out);
@@ -42,7 +42,9 @@ LM quality against the inference iterations r, at equal training steps.
    beside the real text's.
 Prints markdown tables and writes --report (<out>/report.json) after every row; a row it already
 holds for the same checkpoint files and evaluation settings is kept, not evaluated again
-(--fresh-eval: evaluate every row).
+(--fresh-eval: evaluate every row). --row NAME (repeatable, e.g. --row "twin, 3x steps")
+trains and evaluates only the named rows; the others are carried over from the report
+where it holds them for the same settings and checkpoint files, else left out.
 """
 
 import argparse
@@ -58,7 +60,8 @@ import diffusion_blocks  # noqa: F401
 from diffusion_blocks.config.bounds import AT_LEAST_1, NON_NEGATIVE, number_arg
 from diffusion_blocks.config.loader import parse_job_config
 from diffusion_blocks.eval.sampler_ce import chain_counts, mixture_log_probs, sampler_heldout_ce
-from diffusion_blocks.errors import exit_on_config_error
+from diffusion_blocks.errors import ConfigError, exit_on_config_error
+from diffusion_blocks.data.text import build_tokenizer
 from diffusion_blocks.eval.text import evenly_spaced_windows, judge_ce
 from diffusion_blocks.inference import build_model, load_for_inference, single_process_parallel_dims
 from diffusion_blocks.models.llama3.sampler import DEFAULT_SAMPLER, DecodingConfig, TOKEN_STEPS
@@ -117,6 +120,8 @@ def parse_args(argv):
                         help="the denoiser's token sampler for every figure of its rows "
                              "(draws are split only for ancestral)")
     parser.add_argument("--report", default=None, help="default: <out>/report.json")
+    parser.add_argument("--row", action="append", default=None, metavar="NAME",
+                        help="only this row (repeatable; the row names the report prints)")
     args, rest = parser.parse_known_args(argv)
     if args.sampler == "ancestral" and args.chains % 2 ** args.split_draws:
         parser.error(f"--chains {args.chains}: give a multiple of 2^--split-draws = {2 ** args.split_draws}")
@@ -190,6 +195,29 @@ def planned_rows(args, config_args, train_path: Path, out: Path) -> tuple[dict[s
                           round(args.warmup * steps / args.steps))
                 rows[f"dblocks, equal compute{suffix}"] = Row("dblocks", own, steps)
     return rows, flops
+
+
+def selected(rows: dict[str, Row], names: list[str] | None) -> dict[str, Row]:
+    """The rows --row names (all of them without --row)."""
+    if names is None:
+        return rows
+    unknown = [name for name in names if name not in rows]
+    if unknown:
+        raise ConfigError(f"--row {unknown[0]!r}: no such row with these options; "
+                          f"the rows are {', '.join(map(repr, rows))}")
+    return {name: row for name, row in rows.items() if name in names}
+
+
+def kept_result(reusable: dict, name: str, folder: Path) -> dict | None:
+    """The row report.json holds for this checkpoint file, evaluated with the same
+    settings (None when it holds none)."""
+    kept = reusable.get(name, {})
+    if not (folder / ".metadata").is_file():
+        return None
+    written = (folder / ".metadata").stat().st_mtime
+    if kept.get("checkpoint") == str(folder) and kept.get("checkpoint_mtime") == written:
+        return kept
+    return None
 
 
 @torch.no_grad()
@@ -273,7 +301,8 @@ def main(argv):
     out = Path(args.out)
     train_path, val_text = split_corpus(Path(args.data), out)
     args.recurrence_list = [int(r) for r in args.recurrences.split(",")]
-    rows, flops = planned_rows(args, config_args, train_path, out)
+    planned, flops = planned_rows(args, config_args, train_path, out)
+    rows = selected(planned, args.row)
     runs = {name: row.run for name, row in rows.items()}
     if not args.no_samples:
         judge_run = Run(common_overrides(JUDGE_CONFIG, train_path, out / "judge", args.steps,
@@ -290,8 +319,7 @@ def main(argv):
     reusable = previous.get("rows", {}) if previous.get("evaluation") == settings and not args.fresh_eval else {}
     report = {"steps": args.steps, "recurrences": args.recurrence_list, "evaluation": settings,
               "train_flops_per_step": flops, "rows": {}}
-    tokenizer = load_for_inference(parse_job_config(rows["twin"].run.overrides),
-                                   out / "twin" / "checkpoint" / f"step-{args.steps}")[1]
+    tokenizer = build_tokenizer(parse_job_config(planned["twin"].run.overrides))
     held_out_ids = tokenizer.encode(val_text)
     judged = None
     if not args.no_samples:
@@ -299,18 +327,24 @@ def main(argv):
         windows = evenly_spaced_windows(held_out_ids, args.prompt_len + args.new_tokens, args.prompts)
         judged = judge, windows[:, :args.prompt_len], windows[:, args.prompt_len:]
         report["real_text_judge_ce"] = judge_ce(judge, judged[1], judged[2])
-    for name, row in rows.items():
+    for name, row in planned.items():
         job_config = parse_job_config(row.run.overrides)
         folder = out / row.run.dump / job_config.checkpoint.folder / f"step-{row.step}"
+        kept = kept_result(reusable, name, folder)
+        if name not in rows:
+            print(f"{name}: not a --row, " + ("carried over from the report" if kept else "left out"),
+                  flush=True)
+            if kept:
+                report["rows"][name] = kept
+            continue
         if args.skip_training and not (folder / ".metadata").is_file():
             print(f"{name}: no checkpoint {folder} yet, left out", flush=True)
             continue
-        written = (folder / ".metadata").stat().st_mtime
-        kept = reusable.get(name, {})
-        if kept.get("checkpoint") == str(folder) and kept.get("checkpoint_mtime") == written:
+        if kept:
             print(f"{name}: {folder} evaluated already with these settings, kept", flush=True)
             report["rows"][name] = kept
             continue
+        written = (folder / ".metadata").stat().st_mtime
         model = load_for_inference(job_config, folder)[0]
         report["rows"][name] = {
             "recipe": row.recipe, "checkpoint": str(folder), "checkpoint_mtime": written,
@@ -319,6 +353,7 @@ def main(argv):
                           job_config.training.seq_len, tokenizer),
         }
         report_path.write_text(json.dumps(report, indent=2))
+    report_path.write_text(json.dumps(report, indent=2))  # with the rows kept after the last one evaluated
     print_tables(report, args)
     print(f"wrote {report_path}")
 
