@@ -37,6 +37,7 @@ ENTRY_POINTS = {
     "bench_memory": ("script", "tools/bench/memory.py"),
     "bench_throughput": ("script", "tools/bench/throughput.py"),
     "lm_report": ("script", "tools/reports/lm.py"),
+    "recurrent_report": ("script", "tools/reports/recurrent.py"),
 }
 
 # the shipped config a probe's job config extends, per entry point
@@ -566,6 +567,10 @@ PROBES: list[Probe] = [
     probe("lm_report_too_long", "lm_report", "--prompt-len", "100", "--new-tokens", "100",
           "--data", "{dir}/data.txt", "--out", "{dir}/out", "--skip-training", toml=None,
           files={"data.txt": "To be, or not to be.\n" * 50}, expect="--new-tokens must be <="),
+    probe("recurrent_report_row_unknown", "recurrent_report", "--row", "twin 3x", "--data",
+          "{dir}/data.txt", "--out", "{dir}/out", "--skip-training", "--no-samples", toml=None,
+          files={"data.txt": "To be, or not to be.\n" * 50},
+          expect="--row 'twin 3x': no such row with these options; the rows are 'dblocks', 'twin'"),
     # faults: a blow-up, broken checkpoints, checkpoints of other settings, a busy folder
     probe("initial_load_path_without_the_checkpointer", "train",
           toml='[checkpoint]\nenable = false\ninitial_load_path = "{dir}/run/checkpoint/step-2"\n',
