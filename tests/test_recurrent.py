@@ -612,6 +612,30 @@ def test_recurrent_report_row_names_a_planned_row_or_is_refused(tmp_path):
         tool.selected(rows, ["twin 3x"])
 
 
+def test_recurrent_report_budgets_read_each_row_at_its_nearest_checkpoint(tmp_path):
+    """--budgets: each row again at every fraction < 1 of its own steps, read from its
+    run's checkpoint nearest that step; fractions outside (0, 1] or without 1 refused."""
+    tool = recurrent_report_tool()
+    args, config_args = tool.parse_args([
+        "--steps", "40", "--warmup", "4", "--checkpoint-interval", "10", "--budgets", "0.25,1",
+        "--longer-factor", "3", "--equal-compute-row",
+        "--training.seq_len", "16", "--training.local_batch_size", "2"])
+    planned, _ = tool.planned_rows(args, config_args, tmp_path / "train.txt", tmp_path)
+    rows = tool.with_budgets(planned, args)
+    assert list(rows)[:2] == ["dblocks", "dblocks at 0.25"]
+    assert rows["dblocks at 0.25"] == tool.Row("dblocks", planned["dblocks"].run, 10)
+    assert rows["twin at 0.25"].step == 10 and rows["twin at 0.25"].run is planned["twin"].run
+    assert rows["dblocks, 3x steps at 0.25"].step == 30
+    # the equal-compute row reads step ~70 of the 3x run, which saves every 10: 17.5 -> 20
+    equal = planned["dblocks, equal compute"]
+    assert equal.step % 10 == 0 and (equal.step / 4) % 10
+    assert rows["dblocks, equal compute at 0.25"].step == 10 * round(equal.step / 40)
+    assert len(rows) == 2 * len(planned)
+    for bad in ("0.5", "0,1", "1.5,1", "half,1"):
+        with pytest.raises(SystemExit):
+            tool.parse_args(["--budgets", bad])
+
+
 def test_recurrent_report_scores_the_denoiser_with_the_chosen_sampler():
     """--sampler: the denoiser's teacher-forced figures and its sampler CE run the chain
     that sampler takes (Euler and ancestral chains differ at r = 3), draws are split

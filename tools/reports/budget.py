@@ -32,6 +32,17 @@ def named_flags(text: str) -> tuple[str, list[str]]:
     return name, shlex.split(flags)
 
 
+def budget_fractions(text: str) -> list[float]:
+    """--budgets F,...: fractions of a run's steps, each in (0, 1], 1 among them."""
+    try:
+        fractions = [float(item) for item in text.split(",") if item]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers") from None
+    if any(not 0 < f <= 1 for f in fractions) or 1.0 not in fractions:
+        raise argparse.ArgumentTypeError(f"{text!r}: fractions in (0, 1], 1 among them")
+    return fractions
+
+
 def budget_steps(steps: int, budgets: list[float]) -> list[int]:
     """The optimizer steps at each budget fraction of a run of `steps` (at least 1)."""
     return [max(1, round(f * steps)) for f in budgets]

@@ -128,7 +128,7 @@ from diffusion_blocks.models.llama3.sampler import (
     DecodingConfig, forwards_per_token, generate, is_denoiser, owner_of, TOKEN_STEPS,
 )
 from budget import (
-    budget_png, budget_steps, budget_svg, checkpointed, named_flags, Run, train_runs,
+    budget_fractions, budget_png, budget_steps, budget_svg, checkpointed, named_flags, Run, train_runs,
 )
 from common import common_overrides, split_corpus
 
@@ -196,7 +196,7 @@ def parse_args(argv):
                         help="add the row of an end-to-end model with the DiffusionBlocks run's "
                              "layer-token FLOPs, 2 x --steps (see equal_compute_steps): the "
                              "judge's run, trained once and not sampled")
-    parser.add_argument("--budgets", type=comma_list(float), default=[1.0],
+    parser.add_argument("--budgets", type=budget_fractions, default=[1.0],
                         help="fractions of every run's steps to measure at (e.g. 0.25,0.5,1), "
                              "read from the runs' intermediate checkpoints; more than one "
                              "also writes <out>/budgets.png and .svg")
@@ -222,8 +222,6 @@ def parse_args(argv):
     unknown = [a for a in run_overrides if a.startswith("-") and "." not in a]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if any(not 0 < f <= 1 for f in args.budgets) or 1.0 not in args.budgets:
-        parser.error(f"--budgets: fractions in (0, 1], 1 among them, got {args.budgets}")
     if any(not 0 < sigma < math.inf for sigma in args.single_block_sigmas):
         parser.error(f"--single-block-sigmas: every sigma must be > 0, got {args.single_block_sigmas}")
     for sampler in args.samplers:

@@ -7,6 +7,7 @@ LM quality against the inference iterations r, at equal training steps.
         [--longer-factor 3] [--twin-longer-factor 3] [--equal-compute-row] [--checkpoint-interval 50]
         [--parallel-runs 2] [--no-samples] [--sampler ancestral|euler|heun]
         [--out outputs/recurrent_report] [--report PATH] [--retrain] [--row NAME ...]
+        [--budgets 0.25,0.5,1]
         [--section.key value ...]   (applied to both recurrent trainings)
 
 1. splits the file as tools/reports/lm.py does (the last 10%, at a line break, held out);
@@ -45,6 +46,8 @@ holds for the same checkpoint files and evaluation settings is kept, not evaluat
 (--fresh-eval: evaluate every row). --row NAME (repeatable, e.g. --row "twin, 3x steps")
 trains and evaluates only the named rows; the others are carried over from the report
 where it holds them for the same settings and checkpoint files, else left out.
+--budgets F,...: every row also at each fraction F < 1 of its steps ("NAME at F", its
+run's checkpoint nearest that step): whether a row still learns.
 """
 
 import argparse
@@ -67,7 +70,7 @@ from diffusion_blocks.inference import build_model, load_for_inference, single_p
 from diffusion_blocks.models.llama3.sampler import DEFAULT_SAMPLER, DecodingConfig, TOKEN_STEPS
 from diffusion_blocks.models.recurrent.sampler import generate, sequence_logits
 from diffusion_blocks.training_modes import blockwise_flops_per_token
-from budget import Run, checkpoint_interval, checkpointed, train_runs
+from budget import budget_fractions, Run, checkpoint_interval, checkpointed, train_runs
 from common import common_overrides, split_corpus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,6 +123,9 @@ def parse_args(argv):
                         help="the denoiser's token sampler for every figure of its rows "
                              "(draws are split only for ancestral)")
     parser.add_argument("--report", default=None, help="default: <out>/report.json")
+    parser.add_argument("--budgets", type=budget_fractions, default=[1.0],
+                        help="fractions in (0, 1], 1 among them: every row also at each "
+                             "fraction of its steps (the nearest checkpoint)")
     parser.add_argument("--row", action="append", default=None, metavar="NAME",
                         help="only this row (repeatable; the row names the report prints)")
     args, rest = parser.parse_known_args(argv)
@@ -137,7 +143,7 @@ class Row(NamedTuple):
 
 
 def recipe_run(config_args, train_path: Path, out: Path, dump: str, recipe: str, steps: int,
-               warmup: int, interval: int | None) -> Run:
+               warmup: int, interval: int | None, budgets: list[float]) -> Run:
     overrides = [
         *config_args, *RECIPES[recipe],
         "--training.dataset", "text_file", "--training.dataset_path", str(train_path),
@@ -145,7 +151,7 @@ def recipe_run(config_args, train_path: Path, out: Path, dump: str, recipe: str,
         "--lr_scheduler.warmup_steps", str(warmup),
         "--metrics.log_freq", str(min(50, steps)), "--metrics.no_enable_tensorboard",
     ]
-    return Run(checkpointed(overrides, steps, interval, [1.0]), steps, dump)
+    return Run(checkpointed(overrides, steps, interval, budgets), steps, dump)
 
 
 def training_flops_per_step(overrides: list[str]) -> int:
@@ -164,7 +170,7 @@ def planned_rows(args, config_args, train_path: Path, out: Path) -> tuple[dict[s
     """The rows (each a run's checkpoint) and the training FLOPs per step of each recipe."""
     def run(dump: str, recipe: str, steps: int, warmup: int) -> Run:
         return recipe_run(config_args, train_path, out, dump, recipe, steps, warmup,
-                          args.checkpoint_interval)
+                          args.checkpoint_interval, args.budgets)
 
     rows = {recipe: Row(recipe, run(recipe, recipe, args.steps, args.warmup), args.steps)
             for recipe in RECIPES}
@@ -186,8 +192,7 @@ def planned_rows(args, config_args, train_path: Path, out: Path) -> tuple[dict[s
             target = twin.step * flops["twin"] / flops["dblocks"]
             if longer is not None and target <= longer.steps:
                 # the longer run's nearest checkpoint (its learning rate not yet decayed)
-                interval = checkpoint_interval(longer.steps, args.checkpoint_interval, [1.0])
-                step = max(interval, interval * round(target / interval))
+                step = nearest_checkpoint(longer, target, args)
                 rows[f"dblocks, equal compute{suffix}"] = Row("dblocks", longer, step)
             else:
                 steps = max(1, round(target))
@@ -195,6 +200,23 @@ def planned_rows(args, config_args, train_path: Path, out: Path) -> tuple[dict[s
                           round(args.warmup * steps / args.steps))
                 rows[f"dblocks, equal compute{suffix}"] = Row("dblocks", own, steps)
     return rows, flops
+
+
+def nearest_checkpoint(run: Run, step: float, args) -> int:
+    """The step of the run's checkpoint nearest `step` (it saves every interval)."""
+    interval = checkpoint_interval(run.steps, args.checkpoint_interval, args.budgets)
+    return max(interval, interval * round(step / interval))
+
+
+def with_budgets(rows: dict[str, Row], args) -> dict[str, Row]:
+    """Each row, then the same row at each --budgets fraction < 1 of its steps."""
+    result = {}
+    for name, row in rows.items():
+        result[name] = row
+        for fraction in sorted(f for f in args.budgets if f < 1):
+            step = nearest_checkpoint(row.run, fraction * row.step, args)
+            result[f"{name} at {fraction:g}"] = Row(row.recipe, row.run, step)
+    return result
 
 
 def selected(rows: dict[str, Row], names: list[str] | None) -> dict[str, Row]:
@@ -302,7 +324,8 @@ def main(argv):
     train_path, val_text = split_corpus(Path(args.data), out)
     args.recurrence_list = [int(r) for r in args.recurrences.split(",")]
     planned, flops = planned_rows(args, config_args, train_path, out)
-    rows = selected(planned, args.row)
+    rows = with_budgets(selected(planned, args.row), args)
+    planned = with_budgets(planned, args)
     runs = {name: row.run for name, row in rows.items()}
     if not args.no_samples:
         judge_run = Run(common_overrides(JUDGE_CONFIG, train_path, out / "judge", args.steps,
