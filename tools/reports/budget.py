@@ -8,11 +8,14 @@ import re
 import shlex
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from PIL import Image, ImageDraw, ImageFont
 
 import common
+from diffusion_blocks.errors import ConfigError
+
+T = TypeVar("T")
 
 
 class Run(NamedTuple):
@@ -41,6 +44,18 @@ def budget_fractions(text: str) -> list[float]:
     if any(not 0 < f <= 1 for f in fractions) or 1.0 not in fractions:
         raise argparse.ArgumentTypeError(f"{text!r}: fractions in (0, 1], 1 among them")
     return fractions
+
+
+def selected(rows: dict[str, T], names: list[str] | None, always: tuple[str, ...] = ()) -> dict[str, T]:
+    """The rows --row names, in plan order, with the `always` rows (every row of the plan
+    without --row); a name that is no row is one ConfigError naming the rows there are."""
+    if names is None:
+        return rows
+    unknown = [name for name in names if name not in rows]
+    if unknown:
+        raise ConfigError(f"--row {unknown[0]!r}: no such row with these options; "
+                          f"the rows are {', '.join(map(repr, rows))}")
+    return {name: row for name, row in rows.items() if name in names or name in always}
 
 
 def budget_steps(steps: int, budgets: list[float]) -> list[int]:

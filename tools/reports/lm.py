@@ -10,7 +10,7 @@
         [--budgets 0.25,0.5,1] [--checkpoint-interval N]
         [--out outputs/lm_report] [--skip-training | --train-missing] [--parallel-runs N]
         [--dblocks-args="--diffusion_blocks.key value ..."] [--lever NAME=FLAGS ...]
-        [--report FILE] [--section.key value ...]
+        [--report FILE] [--row NAME ...] [--section.key value ...]
 
 1. splits the file: the last 10% (at a line break) is held out;
 2. trains the same model end to end for --steps optimizer steps; an independent JUDGE,
@@ -31,7 +31,9 @@
    and --train-missing trains again every run whose final checkpoint is missing:
    torchtitan resumes it from its last checkpoint; --skip-training trains nothing and
    leaves out every row whose final checkpoint is missing (a lever's row measured
-   beside figures recorded earlier, say). Further `--section.key value`
+   beside figures recorded earlier, say); --row NAME (repeatable, the names the report
+   prints) trains and measures only those rows and the end-to-end one (a long budget
+   trained a row at a time, each in its own process). Further `--section.key value`
    arguments go to every run (and to loading the models);
 3. continues held-out prompts: the end-to-end model at each of --temperatures, each
    DiffusionBlocks model with each token sampler at each --steps-per-block (greedy final
@@ -128,7 +130,8 @@ from diffusion_blocks.models.llama3.sampler import (
     DecodingConfig, forwards_per_token, generate, is_denoiser, owner_of, TOKEN_STEPS,
 )
 from budget import (
-    budget_fractions, budget_png, budget_steps, budget_svg, checkpointed, named_flags, Run, train_runs,
+    budget_fractions, budget_png, budget_steps, budget_svg, checkpointed, named_flags, Run, selected,
+    train_runs,
 )
 from common import common_overrides, split_corpus
 
@@ -218,6 +221,10 @@ def parse_args(argv):
                              "string after =: e.g. --dblocks-args=\"--diffusion_blocks.sigma_per_token\" "
                              "(one lever measured against the same baseline)")
     parser.add_argument("--report", default=None, help="default: <out>/report.json")
+    parser.add_argument("--row", action="append", default=None, metavar="NAME",
+                        help="only this row's run is trained and measured (repeatable; the names "
+                             "the report prints); the end-to-end run always, every row is "
+                             "compared with it")
     args, run_overrides = parser.parse_known_args(argv)
     unknown = [a for a in run_overrides if a.startswith("-") and "." not in a]
     if unknown:
@@ -566,7 +573,9 @@ def main(argv):
     out = Path(args.out)
     check_text_file(args.data)
     train_path, val_text = split_corpus(Path(args.data), out)
-    runs = planned_runs(args, run_overrides, train_path)
+    runs = selected(planned_runs(args, run_overrides, train_path), args.row, always=("end-to-end",))
+    if "judge" not in runs and not args.no_samples:
+        raise ConfigError("--row: the samples need the judge's run; add --row judge or --no-samples")
     seq_len = parse_job_config(runs["end-to-end"].overrides).training.seq_len
     if args.prompt_len + args.new_tokens > seq_len:
         raise ConfigError(f"--prompt-len + --new-tokens must be <= [training] seq_len {seq_len}")

@@ -70,7 +70,7 @@ from diffusion_blocks.inference import build_model, load_for_inference, single_p
 from diffusion_blocks.models.llama3.sampler import DEFAULT_SAMPLER, DecodingConfig, TOKEN_STEPS
 from diffusion_blocks.models.recurrent.sampler import generate, sequence_logits
 from diffusion_blocks.training_modes import blockwise_flops_per_token
-from budget import budget_fractions, Run, checkpoint_interval, checkpointed, train_runs
+from budget import budget_fractions, Run, checkpoint_interval, checkpointed, selected, train_runs
 from common import common_overrides, split_corpus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -217,17 +217,6 @@ def with_budgets(rows: dict[str, Row], args) -> dict[str, Row]:
             step = nearest_checkpoint(row.run, fraction * row.step, args)
             result[f"{name} at {fraction:g}"] = Row(row.recipe, row.run, step)
     return result
-
-
-def selected(rows: dict[str, Row], names: list[str] | None) -> dict[str, Row]:
-    """The rows --row names (all of them without --row)."""
-    if names is None:
-        return rows
-    unknown = [name for name in names if name not in rows]
-    if unknown:
-        raise ConfigError(f"--row {unknown[0]!r}: no such row with these options; "
-                          f"the rows are {', '.join(map(repr, rows))}")
-    return {name: row for name, row in rows.items() if name in names}
 
 
 def kept_result(reusable: dict, name: str, folder: Path) -> dict | None:
