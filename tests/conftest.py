@@ -12,6 +12,16 @@ sys.path.insert(0, str(REPO / "plugins"))
 os.environ.setdefault("PYTHONPATH", str(REPO / "plugins"))
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (-n N) the N workers share the cores: each takes its share of
+    torch's threads instead of all of them (tiny models: oversubscribed threads only wait)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture
 def write_toml(tmp_path):
     """write_toml("name.toml", text) -> path"""
