@@ -449,3 +449,28 @@ def test_gradient_accumulation_gives_the_one_big_batch_update(make_trainer, tmp_
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
         torch.testing.assert_close(q.detach(), p.detach(), rtol=0, atol=update_tolerance, msg=name)
+
+
+def subnormal_survives() -> bool:
+    """Whether float32 arithmetic on the CPU still yields a subnormal (a quarter of the
+    smallest normal)."""
+    tiny = torch.tensor([torch.finfo(torch.float32).tiny])
+    return bool((tiny / 4) != 0)
+
+
+def test_cpu_training_and_inference_flush_subnormals_to_zero(make_trainer, tmp_path):
+    """A CPU run flushes subnormal floats to zero (its steps slowed 2-4x without it as a
+    block grew confident), and so does a model built for a tool."""
+    from diffusion_blocks.inference import build_model, single_process_parallel_dims
+
+    torch.set_flush_denormal(False)
+    try:
+        assert subnormal_survives()
+        make_trainer(tmp_path / "run", 1)
+        assert not subnormal_survives()
+        torch.set_flush_denormal(False)
+        build_model(parse_job_config(args_for(tmp_path / "tool", 1)), torch.device("cpu"),
+                    single_process_parallel_dims())
+        assert not subnormal_survives()
+    finally:
+        torch.set_flush_denormal(False)

@@ -33,6 +33,7 @@ from torchtitan.tools.logging import logger
 
 from .components.checkpoint import rejected_listing, newest_usable_step_folder
 from .components.run_identity import check_identity, run_identity
+from .components.subnormals import flush_subnormals
 from .errors import ConfigError
 from .registry import resolve_run_spec
 
@@ -85,6 +86,7 @@ def build_model(
     else:
         model = parallelize(model)
     model.to_empty(device=device)
+    flush_subnormals(torch.device(device).type)  # sampler chains reach near one-hot softmaxes too
     with torch.no_grad():
         model.init_weights(buffer_device=None)
     return model, model_args, run

@@ -46,6 +46,7 @@ from . import titan_compat
 from .components.checkpoint import BlockwiseCheckpointManager
 from .components.dump_lock import DumpFolderLock
 from .components.run_identity import run_identity
+from .components.subnormals import flush_subnormals
 from .config.loader import parse_job_config
 from .config.checks import check_validation_seq_len
 from .errors import ConfigError, exit_on_config_error, origin_of
@@ -131,6 +132,7 @@ class BlockwiseTrainer(Trainer):
         device_type = select_device_type(job_config)
         check_settings(job_config, device_type)
         titan_compat.use_device(device_type)
+        flush_subnormals(device_type)
         self.run_spec = resolve_run_spec(job_config)
         checkpoint_manager_cls = functools.partial(
             BlockwiseCheckpointManager,
