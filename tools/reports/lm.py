@@ -32,8 +32,8 @@
    torchtitan resumes it from its last checkpoint; --skip-training trains nothing and
    leaves out every row whose final checkpoint is missing (a lever's row measured
    beside figures recorded earlier, say); --row NAME (repeatable, the names the report
-   prints) trains and measures only those rows and the end-to-end one (a long budget
-   trained a row at a time, each in its own process). Further `--section.key value`
+   prints) trains only those rows and measures them beside the end-to-end one (a long
+   budget trained a row per process). Further `--section.key value`
    arguments go to every run (and to loading the models);
 3. continues held-out prompts: the end-to-end model at each of --temperatures, each
    DiffusionBlocks model with each token sampler at each --steps-per-block (greedy final
@@ -223,8 +223,8 @@ def parse_args(argv):
     parser.add_argument("--report", default=None, help="default: <out>/report.json")
     parser.add_argument("--row", action="append", default=None, metavar="NAME",
                         help="only this row's run is trained and measured (repeatable; the names "
-                             "the report prints); the end-to-end run always, every row is "
-                             "compared with it")
+                             "the report prints); the end-to-end run is measured too (every row "
+                             "is compared with it), trained only when named")
     args, run_overrides = parser.parse_known_args(argv)
     unknown = [a for a in run_overrides if a.startswith("-") and "." not in a]
     if unknown:
@@ -324,10 +324,11 @@ def train_planned_runs(args, runs: dict[str, Run], out: Path) -> None:
     # arguments, since the run from its weights cannot be parsed before they exist
     folder = checkpoint_folder(runs["end-to-end"].overrides)
     waits_for = {name: "end-to-end" for name, run in runs.items() if run.dump == "dblocks_from_e2e"}
-    train_runs(runs, out, folder, args.parallel_runs, args.train_missing, waits_for)
+    # --row: the named runs only (processes training other rows beside it own theirs)
+    train_runs(selected(runs, args.row), out, folder, args.parallel_runs, args.train_missing, waits_for)
 
 
-def trained_runs(args, runs: dict[str, Run], out: Path) -> dict[str, Run]:
+def trained_runs(args, runs: dict[str, Run], out: Path, option: str = "--skip-training") -> dict[str, Run]:
     """--skip-training: the runs whose final checkpoint is there; the others are left
     out with a line each (every row needs the end-to-end run's, the samples the
     judge's)."""
@@ -341,11 +342,11 @@ def trained_runs(args, runs: dict[str, Run], out: Path) -> dict[str, Run]:
             print(f"{name}: no checkpoint {final}, left out", flush=True)
     if "end-to-end" not in kept:
         raise ConfigError(
-            f"--skip-training: every row is compared with the end-to-end run, which has "
+            f"{option}: every row is compared with the end-to-end run, which has "
             f"no checkpoint in {out / runs['end-to-end'].dump}; train it first")
     if "judge" not in kept and not args.no_samples:
         raise ConfigError(
-            f"--skip-training: the samples need the judge's checkpoint "
+            f"{option}: the samples need the judge's checkpoint "
             f"({out / runs['judge'].dump}); train it, or add --no-samples")
     return kept
 
@@ -583,6 +584,8 @@ def main(argv):
         runs = trained_runs(args, runs, out)
     else:
         train_planned_runs(args, runs, out)
+        if args.row:  # the end-to-end run is measured beside them, trained or not
+            runs = trained_runs(args, runs, out, option="--row")
 
     models, tokenizer = {}, None
     for name, run in runs.items():
