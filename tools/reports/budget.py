@@ -1,4 +1,4 @@
-"""What the budget reports (lm.py, md4.py) share: training runs planned with checkpoints
+"""What the budget reports (lm.py, md4.py, recurrent.py) share: training runs planned with checkpoints
 at fractions of their steps, trained up to N at a time and resumed where they stopped,
 and the plot of a held-out figure against the budget (PNG, Pillow; SVG beside it)."""
 

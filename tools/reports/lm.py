@@ -324,7 +324,7 @@ def train_planned_runs(args, runs: dict[str, Run], out: Path) -> None:
     # arguments, since the run from its weights cannot be parsed before they exist
     folder = checkpoint_folder(runs["end-to-end"].overrides)
     waits_for = {name: "end-to-end" for name, run in runs.items() if run.dump == "dblocks_from_e2e"}
-    # --row: the named runs only (processes training other rows beside it own theirs)
+    # --row: the named runs only (another process may be training the others)
     train_runs(selected(runs, args.row), out, folder, args.parallel_runs, args.train_missing, waits_for)
 
 
