@@ -1,6 +1,7 @@
-"""What the budget reports (lm.py, md4.py, recurrent.py) share: training runs planned with checkpoints
-at fractions of their steps, trained up to N at a time and resumed where they stopped,
-and the plot of a held-out figure against the budget (PNG, Pillow; SVG beside it)."""
+"""What the budget reports (lm.py, md4.py, recurrent.py) share: training runs planned
+with checkpoints at fractions of their steps, trained up to N at a time and resumed
+where they stopped, the --row selection, and the plot of a held-out figure against the
+budget (PNG, Pillow; SVG beside it)."""
 
 import argparse
 import math
