@@ -487,3 +487,15 @@ def test_chains_that_do_not_fill_whole_split_groups_are_refused_in_one_line(tmp_
     assert "--chains 24: the ancestral sampler's CE runs chains in groups of 2^--split-draws = 16" in capsys.readouterr().err
     args, _ = tool.parse_args(["--data", str(corpus), "--chains", "24", "--split-draws", "3"])
     assert tool.split_draws(args, "ancestral") == 3 and tool.split_draws(args, "euler") == 0
+
+
+def test_checkpoint_interval_is_not_cut_down_by_the_last_step():
+    """torchtitan saves the last step whatever the interval: only the budget steps before
+    it set the gcd (a 4157-step run saved every step and filled the disk)."""
+    sys.path.insert(0, str(REPO / "tools" / "reports"))
+    from budget import checkpoint_interval
+
+    assert checkpoint_interval(4157, 50, [1.0]) == 50
+    assert checkpoint_interval(600, 50, [0.25, 0.5, 1.0]) == 50
+    assert checkpoint_interval(600, 40, [0.25, 1.0]) == 10  # step 150
+    assert checkpoint_interval(300, None, [1.0]) == 300

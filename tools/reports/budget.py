@@ -65,9 +65,11 @@ def budget_steps(steps: int, budgets: list[float]) -> list[int]:
 
 
 def checkpoint_interval(steps: int, interval: int | None, budgets: list[float]) -> int:
-    """Saves at every `interval` steps and at each budget step: the gcd of the interval
-    and the budget steps (torchtitan saves at multiples of one interval)."""
-    return math.gcd(interval or steps, *budget_steps(steps, budgets))
+    """Saves at every `interval` steps and at each budget step before the last: the gcd of
+    the interval and those steps (torchtitan saves at multiples of one interval, and at
+    the last step whatever the interval: a run of 4157 steps saved every 50, not every
+    step)."""
+    return math.gcd(interval or steps, *(s for s in budget_steps(steps, budgets) if s != steps))
 
 
 def checkpointed(overrides: list[str], steps: int, interval: int | None, budgets: list[float]) -> list[str]:
